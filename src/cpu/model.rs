@@ -1,0 +1,146 @@
+//! The BLOOM forward pass on the CPU, over one packed batch, top to bottom.
+//!
+//! Glossary: T tokens in the packed batch, S sequences, H hidden, n heads, d = H/n head dim,
+//! L blocks, V embedding rows. Activations are f32 row-major; weights are f32 views of the
+//! memory map (or converted copies for f16/bf16 checkpoints).
+
+use crate::batch::PackedBatch;
+use crate::config::BloomConfig;
+use crate::cpu::attention::{alibi_attention, alibi_slopes};
+use crate::cpu::gelu::gelu_inplace;
+use crate::cpu::layernorm::layernorm;
+use crate::cpu::linear::linear;
+use crate::cpu::pooling::weighted_mean_pool;
+use crate::error::{Error, Result};
+use crate::weights::{Checkpoint, F32Buf, TensorRef};
+
+struct Norm {
+    w: F32Buf,
+    b: F32Buf,
+}
+
+struct Linear {
+    w: F32Buf, // [out, in]
+    b: F32Buf, // [out]
+}
+
+struct Block {
+    ln1: Norm,
+    qkv: Linear,   // [3H, H], rows interleaved per head
+    dense: Linear, // [H, H]
+    ln2: Norm,
+    fc1: Linear, // [4H, H]
+    fc2: Linear, // [H, 4H]
+}
+
+pub struct CpuModel {
+    pub cfg: BloomConfig,
+    emb: TensorRef, // [V, H], gathered row by row, never converted whole
+    emb_ln: Norm,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    slopes: Vec<f32>, // [n]
+}
+
+impl CpuModel {
+    /// Reads every tensor the forward needs, checking each shape against `cfg`.
+    pub fn load(ckpt: &Checkpoint, cfg: &BloomConfig) -> Result<Self> {
+        let h = cfg.hidden;
+        let norm = |p: &str| -> Result<Norm> {
+            Ok(Norm {
+                w: ckpt.get_shaped(&format!("{p}.weight"), &[h])?.to_f32(),
+                b: ckpt.get_shaped(&format!("{p}.bias"), &[h])?.to_f32(),
+            })
+        };
+        let lin = |p: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear {
+                w: ckpt
+                    .get_shaped(&format!("{p}.weight"), &[out, inp])?
+                    .to_f32(),
+                b: ckpt.get_shaped(&format!("{p}.bias"), &[out])?.to_f32(),
+            })
+        };
+        let emb = ckpt.get_shaped("word_embeddings.weight", &[cfg.vocab, h])?;
+        let blocks = (0..cfg.layers)
+            .map(|i| {
+                Ok(Block {
+                    ln1: norm(&format!("h.{i}.input_layernorm"))?,
+                    qkv: lin(&format!("h.{i}.self_attention.query_key_value"), 3 * h, h)?,
+                    dense: lin(&format!("h.{i}.self_attention.dense"), h, h)?,
+                    ln2: norm(&format!("h.{i}.post_attention_layernorm"))?,
+                    fc1: lin(&format!("h.{i}.mlp.dense_h_to_4h"), 4 * h, h)?,
+                    fc2: lin(&format!("h.{i}.mlp.dense_4h_to_h"), h, 4 * h)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // A checkpoint with more blocks than the config says belongs to another config.
+        let extra = format!("h.{}.input_layernorm.weight", cfg.layers);
+        if ckpt.get(&extra).is_ok() {
+            return Err(Error::config(
+                ckpt.dir.join("config.json"),
+                format!(
+                    "config says {} layers but the checkpoint has `{extra}`",
+                    cfg.layers
+                ),
+            ));
+        }
+        Ok(CpuModel {
+            cfg: cfg.clone(),
+            emb,
+            emb_ln: norm("word_embeddings_layernorm")?,
+            blocks,
+            ln_f: norm("ln_f")?,
+            slopes: alibi_slopes(cfg.heads),
+        })
+    }
+
+    /// Embeddings [S, H] of a packed batch.
+    pub fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
+        self.forward(batch, &mut |_, _| {})
+    }
+
+    /// The forward pass. `observe(i, states)` sees the same hidden states as transformers'
+    /// `output_hidden_states`: i = 0 after the embedding layernorm, i = 1..L-1 after block i-1,
+    /// i = L after the final layernorm; each [T, H].
+    pub fn forward(
+        &self,
+        batch: &PackedBatch,
+        observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>> {
+        batch.validate(self.cfg.vocab)?;
+        let (t, h, eps) = (batch.num_tokens(), self.cfg.hidden, self.cfg.eps);
+        let cu = &batch.cu_seqlens;
+
+        let mut x = vec![0f32; t * h]; // [T, H] residual stream
+        for (row, &id) in x.chunks_mut(h).zip(&batch.ids) {
+            self.emb.row_to_f32(id as usize, row);
+        }
+        let mut a = vec![0f32; t * h]; // [T, H] layernorm output
+        layernorm(&x, &self.emb_ln.w, &self.emb_ln.b, eps, &mut a);
+        std::mem::swap(&mut x, &mut a);
+        observe(0, &x);
+
+        let mut qkv = vec![0f32; t * 3 * h]; // [T, 3H]
+        let mut ctx = vec![0f32; t * h]; // [T, H]
+        let mut m = vec![0f32; t * 4 * h]; // [T, 4H]
+        for (l, blk) in self.blocks.iter().enumerate() {
+            layernorm(&x, &blk.ln1.w, &blk.ln1.b, eps, &mut a);
+            linear(&a, &blk.qkv.w, &blk.qkv.b, &mut qkv, false); // [T, 3H]
+            alibi_attention(&qkv, cu, self.cfg.heads, &self.slopes, &mut ctx); // [T, H]
+            linear(&ctx, &blk.dense.w, &blk.dense.b, &mut x, true); // x += ctx·Wᵀ + b
+            layernorm(&x, &blk.ln2.w, &blk.ln2.b, eps, &mut a);
+            linear(&a, &blk.fc1.w, &blk.fc1.b, &mut m, false); // [T, 4H]
+            gelu_inplace(&mut m);
+            linear(&m, &blk.fc2.w, &blk.fc2.b, &mut x, true); // x += gelu(..)·W2ᵀ + b2
+            if l + 1 < self.blocks.len() {
+                observe(l + 1, &x);
+            }
+        }
+        layernorm(&x, &self.ln_f.w, &self.ln_f.b, eps, &mut a);
+        observe(self.blocks.len(), &a);
+
+        let mut out = vec![0f32; batch.num_seqs() * h]; // [S, H]
+        weighted_mean_pool(&a, cu, &mut out);
+        Ok(out)
+    }
+}

@@ -1,0 +1,18 @@
+//! sgpt: an inference engine for SGPT-BLOOM sentence embeddings.
+//!
+//! - [`weights`]: memory-mapped safetensors checkpoints (sharded or not, f32/f16/bf16).
+//! - [`tokenize`]: BLOOM's tokenizer with SGPT's special brackets.
+//! - [`batch`]: packed batches (`cu_seqlens`, no padding).
+//! - [`cpu`]: the readable CPU forward, oracle for the GPU kernels.
+//! - [`model`]: a model directory + backend → embeddings.
+
+pub mod batch;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod tokenize;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,338 @@
+//! Memory-mapped safetensors checkpoints, single-file or sharded (`model.safetensors.index.json`).
+//!
+//! Tensors are looked up by their `BloomModel` name; the `transformer.` prefix written by
+//! `BloomForCausalLM` is accepted, and `lm_head.*` is never read. f32 tensors are used in place
+//! (zero-copy); f16/bf16 are converted to f32 when a backend asks for them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype as StDtype, SafeTensors};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Element types the engine reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+}
+
+/// One mapped safetensors file.
+pub struct MappedFile {
+    pub path: PathBuf,
+    mmap: Arc<Mmap>,
+    metadata: Metadata,
+    /// Byte offset of the data section (8 + header length).
+    data_start: usize,
+}
+
+impl MappedFile {
+    /// Maps `path` and validates its header (offsets inside the file, file not truncated).
+    ///
+    /// # Safety (of the mapping)
+    /// The file must not be modified or truncated while it is mapped: that is undefined
+    /// behaviour for any mmap reader. Model files are treated as read-only inputs.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only mapping of a file we do not write; see the `# Safety` note above.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (n, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            msg: match e {
+                safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+                    "the data section does not match the header (truncated file?)".to_string()
+                }
+                other => other.to_string(),
+            },
+        })?;
+        Ok(MappedFile {
+            path: path.to_path_buf(),
+            mmap: Arc::new(mmap),
+            metadata,
+            data_start: 8 + n,
+        })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.metadata.offset_keys()
+    }
+
+    fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.metadata.info(name)
+    }
+
+    pub fn len_bytes(&self) -> usize {
+        self.mmap.len()
+    }
+}
+
+/// A whole checkpoint: one or more mapped files and where each tensor lives.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub files: Vec<MappedFile>,
+    /// Tensor name as stored → index into `files`.
+    location: HashMap<String, usize>,
+}
+
+/// A tensor's bytes inside the mapping, with its dtype and shape.
+#[derive(Clone)]
+pub struct TensorRef {
+    pub name: String,
+    pub file: PathBuf,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    mmap: Arc<Mmap>,
+    start: usize,
+    end: usize,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors`, or `model.safetensors.index.json` and every shard it names.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let mut files = Vec::new();
+        let mut location = HashMap::new();
+        if index.exists() {
+            let v = crate::config::read_json(&index)?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::config(&index, "missing object `weight_map`"))?;
+            // Open each shard once, in a stable order.
+            let mut shards: BTreeMap<String, usize> = BTreeMap::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    Error::config(&index, format!("weight_map[\"{name}\"] is not a file name"))
+                })?;
+                if file.contains('/') || file.contains('\\') || file.contains("..") {
+                    return Err(Error::config(
+                        &index,
+                        format!("shard name {file:?} is not a plain file name"),
+                    ));
+                }
+                let next = shards.len();
+                shards.entry(file.to_string()).or_insert(next);
+            }
+            let mut by_index: Vec<(usize, String)> =
+                shards.iter().map(|(f, &i)| (i, f.clone())).collect();
+            by_index.sort();
+            for (_, f) in &by_index {
+                files.push(MappedFile::open(&dir.join(f))?);
+            }
+            for (name, file) in map {
+                let i = shards[file.as_str().unwrap_or_default()];
+                if files[i].info(name).is_none() {
+                    return Err(Error::MissingTensor {
+                        path: files[i].path.clone(),
+                        name: format!("{name} (listed in {})", index.display()),
+                    });
+                }
+                location.insert(name.clone(), i);
+            }
+        } else if single.exists() {
+            let f = MappedFile::open(&single)?;
+            for name in f.names() {
+                location.insert(name, 0);
+            }
+            files.push(f);
+        } else {
+            return Err(Error::config(
+                dir,
+                "no model.safetensors or model.safetensors.index.json (convert PyTorch .bin \
+                 checkpoints with tools/convert_checkpoint.py)",
+            ));
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files,
+            location,
+        })
+    }
+
+    /// Stored tensor names, sorted, `lm_head.*` left out.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .location
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !is_ignored(n))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Looks `name` up with and without the `transformer.` prefix.
+    pub fn get(&self, name: &str) -> Result<TensorRef> {
+        let prefixed = format!("transformer.{name}");
+        let (stored, &fi) = self
+            .location
+            .get_key_value(name)
+            .or_else(|| self.location.get_key_value(&prefixed))
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.dir.clone(),
+                name: name.to_string(),
+            })?;
+        let f = &self.files[fi];
+        let info = f.info(stored).ok_or_else(|| Error::MissingTensor {
+            path: f.path.clone(),
+            name: stored.clone(),
+        })?;
+        let dtype = match info.dtype {
+            StDtype::F32 => DType::F32,
+            StDtype::F16 => DType::F16,
+            StDtype::BF16 => DType::BF16,
+            other => {
+                return Err(Error::Dtype {
+                    path: f.path.clone(),
+                    name: stored.clone(),
+                    got: format!("{other:?}"),
+                })
+            }
+        };
+        let (b, e) = info.data_offsets;
+        Ok(TensorRef {
+            name: stored.clone(),
+            file: f.path.clone(),
+            dtype,
+            shape: info.shape.clone(),
+            mmap: f.mmap.clone(),
+            start: f.data_start + b,
+            end: f.data_start + e,
+        })
+    }
+
+    /// [`get`](Self::get) plus a shape check.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<TensorRef> {
+        let t = self.get(name)?;
+        t.expect_shape(shape)?;
+        Ok(t)
+    }
+
+    pub fn total_bytes(&self) -> usize {
+        self.files.iter().map(MappedFile::len_bytes).sum()
+    }
+}
+
+fn is_ignored(name: &str) -> bool {
+    name.starts_with("lm_head.")
+}
+
+impl TensorRef {
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap[self.start..self.end]
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn expect_shape(&self, expected: &[usize]) -> Result<()> {
+        if self.shape != expected {
+            return Err(Error::Shape {
+                path: self.file.clone(),
+                name: self.name.clone(),
+                expected: expected.to_vec(),
+                got: self.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The tensor as f32: borrowed from the mapping when stored as aligned f32, else converted.
+    pub fn to_f32(&self) -> F32Buf {
+        if self.dtype == DType::F32 && bytemuck::try_cast_slice::<u8, f32>(self.bytes()).is_ok() {
+            return F32Buf::Mapped {
+                mmap: self.mmap.clone(),
+                start: self.start,
+                len: self.numel(),
+            };
+        }
+        let mut v = vec![0f32; self.numel()];
+        convert_to_f32(self.dtype, self.bytes(), &mut v);
+        F32Buf::Owned(v)
+    }
+
+    /// Row `r` of a 2-D tensor, converted to f32 (the embedding gather: the matrix is never
+    /// converted whole, it may be GBs).
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let cols = self.shape[1];
+        let sz = self.dtype.size();
+        let b = &self.bytes()[r * cols * sz..(r + 1) * cols * sz];
+        convert_to_f32(self.dtype, b, out);
+    }
+}
+
+/// Little-endian bytes of `dtype` → f32. Unaligned input is fine (read byte-wise).
+pub fn convert_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+    }
+}
+
+/// f32 data either borrowed from a mapping or owned.
+pub enum F32Buf {
+    Mapped {
+        mmap: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
+    Owned(Vec<f32>),
+}
+
+impl Deref for F32Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            // The alignment was checked when this variant was made (`to_f32`).
+            F32Buf::Mapped { mmap, start, len } => {
+                bytemuck::cast_slice(&mmap[*start..*start + *len * 4])
+            }
+            F32Buf::Owned(v) => v,
+        }
+    }
+}
+
+impl F32Buf {
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, F32Buf::Mapped { .. })
+    }
+}

@@ -1,0 +1,134 @@
+//! Shared test helpers: paths, golden fixtures, and the one place tolerances are compared.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn tiny_model() -> PathBuf {
+    root().join("models/sgpt-tiny")
+}
+
+pub fn tiny_b_model() -> PathBuf {
+    root().join("tests/fixtures/models/tiny-b")
+}
+
+/// Compares element-wise with |got - want| ≤ atol + rtol·|want|; on failure reports the label,
+/// the worst element (index, both values, |Δ|) and NaN counts on both sides.
+pub fn assert_close(label: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{label}: length {} vs {}",
+        got.len(),
+        want.len()
+    );
+    let nan_got = got.iter().filter(|v| v.is_nan()).count();
+    let nan_want = want.iter().filter(|v| v.is_nan()).count();
+    let mut worst = (0usize, 0f32, f32::NEG_INFINITY);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        if excess > worst.2 || excess.is_nan() {
+            worst = (
+                i,
+                (g - w).abs(),
+                if excess.is_nan() {
+                    f32::INFINITY
+                } else {
+                    excess
+                },
+            );
+        }
+    }
+    let (i, d, excess) = worst;
+    assert!(
+        nan_got == 0 && nan_want == 0 && excess <= 0.0,
+        "{label}: worst element {i}: got {} want {} |Δ| {d:.3e} (atol {atol:e}, rtol {rtol:e}); NaNs got {nan_got} want {nan_want}",
+        got[i], want[i]
+    );
+}
+
+/// max |got - want| (for reporting measured errors).
+pub fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// One golden text from tools/make_fixtures.py.
+pub struct GoldenText {
+    pub text: String,
+    pub kind: sgpt::tokenize::Kind,
+    pub truncated: bool,
+    pub ids: Vec<u32>,
+    /// [L+1, n, H] flattened, as transformers' hidden_states.
+    pub hidden: Vec<f32>,
+    pub embedding: Vec<f32>,
+}
+
+pub struct Golden {
+    pub model_dir: PathBuf,
+    pub layers: usize,
+    pub hidden: usize,
+    pub texts: Vec<GoldenText>,
+}
+
+fn f32s(t: &safetensors::tensor::TensorView) -> Vec<f32> {
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+pub fn load_golden(name: &str) -> Golden {
+    let dir = root().join("tests/fixtures/golden");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
+            .unwrap();
+    let bytes = std::fs::read(dir.join(format!("{name}.safetensors"))).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let texts = meta["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let ids = st.tensor(&format!("ids.{k}")).unwrap();
+            assert_eq!(ids.dtype(), safetensors::Dtype::I64);
+            let ids = ids
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+                .collect();
+            GoldenText {
+                text: t["text"].as_str().unwrap().to_string(),
+                kind: t["kind"].as_str().unwrap().parse().unwrap(),
+                truncated: t["truncated"].as_bool().unwrap(),
+                ids,
+                hidden: f32s(&st.tensor(&format!("hidden.{k}")).unwrap()),
+                embedding: f32s(&st.tensor(&format!("embedding.{k}")).unwrap()),
+            }
+        })
+        .collect();
+    Golden {
+        model_dir: root().join(meta["model_dir"].as_str().unwrap()),
+        layers: meta["layers"].as_u64().unwrap() as usize,
+        hidden: meta["hidden"].as_u64().unwrap() as usize,
+        texts,
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
