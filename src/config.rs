@@ -27,13 +27,14 @@ impl BloomConfig {
         self.hidden / self.heads
     }
 
-    /// Parameters of the transformer without the embedding matrix (what a forward streams).
-    pub fn block_params(&self) -> usize {
+    /// Parameters besides the embedding matrix: what a forward streams from memory (6.04 G for
+    /// bloom-7b1, SPEC.md).
+    pub fn non_embedding_params(&self) -> usize {
         let h = self.hidden;
         // per block: 2 layernorms, QKV, dense, two MLP matrices, with biases
         let per_block =
             4 * h + (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h);
-        self.layers * per_block + 2 * h // + final layernorm
+        self.layers * per_block + 4 * h // + embedding and final layernorms
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {

@@ -280,7 +280,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
         "pooling": "weightedmean",
         "bracket_ids": {"query": [qo, qc], "document": [doc_o, doc_c]},
         "tensors": names.len(), "parameters": params,
-        "non_embedding_parameters": c.block_params(),
+        "non_embedding_parameters": c.non_embedding_params(),
         "dtypes": dtypes.iter().map(|(d, n)| (d.name().to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
         "bytes": m.checkpoint.total_bytes(),
         "files": files.iter().map(|(f, b)| serde_json::json!({"file": f, "bytes": b})).collect::<Vec<_>>(),
@@ -315,7 +315,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
     println!(
         "parameters       {} ({} outside the embedding)",
         human(params as f64, ""),
-        human(c.block_params() as f64, "")
+        human(c.non_embedding_params() as f64, "")
     );
     println!(
         "bytes            {}",

@@ -20,7 +20,7 @@ Writes (deterministically, everything seeded, nothing downloaded):
                                     transformers' BloomModel (float32) + sentence-transformers' Pooling,
                                     one text at a time (batch of 1, so pooling weights are 1..n).
 
-Semantics follow /work/shared/SPEC.md (specb brackets, rstrip, right truncation to max_seq_length-3).
+Semantics follow SPEC.md (shared/SPEC.md beside the repository) (specb brackets, rstrip, right truncation to max_seq_length-3).
 """
 
 from __future__ import annotations

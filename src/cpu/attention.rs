@@ -21,23 +21,46 @@ pub fn alibi_slopes(n: usize) -> Vec<f32> {
     s
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent sums so the compiler can vectorize without reassociating.
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+/// Query rows per block: scores for a block of queries against all keys up to its last row,
+/// so the causal upper triangle is (mostly) never computed.
+const BLOCK: usize = 64;
+
+/// `dst[m, n] = lhs[m, k] · rhs[k, n]`, each operand given by pointer and (row, column) strides.
+///
+/// # Safety
+/// Every element `ptr + r·rs + c·cs` inside the stated shape must be in bounds of its buffer;
+/// `dst` must not overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 /// See the module comment for layouts. `heads` = n, `slopes` has n entries.
@@ -61,28 +84,53 @@ pub fn alibi_attention(
         .par_iter()
         .map(|&(s, hd)| {
             let (start, n) = (cu_seqlens[s], cu_seqlens[s + 1] - cu_seqlens[s]);
-            let col = |t: usize, part: usize| {
-                let o = (start + t) * 3 * h + hd * 3 * d + part * d;
-                &qkv[o..o + d]
-            };
-            let mut ctx = vec![0f32; n * d];
-            let mut p = vec![0f32; n];
-            for i in 0..n {
-                let q = col(i, 0);
-                let mut max = f32::NEG_INFINITY;
-                for (j, pj) in p[..=i].iter_mut().enumerate() {
-                    *pj = dot(q, col(j, 1)) * scale + slopes[hd] * j as f32;
-                    max = max.max(*pj);
+            // Q, K, V of this head: [n, d] each, row stride 3H inside `qkv`.
+            let base = start * 3 * h + hd * 3 * d;
+            let (q, k, v) = (&qkv[base..], &qkv[base + d..], &qkv[base + 2 * d..]);
+            let mut ctx = vec![0f32; n * d]; // [n, d]
+            let mut p = vec![0f32; BLOCK.min(n) * n]; // [rows of the block, keys]
+            for i0 in (0..n).step_by(BLOCK) {
+                let i1 = (i0 + BLOCK).min(n);
+                let rows = i1 - i0;
+                // SAFETY: rows i0..i1 and keys 0..i1 of a sequence inside `qkv` (asserted
+                // length T·3H); p holds rows·i1 ≤ BLOCK·n values; all in bounds, no overlap.
+                unsafe {
+                    matmul(
+                        (rows, i1, d),
+                        p.as_mut_ptr(),
+                        i1,
+                        q[i0 * 3 * h..].as_ptr(),
+                        (3 * h, 1),
+                        k.as_ptr(),
+                        (1, 3 * h),
+                    );
                 }
-                let mut sum = 0f32;
-                for pj in &mut p[..=i] {
-                    *pj = (*pj - max).exp();
-                    sum += *pj;
+                for (r, row) in p.chunks_mut(i1).take(rows).enumerate() {
+                    let i = i0 + r;
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sj) in row[..=i].iter_mut().enumerate() {
+                        *sj = *sj * scale + slopes[hd] * j as f32;
+                        max = max.max(*sj);
+                    }
+                    let mut sum = 0f32;
+                    for sj in &mut row[..=i] {
+                        *sj = (*sj - max).exp();
+                        sum += *sj;
+                    }
+                    row[..=i].iter_mut().for_each(|sj| *sj /= sum);
+                    row[i + 1..].fill(0.0); // causal: later keys get no weight
                 }
-                let c = &mut ctx[i * d..(i + 1) * d];
-                for (j, &pj) in p[..=i].iter().enumerate() {
-                    let w = pj / sum;
-                    c.iter_mut().zip(col(j, 2)).for_each(|(c, v)| *c += w * v);
+                // SAFETY: ctx rows i0..i1 ([rows, d]); V rows 0..i1 of this sequence; p as above.
+                unsafe {
+                    matmul(
+                        (rows, d, i1),
+                        ctx[i0 * d..].as_mut_ptr(),
+                        d,
+                        p.as_ptr(),
+                        (i1, 1),
+                        v.as_ptr(),
+                        (3 * h, 1),
+                    );
                 }
             }
             ctx
@@ -113,6 +161,64 @@ mod tests {
         let s6 = alibi_slopes(6);
         let want = [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125];
         assert_eq!(s6, want);
+    }
+
+    /// The definition, one score at a time: what the blocked version must equal.
+    fn naive(qkv: &[f32], cu: &[usize], heads: usize, slopes: &[f32], h: usize) -> Vec<f32> {
+        let d = h / heads;
+        let mut out = vec![0f32; (cu.last().unwrap()) * h];
+        for s in 0..cu.len() - 1 {
+            for hd in 0..heads {
+                let at = |t: usize, part: usize, e: usize| {
+                    qkv[(cu[s] + t) * 3 * h + hd * 3 * d + part * d + e]
+                };
+                for i in 0..cu[s + 1] - cu[s] {
+                    let sc: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            let dot: f64 = (0..d)
+                                .map(|e| at(i, 0, e) as f64 * at(j, 1, e) as f64)
+                                .sum();
+                            dot / (d as f64).sqrt() + slopes[hd] as f64 * j as f64
+                        })
+                        .collect();
+                    let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|x| (x - max).exp()).sum();
+                    for e in 0..d {
+                        let c: f64 = (0..=i)
+                            .map(|j| (sc[j] - max).exp() / z * at(j, 2, e) as f64)
+                            .sum();
+                        out[(cu[s] + i) * h + hd * d + e] = c as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn blocked_equals_naive_on_ragged_batches() {
+        // lengths cross the 64-row block edge (1, 63, 64, 65, 130); 6 heads (not a power of 2)
+        let (heads, d) = (6, 8);
+        let h = heads * d;
+        let cu = [0, 1, 64, 128, 193, 323];
+        let t = *cu.last().unwrap();
+        let mut state = 12345u32;
+        let qkv: Vec<f32> = (0..t * 3 * h)
+            .map(|_| {
+                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                (state >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect();
+        let slopes = alibi_slopes(heads);
+        let mut out = vec![f32::NAN; t * h]; // poisoned: every element must be written
+        alibi_attention(&qkv, &cu, heads, &slopes, &mut out);
+        let want = naive(&qkv, &cu, heads, &slopes, h);
+        for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                "element {i}: {g} vs {w}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,476 @@
+//! The `sgpt` binary end to end: outputs in order and in both formats, and every bad input
+//! giving a clear error and a non-zero exit, never a panic.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{assert_close, tiny_b_model, tiny_model};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use sgpt::model::{Device, Embedder};
+use sgpt::tokenize::Kind;
+
+fn sgpt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sgpt"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn sgpt_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sgpt"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs and expects failure with `needle` in the message and no panic.
+fn expect_error(args: &[&str], needle: &str) {
+    let o = sgpt(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{args:?} succeeded; stderr: {err}");
+    assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in: {err}"
+    );
+}
+
+fn parse_jsonl(out: &[u8]) -> Vec<Vec<f32>> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn read_npy(p: &Path) -> (Vec<usize>, Vec<f32>) {
+    let b = std::fs::read(p).unwrap();
+    assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
+    let hl = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let header = std::str::from_utf8(&b[10..10 + hl]).unwrap();
+    assert!(
+        header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let shape: Vec<usize> = shape
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let data = b[10 + hl..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (shape, data)
+}
+
+fn m(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn embed_arguments_match_the_library_in_order() {
+    let model = m(&tiny_model());
+    let texts = ["What is the capital of France?", "北京是首都", "[[{x}]]"];
+    let mut args = vec!["embed", "--model", &model, "--device", "cpu"];
+    args.extend(texts);
+    let o = sgpt(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = parse_jsonl(&o.stdout);
+    let e = Embedder::open(&tiny_model(), Device::Cpu).unwrap();
+    let want = e
+        .embed_texts(
+            &texts
+                .iter()
+                .map(|t| (t.to_string(), Kind::Query))
+                .collect::<Vec<_>>(),
+            false,
+        )
+        .unwrap();
+    assert_eq!(got.len(), texts.len());
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        // JSON carries f32 exactly (shortest round-trip form), and the batches are the same.
+        assert_close(&format!("cli text {k}"), g, w, 0.0, 0.0);
+    }
+}
+
+#[test]
+fn jsonl_file_to_npy_and_stdin_to_jsonl_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let lines = [
+        r#"{"text": "a query about cats", "kind": "query"}"#,
+        r#"{"text": "Cats are small mammals.", "kind": "document", "title": "Cat"}"#,
+        r#"{"text": "no kind given: --kind applies", "id": 7}"#,
+    ];
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let npy = dir.path().join("out.npy");
+    let model = m(&tiny_model());
+    let o = sgpt(&[
+        "embed",
+        "-m",
+        &model,
+        "--input",
+        &m(&input),
+        "--kind",
+        "document",
+        "-o",
+        &m(&npy),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (shape, data) = read_npy(&npy);
+    assert_eq!(shape, vec![3, 64]);
+    assert!(!dir.path().join(".out.npy.partial").exists());
+
+    let o = sgpt_stdin(
+        &["embed", "-m", &model, "--input", "-", "--kind", "document"],
+        &(lines.join("\n") + "\n"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = parse_jsonl(&o.stdout);
+    assert_eq!(rows.len(), 3);
+    for (k, r) in rows.iter().enumerate() {
+        assert_close(
+            &format!("npy vs jsonl row {k}"),
+            &data[k * 64..(k + 1) * 64],
+            r,
+            0.0,
+            0.0,
+        );
+    }
+    // The title is joined as "title text", and kinds pick the brackets.
+    let e = Embedder::open(&tiny_model(), Device::Cpu).unwrap();
+    let want = e
+        .embed_texts(
+            &[
+                ("a query about cats".into(), Kind::Query),
+                ("Cat Cats are small mammals.".into(), Kind::Document),
+                ("no kind given: --kind applies".into(), Kind::Document),
+            ],
+            false,
+        )
+        .unwrap();
+    for (k, w) in want.iter().enumerate() {
+        assert_close(&format!("jsonl semantics row {k}"), &rows[k], w, 0.0, 0.0);
+    }
+}
+
+#[test]
+fn normalize_and_truncation_notice() {
+    let model = m(&tiny_model());
+    let long = "word ".repeat(400);
+    let o = sgpt(&["embed", "-m", &model, "--normalize", "short", &long]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for r in parse_jsonl(&o.stdout) {
+        let n: f64 = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((n - 1.0).abs() < 1e-5, "norm {n}");
+    }
+    let err = stderr(&o);
+    assert!(
+        err.contains("1 of 2 texts") && err.contains("truncated") && err.contains("argument 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn inspect_describes_both_layouts() {
+    for (dir, dtype, files) in [(tiny_model(), "F32", 1), (tiny_b_model(), "F16", 2)] {
+        let o = sgpt(&["inspect", "--json", &m(&dir)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["files"].as_array().unwrap().len(), files);
+        assert!(v["dtypes"][dtype].as_u64().unwrap() > 0, "{v}");
+        let (h, vocab) = (
+            v["hidden"].as_u64().unwrap(),
+            v["vocab_rows"].as_u64().unwrap(),
+        );
+        assert_eq!(
+            v["parameters"].as_u64().unwrap(),
+            vocab * h + v["non_embedding_parameters"].as_u64().unwrap()
+        );
+        let table = sgpt(&["inspect", &m(&dir)]);
+        assert!(String::from_utf8_lossy(&table.stdout).contains("heads n"));
+    }
+}
+
+// ---- bad input ------------------------------------------------------------------------------
+
+/// A writable copy of a model directory.
+fn copy_model(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(src, dir.path());
+    dir
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+/// Rewrites model.safetensors through `edit`, which gets (name, dtype, shape, bytes) records.
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut recs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    edit(&mut recs);
+    let views: Vec<(String, TensorView)> = recs
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+fn edit_json(path: PathBuf, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+fn embed_with(dir: &Path) -> Vec<String> {
+    [
+        "embed",
+        "--model",
+        dir.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "hello",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn expect_embed_error(dir: &Path, needle: &str) {
+    let args = embed_with(dir);
+    expect_error(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+}
+
+#[test]
+fn missing_and_malformed_files() {
+    expect_error(
+        &["embed", "-m", "/nonexistent/model", "hi"],
+        "model directory not found",
+    );
+
+    let d = copy_model(&tiny_model());
+    std::fs::write(d.path().join("config.json"), "{ not json").unwrap();
+    expect_embed_error(d.path(), "config.json: invalid JSON");
+
+    let d = copy_model(&tiny_model());
+    edit_json(d.path().join("config.json"), |v| {
+        v.as_object_mut().unwrap().remove("n_layer");
+    });
+    expect_embed_error(d.path(), "missing `n_layer` or `num_hidden_layers`");
+
+    let d = copy_model(&tiny_model());
+    std::fs::remove_file(d.path().join("tokenizer.json")).unwrap();
+    expect_embed_error(d.path(), "tokenizer.json");
+
+    let d = copy_model(&tiny_model());
+    std::fs::write(d.path().join("tokenizer.json"), "{}").unwrap();
+    expect_embed_error(d.path(), "tokenizer.json: tokenizer:");
+
+    let d = copy_model(&tiny_model());
+    std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
+    expect_embed_error(d.path(), "no model.safetensors");
+}
+
+#[test]
+fn truncated_or_garbled_weights() {
+    let d = copy_model(&tiny_model());
+    let p = d.path().join("model.safetensors");
+    let len = std::fs::metadata(&p).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 1000)
+        .unwrap();
+    expect_embed_error(d.path(), "truncated file");
+
+    std::fs::write(&p, b"\xff\xff\xff\x7f\x00\x00\x00\x00garbage").unwrap();
+    expect_embed_error(d.path(), "model.safetensors: not a valid safetensors file");
+
+    std::fs::write(&p, b"").unwrap();
+    expect_embed_error(d.path(), "not a valid safetensors file");
+}
+
+#[test]
+fn missing_misshaped_or_mistyped_tensors() {
+    let d = copy_model(&tiny_model());
+    rewrite_weights(d.path(), |r| {
+        r.retain(|t| t.0 != "h.1.mlp.dense_4h_to_h.bias")
+    });
+    expect_embed_error(d.path(), "tensor `h.1.mlp.dense_4h_to_h.bias` is missing");
+
+    let d = copy_model(&tiny_model());
+    rewrite_weights(d.path(), |r| {
+        let t = r
+            .iter_mut()
+            .find(|t| t.0 == "h.0.self_attention.query_key_value.weight")
+            .unwrap();
+        t.2 = vec![64, 192]; // transposed
+    });
+    expect_embed_error(
+        d.path(),
+        "`h.0.self_attention.query_key_value.weight` has shape [64, 192], expected [192, 64]",
+    );
+
+    let d = copy_model(&tiny_model());
+    rewrite_weights(d.path(), |r| {
+        let t = r.iter_mut().find(|t| t.0 == "ln_f.weight").unwrap();
+        t.1 = Dtype::I32;
+    });
+    expect_embed_error(d.path(), "tensor `ln_f.weight` has dtype I32");
+
+    // config with fewer layers than the checkpoint
+    let d = copy_model(&tiny_model());
+    edit_json(d.path().join("config.json"), |v| v["n_layer"] = 1.into());
+    expect_embed_error(
+        d.path(),
+        "config says 1 layers but the checkpoint has `h.1.input_layernorm.weight`",
+    );
+}
+
+#[test]
+fn tokenizer_must_fit_the_embedding_matrix() {
+    let d = copy_model(&tiny_model());
+    edit_json(d.path().join("config.json"), |v| {
+        v["vocab_size"] = 500.into()
+    });
+    expect_embed_error(
+        d.path(),
+        "vocabulary of 1000 tokens does not fit the model's embedding matrix of 500 rows",
+    );
+}
+
+#[test]
+fn pooling_other_than_weighted_mean_is_refused() {
+    let d = copy_model(&tiny_model());
+    edit_json(d.path().join("1_Pooling/config.json"), |v| {
+        v["pooling_mode_weightedmean_tokens"] = false.into();
+        v["pooling_mode_mean_tokens"] = true.into();
+    });
+    expect_embed_error(
+        d.path(),
+        "pooling modes [\"mean_tokens\"] are not supported",
+    );
+}
+
+#[test]
+fn sharded_index_problems() {
+    let d = copy_model(&tiny_b_model());
+    std::fs::remove_file(d.path().join("model-00002-of-00002.safetensors")).unwrap();
+    expect_embed_error(d.path(), "model-00002-of-00002.safetensors: No such file");
+
+    let d = copy_model(&tiny_b_model());
+    edit_json(d.path().join("model.safetensors.index.json"), |v| {
+        v["weight_map"]["transformer.ln_f.bias"] = "model-00001-of-00002.safetensors".into();
+    });
+    expect_embed_error(d.path(), "`transformer.ln_f.bias (listed in");
+
+    let d = copy_model(&tiny_b_model());
+    std::fs::write(d.path().join("model.safetensors.index.json"), "[]").unwrap();
+    expect_embed_error(d.path(), "missing object `weight_map`");
+}
+
+#[test]
+fn bad_texts_and_flags() {
+    let model = m(&tiny_model());
+    expect_error(
+        &["embed", "-m", &model, ""],
+        "1 empty or whitespace-only text(s) at line/argument 1",
+    );
+    expect_error(&["embed", "-m", &model, "ok", "  \t"], "at line/argument 2");
+    let o = sgpt(&["embed", "-m", &model, "--allow-empty", ""]);
+    assert!(
+        o.status.success() && parse_jsonl(&o.stdout).len() == 1,
+        "{}",
+        stderr(&o)
+    );
+    expect_error(&["embed", "-m", &model], "no texts");
+    expect_error(
+        &["embed", "-m", &model, "--device", "cuda", "x"],
+        "CUDA backend is not built yet",
+    );
+    let o = sgpt(&["embed", "-m", &model, "--kind", "passage", "x"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "clap rejects unknown kinds: {}",
+        stderr(&o)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("in.jsonl");
+    std::fs::write(&f, "{\"text\": \"fine\"}\n{\"text\": 3}\n").unwrap();
+    expect_error(
+        &["embed", "-m", &model, "--input", &m(&f)],
+        "in.jsonl:2: expected a JSON object",
+    );
+    expect_error(
+        &["embed", "-m", &model, "--input", &m(&f), "also an argument"],
+        "not both",
+    );
+    expect_error(
+        &["embed", "-m", &model, "--input", "/nonexistent.txt"],
+        "reading /nonexistent.txt",
+    );
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    expect_error(
+        &["embed", "-m", &model, "--input", &m(&empty)],
+        "no texts to embed",
+    );
+    // an output path that cannot be created: error, and nothing left behind
+    expect_error(
+        &["embed", "-m", &model, "-o", "/nonexistent/dir/out.npy", "x"],
+        "/nonexistent/dir",
+    );
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): Rust tests, then the Python tests of the tools.
+# Python packages go into .venv (pinned in tools/requirements.txt), set up on first use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=.venv
+stamp=$venv/.requirements
+if ! cmp -s tools/requirements.txt "$stamp" 2>/dev/null; then
+  echo "== setting up $venv from tools/requirements.txt (first run takes a few minutes)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r tools/requirements.txt
+  cp tools/requirements.txt "$stamp"
+fi
+
+echo "== cargo test"
+cargo test --all-targets
+
+echo "== python tests (tools/)"
+"$venv/bin/python" -m pytest tests/python -q
