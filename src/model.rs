@@ -32,7 +32,9 @@ impl Backend for CpuModel {
 pub enum Device {
     /// The GPU when one is usable, else the CPU.
     Auto,
+    /// The multi-threaded CPU backend (always available).
     Cpu,
+    /// An NVIDIA GPU (the CUDA backend is not built yet).
     Cuda,
 }
 
