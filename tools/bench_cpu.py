@@ -177,6 +177,7 @@ def create_model(model_dir: Path, shape: dict, seed: int) -> None:
         (tmp / "1_Pooling").mkdir()
         write_json(tmp / "1_Pooling" / "config.json", pool)
         write_json(tmp / "bench_model.json", {"shape": shape, "seed": seed, "init": init_tensor.__doc__.strip()})
+        tmp.chmod(0o755)
         tmp.rename(model_dir)  # atomic: an interrupted creation never leaves a half model
         log(f"model created in {time.time() - t0:.1f} s")
     except BaseException:
@@ -297,7 +298,7 @@ def torch_bench(model: BloomModel, seqs: list[list[int]], batch_sizes: list[int]
     for B in batch_sizes:
         batches = [sorted_seqs[i:i + B] for i in range(0, len(sorted_seqs), B)]
         padded = sum(len(b) * max(len(s) for s in b) for b in batches)
-        torch_embed(model, batches[0])  # warm-up (the longest batch)
+        torch_embed(model, batches[-1])  # warm-up (the shortest batch: cheap, same code paths)
         noise = Contention()
         t0 = time.perf_counter()
         for b in batches:
@@ -710,7 +711,7 @@ def main() -> None:
     phases["total"] = time.time() - t_start
 
     best = max(tres, key=lambda r: r["tokens_per_s"])
-    loads = [x for x in [idle, sres.get("other_load"), tlat.get("other_load"),
+    loads = [x for x in [sres.get("other_load"), tlat.get("other_load"),
                          *(r.get("other_load") for r in tres)] if x is not None]
     noisy = bool(loads) and max(loads) > 0.10
     ratios = {
