@@ -38,6 +38,9 @@ pub enum Error {
     },
     #[error("{path}: tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
+    /// The CUDA driver, NVRTC or cuBLASLt failed, or no usable GPU is present.
+    #[error("cuda: {0}")]
+    Cuda(String),
     /// Bad user input (texts, flags, batch contents).
     #[error("{0}")]
     Input(String),

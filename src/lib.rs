@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod io;
 pub mod model;

@@ -13,6 +13,21 @@ if ! cmp -s tools/requirements.txt "$stamp" 2>/dev/null; then
   cp tools/requirements.txt "$stamp"
 fi
 
+# NVRTC and the CUDA headers, so every kernel is compile-checked for sm_80/sm_90 with no GPU
+# (GPU.md: 13.0.88 is the NVRTC build of the GPU machine's environment). Kept apart from .venv:
+# torch pins its own CUDA wheels.
+nv=.nvrtc
+nv_pins="nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96"
+if [ "$(cat "$nv/.pins" 2>/dev/null)" != "$nv_pins" ]; then
+  echo "== installing NVRTC into $nv"
+  rm -rf "$nv"
+  python3 -m pip install --quiet --disable-pip-version-check --target "$nv" $nv_pins
+  echo "$nv_pins" > "$nv/.pins"
+fi
+export LD_LIBRARY_PATH="$PWD/$nv/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export SGPT_CUDA_INCLUDE="$PWD/$nv/nvidia/cu13/include"
+export SGPT_REQUIRE_NVRTC=1
+
 echo "== cargo test"
 cargo test --all-targets
 

@@ -1,0 +1,59 @@
+//! The kernel sources in `kernels/`, embedded in the binary so it runs from anywhere (and can be
+//! carried to a GPU machine alone). `common.cuh` is prepended in place of its `#include`.
+
+/// Shared helpers, included by every kernel.
+pub const COMMON: &str = include_str!("../../kernels/common.cuh");
+
+/// One kernel file: its name, source, and the functions it exports.
+pub struct KernelSource {
+    pub file: &'static str,
+    pub source: &'static str,
+    pub functions: &'static [&'static str],
+}
+
+pub const KERNELS: &[KernelSource] = &[
+    KernelSource {
+        file: "embedding_layernorm.cu",
+        source: include_str!("../../kernels/embedding_layernorm.cu"),
+        functions: &["embedding_layernorm_f16", "embedding_layernorm_bf16"],
+    },
+    KernelSource {
+        file: "add_layernorm.cu",
+        source: include_str!("../../kernels/add_layernorm.cu"),
+        functions: &["add_layernorm_f16", "add_layernorm_bf16"],
+    },
+    KernelSource {
+        file: "alibi_attention.cu",
+        source: include_str!("../../kernels/alibi_attention.cu"),
+        functions: &["alibi_attention_f16", "alibi_attention_bf16"],
+    },
+    KernelSource {
+        file: "bias_gelu.cu",
+        source: include_str!("../../kernels/bias_gelu.cu"),
+        functions: &["bias_gelu_f16", "bias_gelu_bf16"],
+    },
+    KernelSource {
+        file: "final_norm_pool.cu",
+        source: include_str!("../../kernels/final_norm_pool.cu"),
+        functions: &["final_norm_pool_f16", "final_norm_pool_bf16"],
+    },
+    KernelSource {
+        file: "convert.cu",
+        source: include_str!("../../kernels/convert.cu"),
+        functions: &[
+            "convert_f32_f16",
+            "convert_f32_bf16",
+            "convert_f16_bf16",
+            "convert_bf16_f16",
+            "convert_f16_f32",
+            "convert_bf16_f32",
+        ],
+    },
+];
+
+impl KernelSource {
+    /// The source as NVRTC compiles it: `common.cuh` pasted where it is included.
+    pub fn full_source(&self) -> String {
+        self.source.replace("#include \"common.cuh\"", COMMON)
+    }
+}
