@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use sgpt::batch::PackedBatch;
+use sgpt::cuda::device::GpuDtype;
 use sgpt::io::{check_empty, parse_inputs, EmbeddingWriter, InputFormat, InputText};
-use sgpt::model::{Device, Embedder, ModelDir, DEFAULT_MAX_BATCH_TOKENS};
+use sgpt::model::{Device, Embedder, EngineOptions, ModelDir};
 use sgpt::tokenize::{Encoded, Kind};
 use sgpt::weights::DType;
 
@@ -36,15 +37,18 @@ struct Common {
     /// Model directory: config.json, tokenizer.json, model.safetensors (or an index + shards).
     #[arg(long, short)]
     model: PathBuf,
-    /// Where to run: auto picks the GPU when usable, else the CPU.
-    #[arg(long, value_enum, default_value = "auto")]
+    /// Where to run: auto (the GPU when usable, else the CPU, saying why), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
     device: Device,
+    /// Activation and weight type on the GPU; the CPU always computes in f32.
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: GpuDtype,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Most tokens in one packed batch.
-    #[arg(long, default_value_t = DEFAULT_MAX_BATCH_TOKENS)]
-    max_batch_tokens: usize,
+    /// Most tokens in one packed batch [default: 2048 on the CPU, 16384 on the GPU].
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
 }
 
 #[derive(Args)]
@@ -134,18 +138,27 @@ fn main() {
     }
 }
 
-fn setup(c: &Common) -> Result<Embedder> {
+fn setup(c: &Common, quiet: bool) -> Result<Embedder> {
     if let Some(n) = c.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
             .context("setting up the thread pool")?;
     }
-    if c.max_batch_tokens == 0 {
+    if c.max_batch_tokens == Some(0) {
         bail!("--max-batch-tokens must be positive");
     }
-    let mut e = Embedder::open(&c.model, c.device)?;
-    e.max_batch_tokens = c.max_batch_tokens;
+    let e = Embedder::open_with(
+        &c.model,
+        EngineOptions {
+            device: c.device,
+            dtype: c.dtype,
+            max_batch_tokens: c.max_batch_tokens,
+        },
+    )?;
+    if let (Some(n), false) = (&e.notice, quiet) {
+        eprintln!("sgpt: {n}");
+    }
     Ok(e)
 }
 
@@ -191,7 +204,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
     if !a.allow_empty {
         check_empty(&inputs, &source)?;
     }
-    let embedder = setup(&a.common)?;
+    let embedder = setup(&a.common, a.quiet)?;
     let texts: Vec<(String, Kind)> = inputs.iter().map(|t| (t.text.clone(), t.kind)).collect();
     let encoded = embedder.encode(&texts)?;
     if !a.quiet {
@@ -385,7 +398,7 @@ fn synthetic_corpus(
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let embedder = setup(&a.common)?;
+    let embedder = setup(&a.common, false)?;
     let tok = &embedder.model.tokenizer;
     let seqs: Vec<Vec<u32>> = match &a.ids {
         Some(p) => {

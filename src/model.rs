@@ -7,6 +7,7 @@ use crate::batch::{plan_batches, PackedBatch};
 use crate::config::{BloomConfig, SentenceConfig};
 use crate::cpu::pooling::l2_normalize;
 use crate::cpu::CpuModel;
+use crate::cuda::device::GpuDtype;
 use crate::error::{Error, Result};
 use crate::tokenize::{Encoded, Kind, SpecbTokenizer};
 use crate::weights::Checkpoint;
@@ -27,15 +28,61 @@ impl Backend for CpuModel {
     }
 }
 
-/// Which engine runs the forward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// Which engine runs the forward: `auto`, `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
-    /// The GPU when one is usable, else the CPU.
+    /// The GPU when one is usable, else the CPU (with a notice saying why).
     Auto,
     /// The multi-threaded CPU backend (always available).
     Cpu,
-    /// An NVIDIA GPU (the CUDA backend is not built yet).
-    Cuda,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}: expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Auto => write!(f, "auto"),
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// How to build the engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    pub device: Device,
+    /// Activation/weight type on the GPU (the CPU always computes in f32).
+    pub dtype: GpuDtype,
+    /// Most tokens in one packed batch; None: the backend's default.
+    pub max_batch_tokens: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: Device::Auto,
+            dtype: GpuDtype::F16,
+            max_batch_tokens: None,
+        }
+    }
 }
 
 /// Everything read from a model directory.
@@ -79,30 +126,78 @@ pub struct Embedder {
     pub backend: Box<dyn Backend>,
     /// Most tokens in one packed batch.
     pub max_batch_tokens: usize,
+    /// Set when `--device auto` fell back to the CPU: the reason, for the operator.
+    pub notice: Option<String>,
 }
 
 /// Default token budget of one packed batch on the CPU: large enough that GEMMs run near peak,
 /// small enough that activations stay in a few tens of MB at bloom-560m size.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
+/// On the GPU: enough rows to keep the tensor cores busy (GEMMs are compute-bound above
+/// ≈ 270 tokens, SPEC.md) while activations stay ≈ 1.5 GB at bloom-7b1 size.
+pub const DEFAULT_GPU_MAX_BATCH_TOKENS: usize = 16384;
 
 impl Embedder {
-    /// Opens `dir` and builds the backend for `device`.
+    /// Opens `dir` for `device` with default options.
     pub fn open(dir: &Path, device: Device) -> Result<Self> {
+        Self::open_with(
+            dir,
+            EngineOptions {
+                device,
+                ..EngineOptions::default()
+            },
+        )
+    }
+
+    /// Opens `dir` and builds the backend the options ask for.
+    pub fn open_with(dir: &Path, opts: EngineOptions) -> Result<Self> {
         let model = ModelDir::open(dir)?;
-        let backend: Box<dyn Backend> = match device {
-            Device::Cpu | Device::Auto => {
-                Box::new(CpuModel::load(&model.checkpoint, &model.config)?)
-            }
-            Device::Cuda => {
-                return Err(Error::Unsupported(
-                    "--device cuda: the CUDA backend is not built yet; use --device cpu".into(),
-                ))
+        let gpu = match opts.device {
+            Device::Cpu => None,
+            Device::Cuda(n) => Some(n),
+            Device::Auto => crate::cuda::device::unavailable_reason(0)
+                .is_none()
+                .then_some(0),
+        };
+        let notice = match opts.device {
+            Device::Auto if gpu.is_none() => crate::cuda::device::unavailable_reason(0)
+                .map(|why| format!("using the CPU: {why}")),
+            _ => None,
+        };
+        let (backend, max_batch_tokens): (Box<dyn Backend>, usize) = match gpu {
+            None => (
+                Box::new(CpuModel::load(&model.checkpoint, &model.config)?),
+                opts.max_batch_tokens.unwrap_or(DEFAULT_MAX_BATCH_TOKENS),
+            ),
+            Some(ordinal) => {
+                // Buffers must hold the longest single sequence even under a small budget.
+                let budget = opts
+                    .max_batch_tokens
+                    .unwrap_or(DEFAULT_GPU_MAX_BATCH_TOKENS)
+                    .max(model.sentence.max_seq_length);
+                let ctx = crate::cuda::device::open(ordinal)?;
+                let b: Box<dyn Backend> = match opts.dtype {
+                    GpuDtype::F16 => Box::new(crate::cuda::model::CudaModel::<half::f16>::load(
+                        ctx,
+                        &model.checkpoint,
+                        &model.config,
+                        budget,
+                    )?),
+                    GpuDtype::Bf16 => Box::new(crate::cuda::model::CudaModel::<half::bf16>::load(
+                        ctx,
+                        &model.checkpoint,
+                        &model.config,
+                        budget,
+                    )?),
+                };
+                (b, budget)
             }
         };
         Ok(Embedder {
             model,
             backend,
-            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            max_batch_tokens,
+            notice,
         })
     }
 

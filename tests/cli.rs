@@ -437,7 +437,20 @@ fn bad_texts_and_flags() {
     expect_error(&["embed", "-m", &model], "no texts");
     expect_error(
         &["embed", "-m", &model, "--device", "cuda", "x"],
-        "CUDA backend is not built yet",
+        "cuda: no NVIDIA driver",
+    );
+    let o = sgpt(&["embed", "-m", &model, "--device", "tpu", "x"]);
+    assert!(
+        o.status.code() == Some(2) && stderr(&o).contains("unknown device"),
+        "{}",
+        stderr(&o)
+    );
+    // auto falls back to the CPU and says why
+    let o = sgpt(&["embed", "-m", &model, "x"]);
+    assert!(
+        o.status.success() && stderr(&o).contains("using the CPU: no NVIDIA driver"),
+        "{}",
+        stderr(&o)
     );
     let o = sgpt(&["embed", "-m", &model, "--kind", "passage", "x"]);
     assert_eq!(

@@ -31,12 +31,17 @@ fn every_kernel_compiles_without_spills() {
             assert!(!c.cubin.is_empty(), "{} {arch}: empty CUBIN", k.file);
             let report = nvrtc::ptxas_report(&c.log);
             for f in k.functions {
-                let (_, regs, st, ld) = report
-                    .iter()
-                    .find(|r| r.0 == *f)
-                    .unwrap_or_else(|| panic!("{} {arch}: no ptxas report for {f}; log:\n{}", k.file, c.log));
+                let (_, regs, st, ld) = report.iter().find(|r| r.0 == *f).unwrap_or_else(|| {
+                    panic!(
+                        "{} {arch}: no ptxas report for {f}; log:\n{}",
+                        k.file, c.log
+                    )
+                });
                 println!("{arch} {f}: {regs} registers, spills {st}/{ld} bytes");
-                assert!(*st == 0 && *ld == 0, "{arch} {f}: spills {st} B stored, {ld} B loaded");
+                assert!(
+                    *st == 0 && *ld == 0,
+                    "{arch} {f}: spills {st} B stored, {ld} B loaded"
+                );
             }
         }
     }
@@ -54,5 +59,9 @@ fn compile_cache_hits_on_second_compile() {
     assert!(!first.from_cache && second.from_cache);
     assert_eq!(first.cubin, second.cubin);
     // another architecture is another entry
-    assert!(!nvrtc::compile(k, "sm_80", Some(dir.path())).unwrap().from_cache);
+    assert!(
+        !nvrtc::compile(k, "sm_80", Some(dir.path()))
+            .unwrap()
+            .from_cache
+    );
 }

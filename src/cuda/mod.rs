@@ -3,5 +3,9 @@
 //! installed, and every entry point checks for the libraries before touching them (cudarc
 //! panics when they are missing).
 
+pub mod device;
+pub mod gemm;
 pub mod kernels;
+pub mod model;
 pub mod nvrtc;
+pub mod ops;

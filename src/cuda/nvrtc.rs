@@ -28,7 +28,9 @@ pub fn available() -> bool {
 /// (major, minor) of the loaded NVRTC.
 pub fn version() -> Result<(i32, i32)> {
     if !available() {
-        return Err(Error::Cuda("NVRTC (libnvrtc.so) is not installed or not on LD_LIBRARY_PATH".into()));
+        return Err(Error::Cuda(
+            "NVRTC (libnvrtc.so) is not installed or not on LD_LIBRARY_PATH".into(),
+        ));
     }
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two out-pointers to live locals.
@@ -60,10 +62,19 @@ pub fn compile(k: &KernelSource, arch: &str, cache_dir: Option<&Path>) -> Result
     let (major, minor) = version()?;
     let src = k.full_source();
     let key = cache_key(&src, arch, (major, minor));
-    let cached = cache_dir.map(|d| d.join(format!("{}-{arch}-{key:016x}.cubin", k.file.trim_end_matches(".cu"))));
+    let cached = cache_dir.map(|d| {
+        d.join(format!(
+            "{}-{arch}-{key:016x}.cubin",
+            k.file.trim_end_matches(".cu")
+        ))
+    });
     if let Some(p) = &cached {
         if let Ok(cubin) = std::fs::read(p) {
-            return Ok(Compiled { cubin, log: String::new(), from_cache: true });
+            return Ok(Compiled {
+                cubin,
+                log: String::new(),
+                from_cache: true,
+            });
         }
     }
     let includes = include_dirs();
@@ -77,30 +88,47 @@ pub fn compile(k: &KernelSource, arch: &str, cache_dir: Option<&Path>) -> Result
         "--std=c++17".to_string(),
         "--ptxas-options=-v".to_string(),
     ];
-    opts.extend(includes.iter().map(|d| format!("--include-path={}", d.display())));
-    let c_src = CString::new(src).map_err(|_| Error::Cuda(format!("{}: NUL byte in source", k.file)))?;
+    opts.extend(
+        includes
+            .iter()
+            .map(|d| format!("--include-path={}", d.display())),
+    );
+    let c_src =
+        CString::new(src).map_err(|_| Error::Cuda(format!("{}: NUL byte in source", k.file)))?;
     let name = CString::new(k.file).unwrap_or_default();
-    let prog = result::create_program(&c_src, Some(&name)).map_err(|e| Error::Cuda(format!("{}: {e:?}", k.file)))?;
+    let prog = result::create_program(&c_src, Some(&name))
+        .map_err(|e| Error::Cuda(format!("{}: {e:?}", k.file)))?;
     // SAFETY: `prog` was just created and is destroyed exactly once below.
     let outcome = unsafe { result::compile_program(prog, &opts) };
     let log = unsafe { result::get_program_log(prog) }
         .map(|l| {
-            let bytes: Vec<u8> = l.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+            let bytes: Vec<u8> = l
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
             String::from_utf8_lossy(&bytes).into_owned()
         })
         .unwrap_or_default();
-    let cubin = outcome.map_err(|e| Error::Cuda(format!("{} ({arch}) failed to compile: {e:?}\n{log}", k.file))).and_then(|_| {
-        let mut size = 0usize;
-        // SAFETY: size query then a buffer of exactly that size, on a compiled program.
-        unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
-            .result()
-            .map_err(|e| Error::Cuda(format!("nvrtcGetCUBINSize: {e:?}")))?;
-        let mut buf = vec![0u8; size];
-        unsafe { sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()) }
-            .result()
-            .map_err(|e| Error::Cuda(format!("nvrtcGetCUBIN: {e:?}")))?;
-        Ok(buf)
-    });
+    let cubin = outcome
+        .map_err(|e| {
+            Error::Cuda(format!(
+                "{} ({arch}) failed to compile: {e:?}\n{log}",
+                k.file
+            ))
+        })
+        .and_then(|_| {
+            let mut size = 0usize;
+            // SAFETY: size query then a buffer of exactly that size, on a compiled program.
+            unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
+                .result()
+                .map_err(|e| Error::Cuda(format!("nvrtcGetCUBINSize: {e:?}")))?;
+            let mut buf = vec![0u8; size];
+            unsafe { sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()) }
+                .result()
+                .map_err(|e| Error::Cuda(format!("nvrtcGetCUBIN: {e:?}")))?;
+            Ok(buf)
+        });
     // SAFETY: created above, not used afterwards.
     let _ = unsafe { result::destroy_program(prog) };
     let cubin = cubin?;
@@ -114,13 +142,21 @@ pub fn compile(k: &KernelSource, arch: &str, cache_dir: Option<&Path>) -> Result
             let _ = std::fs::rename(&tmp, p);
         }
     }
-    Ok(Compiled { cubin, log, from_cache: false })
+    Ok(Compiled {
+        cubin,
+        log,
+        from_cache: false,
+    })
 }
 
 /// FNV-1a over the source, the architecture and the NVRTC version.
 fn cache_key(src: &str, arch: &str, (major, minor): (i32, i32)) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in src.bytes().chain(arch.bytes()).chain(format!("{major}.{minor}").bytes()) {
+    for b in src
+        .bytes()
+        .chain(arch.bytes())
+        .chain(format!("{major}.{minor}").bytes())
+    {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -149,12 +185,18 @@ pub fn ptxas_report(log: &str) -> Vec<(String, u32, u32, u32)> {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             current = rest.split('\'').next().map(str::to_string);
         } else if line.contains("bytes spill stores") {
-            let nums: Vec<u32> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+            let nums: Vec<u32> = line
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
             if nums.len() >= 3 {
                 spills = (nums[1], nums[2]);
             }
         } else if let Some(rest) = line.split("Used ").nth(1) {
-            if let (Some(f), Some(regs)) = (current.take(), rest.split_whitespace().next().and_then(|r| r.parse().ok())) {
+            if let (Some(f), Some(regs)) = (
+                current.take(),
+                rest.split_whitespace().next().and_then(|r| r.parse().ok()),
+            ) {
                 out.push((f, regs, spills.0, spills.1));
             }
         }

@@ -1,0 +1,257 @@
+//! GEMMs through cuBLASLt: `y[T, out] = x[T, in]·Wᵀ (+ b)` in f16/bf16 with f32 accumulation and
+//! the bias fused in the epilogue. Descriptors, layouts and the chosen algorithm are made once
+//! per shape and kept (cudarc's safe wrapper rebuilds them and re-runs the heuristic on every
+//! call); only the bias pointer is set per call.
+//!
+//! Row-major to cuBLAS' column-major: row-major y[T, out] is column-major yᵀ [out, T], so we ask
+//! for C[out, T] = op(A)·B with A = W stored [out, in] row-major = column-major [in, out], used
+//! transposed (transa), and B = x row-major [T, in] = column-major [in, T]. The bias has one
+//! entry per row of C, i.e. per output feature.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::size_of;
+use std::sync::Arc;
+
+use cudarc::cublaslt::{result, sys};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+
+use crate::cuda::ops::Act;
+use crate::error::{Error, Result};
+
+/// cuBLASLt's recommended workspace on Hopper.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+fn err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Cuda(format!("cuBLASLt {what}: {e:?}"))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Shape {
+    dtype: u32,
+    tokens: usize,
+    n_in: usize,
+    n_out: usize,
+    bias: bool,
+}
+
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    c: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+pub struct Gemm {
+    handle: sys::cublasLtHandle_t,
+    stream: Arc<CudaStream>,
+    workspace: CudaSlice<u8>,
+    plans: HashMap<Shape, Plan>,
+}
+
+// SAFETY: the handle and descriptors are plain cuBLASLt objects that may be used from any
+// thread, one at a time; `Gemm` is only reached through `&mut` (the model's Mutex).
+unsafe impl Send for Gemm {}
+
+impl Gemm {
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        let handle = result::create_handle().map_err(|e| err("create", e))?;
+        // SAFETY: a plain device allocation; cuBLASLt only uses it as scratch.
+        let workspace =
+            unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.map_err(|e| err("workspace", e))?;
+        Ok(Gemm {
+            handle,
+            stream,
+            workspace,
+            plans: HashMap::new(),
+        })
+    }
+
+    /// Number of distinct shapes planned so far.
+    pub fn plans(&self) -> usize {
+        self.plans.len()
+    }
+
+    fn plan<T: Act>(&mut self, shape: Shape) -> Result<&Plan> {
+        if !self.plans.contains_key(&shape) {
+            let p = self.make_plan::<T>(shape)?;
+            self.plans.insert(shape, p);
+        }
+        Ok(&self.plans[&shape])
+    }
+
+    fn make_plan<T: Act>(&self, s: Shape) -> Result<Plan> {
+        let (m, n, k) = (s.n_out as u64, s.tokens as u64, s.n_in as u64);
+        let desc = result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|e| err("matmul desc", e))?;
+        let set = |attr, ptr: *const c_void, size| {
+            // SAFETY: `ptr` points at a live value of `size` bytes of the attribute's type.
+            unsafe { result::set_matmul_desc_attribute(desc, attr, ptr, size) }
+                .map_err(|e| err("desc attribute", e))
+        };
+        // cublasOperation_t as a 32-bit int: 1 = transposed, 0 = not.
+        let (trans, no_trans) = (1i32, 0i32);
+        set(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+            (&trans as *const i32).cast(),
+            size_of::<i32>(),
+        )?;
+        set(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+            (&no_trans as *const i32).cast(),
+            size_of::<i32>(),
+        )?;
+        let epilogue = if s.bias {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
+        set(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            (&epilogue as *const sys::cublasLtEpilogue_t).cast(),
+            size_of::<sys::cublasLtEpilogue_t>(),
+        )?;
+        if s.bias {
+            // A valid (not yet real) pointer so the heuristic sees a bias epilogue; set per call.
+            let (p, _g) = self.workspace.device_ptr(&self.stream);
+            set(
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                (&p as *const u64).cast(),
+                size_of::<u64>(),
+            )?;
+        }
+        let layout = |rows, cols, ld| {
+            result::create_matrix_layout(T::BLAS_TYPE, rows, cols, ld).map_err(|e| err("layout", e))
+        };
+        let a = layout(k, m, k as i64)?; // W: column-major [in, out]
+        let b = layout(k, n, k as i64)?; // x: column-major [in, T]
+        let c = layout(m, n, m as i64)?; // y: column-major [out, T]
+        let pref = result::create_matmul_pref().map_err(|e| err("preference", e))?;
+        let ws = WORKSPACE_BYTES;
+        // SAFETY: pointer to a live usize, as the attribute expects.
+        unsafe {
+            result::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&ws as *const usize).cast(),
+                size_of::<usize>(),
+            )
+        }
+        .map_err(|e| err("preference attribute", e))?;
+        // SAFETY: all descriptors were created above and are alive.
+        let heuristic =
+            unsafe { result::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref) };
+        // SAFETY: created above, no longer needed.
+        let _ = unsafe { result::destroy_matmul_pref(pref) };
+        let heuristic = heuristic.map_err(|e| {
+            err(
+                &format!(
+                    "no algorithm for [{}×{}]·[{}×{}]ᵀ",
+                    s.tokens, s.n_in, s.n_out, s.n_in
+                ),
+                e,
+            )
+        })?;
+        Ok(Plan {
+            desc,
+            a,
+            b,
+            c,
+            algo: heuristic.algo,
+        })
+    }
+
+    /// y[T, out] = x[T, in]·Wᵀ (+ bias), W [out, in] row-major, all of type T.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear<T: Act>(
+        &mut self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        bias: Option<&CudaSlice<T>>,
+        y: &mut CudaSlice<T>,
+        tokens: usize,
+        n_in: usize,
+        n_out: usize,
+    ) -> Result<()> {
+        if x.len() < tokens * n_in
+            || w.len() != n_in * n_out
+            || y.len() < tokens * n_out
+            || bias.is_some_and(|b| b.len() != n_out)
+        {
+            return Err(Error::Cuda(format!(
+                "gemm: buffer sizes do not fit [{tokens}×{n_in}]·[{n_out}×{n_in}]ᵀ"
+            )));
+        }
+        let shape = Shape {
+            dtype: T::BLAS_TYPE as u32,
+            tokens,
+            n_in,
+            n_out,
+            bias: bias.is_some(),
+        };
+        let (handle, ws_len) = (self.handle, WORKSPACE_BYTES);
+        let stream = self.stream.clone();
+        let plan = self.plan::<T>(shape)?;
+        let (desc, la, lb, lc, algo) = (plan.desc, plan.a, plan.b, plan.c, plan.algo);
+        if let Some(b) = bias {
+            let (p, _g) = b.device_ptr(&stream);
+            // SAFETY: a live device pointer of n_out elements, as the epilogue reads.
+            unsafe {
+                result::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (&p as *const u64).cast(),
+                    size_of::<u64>(),
+                )
+            }
+            .map_err(|e| err("bias pointer", e))?;
+        }
+        let (alpha, beta) = (1f32, 0f32);
+        let (wp, _g1) = w.device_ptr(&stream);
+        let (xp, _g2) = x.device_ptr(&stream);
+        let (yp, _g3) = y.device_ptr_mut(&stream);
+        let (wsp, _g4) = self.workspace.device_ptr_mut(&stream);
+        // SAFETY: sizes checked above match the layouts of this plan; all pointers are live
+        // device allocations on `stream`'s context; C and D are the same buffer (beta = 0).
+        unsafe {
+            result::matmul(
+                handle,
+                desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                wp as *const c_void,
+                la,
+                xp as *const c_void,
+                lb,
+                yp as *const c_void,
+                lc,
+                yp as *mut c_void,
+                lc,
+                &algo,
+                wsp as *mut c_void,
+                ws_len,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| err("matmul", e))
+    }
+}
+
+impl Drop for Gemm {
+    fn drop(&mut self) {
+        // SAFETY: every object was created by this struct and is destroyed once.
+        unsafe {
+            for p in self.plans.values() {
+                let _ = result::destroy_matrix_layout(p.a);
+                let _ = result::destroy_matrix_layout(p.b);
+                let _ = result::destroy_matrix_layout(p.c);
+                let _ = result::destroy_matmul_desc(p.desc);
+            }
+            let _ = result::destroy_handle(self.handle);
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! The BLOOM forward on the GPU, over one packed batch, top to bottom — the same steps as
+//! `src/cpu/model.rs`, with the residual stream in f32 and everything else in T (f16/bf16).
+//!
+//! Glossary: T tokens in the packed batch, S sequences, H hidden, n heads, d head dim, L blocks,
+//! V embedding rows, F = 4H. All activation buffers are sized once for `max_tokens`; nothing is
+//! allocated in the forward.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+
+use crate::batch::PackedBatch;
+use crate::config::BloomConfig;
+use crate::cuda::gemm::Gemm;
+use crate::cuda::ops::{Act, Kernels};
+use crate::error::{Error, Result};
+use crate::weights::{Checkpoint, DType, TensorRef};
+
+fn err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Cuda(format!("{what}: {e:?}"))
+}
+
+/// What loading cost, for the operator (and `sgpt bench`).
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    pub device: String,
+    pub arch: String,
+    pub bytes: u64,
+    pub upload_seconds: f64,
+    pub compile_seconds: f64,
+    pub kernels_from_cache: usize,
+}
+
+impl LoadReport {
+    pub fn gb_per_s(&self) -> f64 {
+        self.bytes as f64 / self.upload_seconds.max(1e-9) / 1e9
+    }
+}
+
+/// Copies tensors from the memory map to the device in chunks through one pinned buffer,
+/// converting on the device when the stored dtype differs from the wanted one.
+struct Uploader<'k> {
+    stream: Arc<CudaStream>,
+    kernels: &'k Kernels,
+    pinned: cudarc::driver::PinnedHostSlice<u8>,
+    staging: CudaSlice<u8>,
+    bytes: u64,
+}
+
+const CHUNK_BYTES: usize = 64 << 20;
+
+fn type_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+    }
+}
+
+impl<'k> Uploader<'k> {
+    fn new(ctx: &Arc<CudaContext>, stream: Arc<CudaStream>, kernels: &'k Kernels) -> Result<Self> {
+        // SAFETY: host allocation of plain bytes; written before each read.
+        let pinned = unsafe { ctx.alloc_pinned::<u8>(CHUNK_BYTES) }
+            .map_err(|e| err("pinned staging buffer", e))?;
+        // SAFETY: device scratch, written before each read.
+        let staging = unsafe { stream.alloc::<u8>(CHUNK_BYTES) }
+            .map_err(|e| err("device staging buffer", e))?;
+        Ok(Uploader {
+            stream,
+            kernels,
+            pinned,
+            staging,
+            bytes: 0,
+        })
+    }
+
+    /// `t` as a device buffer of `D` (named `dst`: "f32", "f16" or "bf16").
+    fn upload<D: DeviceRepr + ValidAsZeroBits>(
+        &mut self,
+        t: &TensorRef,
+        dst: &str,
+    ) -> Result<CudaSlice<D>> {
+        let n = t.numel();
+        let (src, src_size, dst_size) =
+            (type_name(t.dtype), t.dtype.size(), std::mem::size_of::<D>());
+        let mut out = self
+            .stream
+            .alloc_zeros::<D>(n.max(1))
+            .map_err(|e| err(&t.name, e))?;
+        let bytes = t.bytes();
+        let per_chunk = CHUNK_BYTES / src_size;
+        for start in (0..n).step_by(per_chunk.max(1)) {
+            let count = per_chunk.min(n - start);
+            let chunk = &bytes[start * src_size..(start + count) * src_size];
+            let host = self
+                .pinned
+                .as_mut_slice()
+                .map_err(|e| err("pinned buffer", e))?;
+            host[..chunk.len()].copy_from_slice(chunk);
+            let host = &self
+                .pinned
+                .as_slice()
+                .map_err(|e| err("pinned buffer", e))?[..chunk.len()];
+            // SAFETY: `out` holds n elements of D = n·dst_size bytes; we view them as bytes.
+            let mut out_bytes = unsafe { out.transmute_mut::<u8>(n * dst_size) }
+                .ok_or_else(|| Error::Cuda("byte view".into()))?;
+            let mut dst_range = out_bytes.slice_mut(start * dst_size..(start + count) * dst_size);
+            if src == dst {
+                // Copies from a host slice synchronize the stream when done, so the pinned
+                // buffer can be refilled on the next iteration.
+                self.stream
+                    .memcpy_htod(host, &mut dst_range)
+                    .map_err(|e| err(&t.name, e))?;
+            } else {
+                let mut stage = self.staging.slice_mut(..chunk.len());
+                self.stream
+                    .memcpy_htod(host, &mut stage)
+                    .map_err(|e| err(&t.name, e))?;
+                let stage = self.staging.slice(..chunk.len());
+                self.kernels
+                    .convert(&self.stream, &stage, src, &mut dst_range, dst, count)?;
+            }
+        }
+        self.bytes += bytes.len() as u64;
+        Ok(out)
+    }
+}
+
+struct Norm {
+    w: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+}
+
+struct Block<T> {
+    ln1: Norm,
+    qkv_w: CudaSlice<T>, // [3H, H], rows interleaved per head
+    qkv_b: CudaSlice<T>,
+    dense_w: CudaSlice<T>, // [H, H]
+    dense_b: CudaSlice<T>,
+    ln2: Norm,
+    fc1_w: CudaSlice<T>,   // [F, H]
+    fc1_b: CudaSlice<f32>, // added in bias_gelu
+    fc2_w: CudaSlice<T>,   // [H, F]
+    fc2_b: CudaSlice<T>,
+}
+
+/// Activation buffers and the GEMM plans: the mutable state of a forward.
+struct State<T> {
+    gemm: Gemm,
+    ids: CudaSlice<u32>, // [T]
+    cu: CudaSlice<i32>,  // [S+1]
+    x: CudaSlice<f32>,   // [T, H] residual stream
+    a: CudaSlice<T>,     // [T, H] layernorm output
+    qkv: CudaSlice<T>,   // [T, 3H]
+    ctx: CudaSlice<T>,   // [T, H]
+    y: CudaSlice<T>,     // [T, H] projection outputs
+    m: CudaSlice<T>,     // [T, F]
+    out: CudaSlice<f32>, // [S, H]
+}
+
+pub struct CudaModel<T: Act> {
+    pub cfg: BloomConfig,
+    pub report: LoadReport,
+    pub max_tokens: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+    emb: CudaSlice<T>, // [V, H]
+    emb_ln: Norm,
+    blocks: Vec<Block<T>>,
+    ln_f: Norm,
+    state: Mutex<State<T>>,
+}
+
+impl<T: Act> CudaModel<T> {
+    /// Compiles the kernels, uploads every weight (checking shapes against `cfg`) and sizes
+    /// the activation buffers for batches of up to `max_tokens` tokens.
+    pub fn load(
+        ctx: Arc<CudaContext>,
+        ckpt: &Checkpoint,
+        cfg: &BloomConfig,
+        max_tokens: usize,
+    ) -> Result<Self> {
+        let stream = ctx.default_stream();
+        let device = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let t0 = Instant::now();
+        let kernels = Kernels::load(&ctx, crate::cuda::nvrtc::default_cache_dir().as_deref())?;
+        let compile_seconds = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let (h, f, dt) = (cfg.hidden, 4 * cfg.hidden, T::SUFFIX);
+        let mut up = Uploader::new(&ctx, stream.clone(), &kernels)?;
+        let norm = |up: &mut Uploader, p: &str| -> Result<Norm> {
+            Ok(Norm {
+                w: up.upload(&ckpt.get_shaped(&format!("{p}.weight"), &[h])?, "f32")?,
+                b: up.upload(&ckpt.get_shaped(&format!("{p}.bias"), &[h])?, "f32")?,
+            })
+        };
+        let mat = |up: &mut Uploader, name: String, shape: &[usize]| -> Result<CudaSlice<T>> {
+            up.upload(&ckpt.get_shaped(&name, shape)?, dt)
+        };
+        let emb = mat(&mut up, "word_embeddings.weight".into(), &[cfg.vocab, h])?;
+        let emb_ln = norm(&mut up, "word_embeddings_layernorm")?;
+        let mut blocks = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let p = format!("h.{i}");
+            blocks.push(Block {
+                ln1: norm(&mut up, &format!("{p}.input_layernorm"))?,
+                qkv_w: mat(
+                    &mut up,
+                    format!("{p}.self_attention.query_key_value.weight"),
+                    &[3 * h, h],
+                )?,
+                qkv_b: mat(
+                    &mut up,
+                    format!("{p}.self_attention.query_key_value.bias"),
+                    &[3 * h],
+                )?,
+                dense_w: mat(&mut up, format!("{p}.self_attention.dense.weight"), &[h, h])?,
+                dense_b: mat(&mut up, format!("{p}.self_attention.dense.bias"), &[h])?,
+                ln2: norm(&mut up, &format!("{p}.post_attention_layernorm"))?,
+                fc1_w: mat(&mut up, format!("{p}.mlp.dense_h_to_4h.weight"), &[f, h])?,
+                fc1_b: up.upload(
+                    &ckpt.get_shaped(&format!("{p}.mlp.dense_h_to_4h.bias"), &[f])?,
+                    "f32",
+                )?,
+                fc2_w: mat(&mut up, format!("{p}.mlp.dense_4h_to_h.weight"), &[h, f])?,
+                fc2_b: mat(&mut up, format!("{p}.mlp.dense_4h_to_h.bias"), &[h])?,
+            });
+        }
+        let ln_f = norm(&mut up, "ln_f")?;
+        stream.synchronize().map_err(|e| err("upload", e))?;
+        let bytes = up.bytes;
+        drop(up);
+        let upload_seconds = t1.elapsed().as_secs_f64();
+
+        let tmax = max_tokens.max(1);
+        let z = |n: usize| {
+            stream
+                .alloc_zeros::<T>(n)
+                .map_err(|e| err("activation buffer", e))
+        };
+        let z32 = |n: usize| {
+            stream
+                .alloc_zeros::<f32>(n)
+                .map_err(|e| err("activation buffer", e))
+        };
+        let state = State {
+            gemm: Gemm::new(stream.clone())?,
+            ids: stream
+                .alloc_zeros::<u32>(tmax)
+                .map_err(|e| err("ids buffer", e))?,
+            cu: stream
+                .alloc_zeros::<i32>(tmax + 1)
+                .map_err(|e| err("cu_seqlens buffer", e))?,
+            x: z32(tmax * h)?,
+            a: z(tmax * h)?,
+            qkv: z(tmax * 3 * h)?,
+            ctx: z(tmax * h)?,
+            y: z(tmax * h)?,
+            m: z(tmax * f)?,
+            out: z32(tmax * h)?,
+        };
+        Ok(CudaModel {
+            cfg: cfg.clone(),
+            report: LoadReport {
+                device,
+                arch: kernels.arch.clone(),
+                bytes,
+                upload_seconds,
+                compile_seconds,
+                kernels_from_cache: kernels.cached,
+            },
+            max_tokens: tmax,
+            ctx,
+            stream,
+            kernels,
+            emb,
+            emb_ln,
+            blocks,
+            ln_f,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// Embeddings [S, H] of a packed batch (`normalize`: unit length, in the pooling kernel).
+    pub fn forward(&self, batch: &PackedBatch, normalize: bool) -> Result<Vec<f32>> {
+        batch.validate(self.cfg.vocab)?;
+        let (t, s_count) = (batch.num_tokens(), batch.num_seqs());
+        if t > self.max_tokens {
+            return Err(Error::Input(format!(
+                "batch of {t} tokens exceeds the {} the GPU buffers were sized for",
+                self.max_tokens
+            )));
+        }
+        let (h, f, n, d, eps) = (
+            self.cfg.hidden,
+            4 * self.cfg.hidden,
+            self.cfg.heads,
+            self.cfg.head_dim(),
+            self.cfg.eps,
+        );
+        let (k, s) = (&self.kernels, &self.stream);
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| err("bind context", e))?;
+        let mut guard = self
+            .state
+            .lock()
+            .map_err(|_| Error::Cuda("a previous forward panicked".into()))?;
+        let st = &mut *guard;
+        let cu: Vec<i32> = batch.cu_seqlens.iter().map(|&c| c as i32).collect();
+        s.memcpy_htod(&batch.ids, &mut st.ids.slice_mut(..t))
+            .map_err(|e| err("ids upload", e))?;
+        s.memcpy_htod(&cu, &mut st.cu.slice_mut(..s_count + 1))
+            .map_err(|e| err("cu_seqlens upload", e))?;
+
+        k.embedding_layernorm(
+            s,
+            &st.ids,
+            &self.emb,
+            &self.emb_ln.w,
+            &self.emb_ln.b,
+            &mut st.x,
+            t,
+            h,
+            eps,
+        )?; // x [T, H]
+        let first = &self.blocks[0].ln1;
+        k.add_layernorm::<T>(s, &mut st.x, None, &first.w, &first.b, &mut st.a, t, h, eps)?; // a = LN1(x)
+        for (l, blk) in self.blocks.iter().enumerate() {
+            st.gemm.linear(
+                &st.a,
+                &blk.qkv_w,
+                Some(&blk.qkv_b),
+                &mut st.qkv,
+                t,
+                h,
+                3 * h,
+            )?; // [T, 3H]
+            k.alibi_attention(s, &st.qkv, &st.cu, s_count, &mut st.ctx, t, n, d)?; // [T, H]
+            st.gemm.linear(
+                &st.ctx,
+                &blk.dense_w,
+                Some(&blk.dense_b),
+                &mut st.y,
+                t,
+                h,
+                h,
+            )?; // [T, H]
+            k.add_layernorm(
+                s,
+                &mut st.x,
+                Some(&st.y),
+                &blk.ln2.w,
+                &blk.ln2.b,
+                &mut st.a,
+                t,
+                h,
+                eps,
+            )?; // x += y; a = LN2(x)
+            st.gemm
+                .linear(&st.a, &blk.fc1_w, None, &mut st.m, t, h, f)?; // [T, F]
+            k.bias_gelu(s, &mut st.m, &blk.fc1_b, t)?; // m = gelu(m + b1)
+            st.gemm
+                .linear(&st.m, &blk.fc2_w, Some(&blk.fc2_b), &mut st.y, t, f, h)?; // [T, H]
+            if let Some(next) = self.blocks.get(l + 1) {
+                k.add_layernorm(
+                    s,
+                    &mut st.x,
+                    Some(&st.y),
+                    &next.ln1.w,
+                    &next.ln1.b,
+                    &mut st.a,
+                    t,
+                    h,
+                    eps,
+                )?; // x += y; a = LN1'(x)
+            }
+        }
+        // x + y of the last block, LN_f, weighted mean: [S, H]
+        let y_last = if self.blocks.is_empty() {
+            None
+        } else {
+            Some(&st.y)
+        };
+        k.final_norm_pool(
+            s,
+            &st.x,
+            y_last,
+            &self.ln_f.w,
+            &self.ln_f.b,
+            &st.cu,
+            s_count,
+            t,
+            &mut st.out,
+            h,
+            eps,
+            normalize,
+        )?;
+        let mut host = vec![0f32; s_count * h];
+        s.memcpy_dtoh(&st.out.slice(..s_count * h), &mut host)
+            .map_err(|e| err("embeddings download", e))?;
+        Ok(host)
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.report.device
+    }
+}
+
+impl<T: Act> crate::model::Backend for CudaModel<T> {
+    fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
+        self.forward(batch, false)
+    }
+    fn describe(&self) -> String {
+        format!(
+            "cuda ({}, {}, {})",
+            self.report.device,
+            self.report.arch,
+            T::SUFFIX
+        )
+    }
+}

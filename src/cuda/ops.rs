@@ -1,0 +1,382 @@
+//! One typed launcher per kernel in `kernels/`. Only this file builds `LaunchConfig`s and pushes
+//! kernel arguments; each launcher checks its preconditions and pushes the arguments in the
+//! order of the `extern "C"` signature quoted above it (cudarc cannot check order or types).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::cuda::kernels::KERNELS;
+use crate::cuda::nvrtc;
+use crate::error::{Error, Result};
+
+/// Activation element types: the kernels' `T`.
+pub trait Act:
+    cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Send + Sync + 'static
+{
+    /// Suffix of the kernel names (`_f16`, `_bf16`).
+    const SUFFIX: &'static str;
+    const BLAS_TYPE: cudarc::cublaslt::sys::cudaDataType;
+}
+
+impl Act for half::f16 {
+    const SUFFIX: &'static str = "f16";
+    const BLAS_TYPE: cudarc::cublaslt::sys::cudaDataType =
+        cudarc::cublaslt::sys::cudaDataType::CUDA_R_16F;
+}
+
+impl Act for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const BLAS_TYPE: cudarc::cublaslt::sys::cudaDataType =
+        cudarc::cublaslt::sys::cudaDataType::CUDA_R_16BF;
+}
+
+/// Threads per block of the row kernels (a multiple of 32; block_sum relies on it).
+const ROW_THREADS: u32 = 256;
+/// Warps per block of the attention kernel (one warp per query token).
+const ATTN_WARPS: u32 = 4;
+/// Default dynamic shared memory limit without opting in.
+const SMEM_LIMIT: usize = 48 * 1024;
+
+fn err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Cuda(format!("{what}: {e:?}"))
+}
+
+fn grid_stride(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(ROW_THREADS as usize).clamp(1, 65535 * 4) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::Cuda(msg()))
+    }
+}
+
+/// Every kernel function, loaded once at start-up.
+pub struct Kernels {
+    funcs: HashMap<&'static str, CudaFunction>,
+    pub arch: String,
+    /// Files served from the on-disk cache rather than compiled.
+    pub cached: usize,
+}
+
+impl Kernels {
+    /// Compiles (or loads from `cache_dir`) every kernel for the device's architecture.
+    pub fn load(ctx: &Arc<CudaContext>, cache_dir: Option<&Path>) -> Result<Self> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| err("compute capability", e))?;
+        let arch = format!("sm_{major}{minor}");
+        let mut funcs = HashMap::new();
+        let mut cached = 0;
+        for k in KERNELS {
+            let c = nvrtc::compile(k, &arch, cache_dir)?;
+            cached += c.from_cache as usize;
+            let module = ctx
+                .load_module(Ptx::from_binary(c.cubin))
+                .map_err(|e| err(k.file, e))?;
+            for &f in k.functions {
+                funcs.insert(f, module.load_function(f).map_err(|e| err(f, e))?);
+            }
+        }
+        Ok(Kernels {
+            funcs,
+            arch,
+            cached,
+        })
+    }
+
+    fn get(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| Error::Cuda(format!("kernel {name} not loaded")))
+    }
+
+    /// `embedding_layernorm_<T>(const u32* ids, const T* emb, const float* w, const float* b,
+    ///  float* x, int H, float eps)` — x[T, H] = LN(emb[ids]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding_layernorm<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        ids: &CudaSlice<u32>,
+        emb: &CudaSlice<T>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        tokens: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check(
+            tokens > 0 && ids.len() >= tokens && x.len() >= tokens * h,
+            || "embedding_layernorm: buffers too small".into(),
+        )?;
+        check(
+            w.len() == h && b.len() == h && emb.len().is_multiple_of(h),
+            || "embedding_layernorm: bad weight sizes".into(),
+        )?;
+        check(h * 4 <= SMEM_LIMIT, || {
+            format!("hidden size {h} exceeds the row kernels' shared memory")
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: (h * 4) as u32,
+        };
+        let (hi, f) = (
+            h as i32,
+            self.get(&format!("embedding_layernorm_{}", T::SUFFIX))?,
+        );
+        // SAFETY: sizes checked above (ids < V is checked on the host by PackedBatch::validate);
+        // arguments in the order of the signature.
+        unsafe {
+            s.launch_builder(f)
+                .arg(ids)
+                .arg(emb)
+                .arg(w)
+                .arg(b)
+                .arg(x)
+                .arg(&hi)
+                .arg(&eps)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(|e| err("embedding_layernorm", e))
+    }
+
+    /// `add_layernorm_<T>(float* x, const T* y, const float* w, const float* b, T* a, int H,
+    ///  float eps)` — x += y (if y), a = LN(x); rows = tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_layernorm<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        x: &mut CudaSlice<f32>,
+        y: Option<&CudaSlice<T>>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        a: &mut CudaSlice<T>,
+        tokens: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let n = tokens * h;
+        check(
+            tokens > 0 && x.len() >= n && a.len() >= n && y.is_none_or(|y| y.len() >= n),
+            || "add_layernorm: buffers too small".into(),
+        )?;
+        check(w.len() == h && b.len() == h, || {
+            "add_layernorm: bad weight sizes".into()
+        })?;
+        check(h * 4 <= SMEM_LIMIT, || {
+            format!("hidden size {h} exceeds the row kernels' shared memory")
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: (h * 4) as u32,
+        };
+        let (hi, f) = (h as i32, self.get(&format!("add_layernorm_{}", T::SUFFIX))?);
+        let null: u64 = 0;
+        let mut lb = s.launch_builder(f);
+        lb.arg(x);
+        match y {
+            Some(y) => lb.arg(y),
+            None => lb.arg(&null), // a null `const T*`: the kernel skips the add
+        };
+        // SAFETY: sizes checked above; argument order as in the signature.
+        unsafe { lb.arg(w).arg(b).arg(a).arg(&hi).arg(&eps).launch(cfg) }
+            .map(drop)
+            .map_err(|e| err("add_layernorm", e))
+    }
+
+    /// `alibi_attention_<T>(const T* qkv, const int* cu_seqlens, int S, T* ctx, int tokens,
+    ///  int heads, int d)` — causal ALiBi attention over packed sequences.
+    #[allow(clippy::too_many_arguments)]
+    pub fn alibi_attention<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        qkv: &CudaSlice<T>,
+        cu_seqlens: &CudaSlice<i32>,
+        seqs: usize,
+        ctx: &mut CudaSlice<T>,
+        tokens: usize,
+        heads: usize,
+        d: usize,
+    ) -> Result<()> {
+        let h = heads * d;
+        check(tokens > 0 && seqs > 0 && cu_seqlens.len() > seqs, || {
+            "alibi_attention: empty batch or short cu_seqlens".into()
+        })?;
+        check(
+            qkv.len() >= tokens * 3 * h && ctx.len() >= tokens * h,
+            || "alibi_attention: buffers too small".into(),
+        )?;
+        check(d <= 128 && heads <= 65535, || {
+            format!("alibi_attention: head dim {d} > 128 or {heads} heads")
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: ((tokens as u32).div_ceil(ATTN_WARPS), heads as u32, 1),
+            block_dim: (32 * ATTN_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (si, ti, ni, di) = (seqs as i32, tokens as i32, heads as i32, d as i32);
+        let f = self.get(&format!("alibi_attention_{}", T::SUFFIX))?;
+        // SAFETY: sizes checked; cu_seqlens[0..=S] is consistent (PackedBatch::validate).
+        unsafe {
+            s.launch_builder(f)
+                .arg(qkv)
+                .arg(cu_seqlens)
+                .arg(&si)
+                .arg(ctx)
+                .arg(&ti)
+                .arg(&ni)
+                .arg(&di)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(|e| err("alibi_attention", e))
+    }
+
+    /// `bias_gelu_<T>(T* m, const float* b, long n, int F)` — m = gelu(m + b) over [tokens, F].
+    pub fn bias_gelu<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        m: &mut CudaSlice<T>,
+        b: &CudaSlice<f32>,
+        tokens: usize,
+    ) -> Result<()> {
+        let f_dim = b.len();
+        let n = tokens * f_dim;
+        check(n > 0 && m.len() >= n, || {
+            "bias_gelu: buffer too small".into()
+        })?;
+        let (ni, fi) = (n as i64, f_dim as i32);
+        let f = self.get(&format!("bias_gelu_{}", T::SUFFIX))?;
+        // SAFETY: n elements of m exist; b has F elements; order as in the signature.
+        unsafe {
+            s.launch_builder(f)
+                .arg(m)
+                .arg(b)
+                .arg(&ni)
+                .arg(&fi)
+                .launch(grid_stride(n))
+        }
+        .map(drop)
+        .map_err(|e| err("bias_gelu", e))
+    }
+
+    /// `final_norm_pool_<T>(const float* x, const T* y, const float* w, const float* b,
+    ///  const int* cu_seqlens, float* out, int H, float eps, int normalize)` — out[S, H].
+    #[allow(clippy::too_many_arguments)]
+    pub fn final_norm_pool<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        x: &CudaSlice<f32>,
+        y: Option<&CudaSlice<T>>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        cu_seqlens: &CudaSlice<i32>,
+        seqs: usize,
+        tokens: usize,
+        out: &mut CudaSlice<f32>,
+        h: usize,
+        eps: f32,
+        normalize: bool,
+    ) -> Result<()> {
+        check(
+            seqs > 0 && cu_seqlens.len() > seqs && out.len() >= seqs * h,
+            || "final_norm_pool: buffers too small".into(),
+        )?;
+        check(
+            x.len() >= tokens * h && y.is_none_or(|y| y.len() >= tokens * h),
+            || "final_norm_pool: inputs too small".into(),
+        )?;
+        check(w.len() == h && b.len() == h, || {
+            "final_norm_pool: bad weight sizes".into()
+        })?;
+        check(2 * h * 4 <= SMEM_LIMIT, || {
+            format!("hidden size {h} exceeds the pooling kernel's shared memory")
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: (seqs as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: (2 * h * 4) as u32,
+        };
+        let (hi, ni) = (h as i32, normalize as i32);
+        let null: u64 = 0;
+        let f = self.get(&format!("final_norm_pool_{}", T::SUFFIX))?;
+        let mut lb = s.launch_builder(f);
+        lb.arg(x);
+        match y {
+            Some(y) => lb.arg(y),
+            None => lb.arg(&null),
+        };
+        // SAFETY: sizes checked; order as in the signature.
+        unsafe {
+            lb.arg(w)
+                .arg(b)
+                .arg(cu_seqlens)
+                .arg(out)
+                .arg(&hi)
+                .arg(&eps)
+                .arg(&ni)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(|e| err("final_norm_pool", e))
+    }
+
+    /// `convert_<src>_<dst>(const S* src, D* dst, long n)` — element type conversion of `n`
+    /// elements; `src_name`/`dst_name` ∈ {f32, f16, bf16}, different.
+    pub fn convert<S, D>(
+        &self,
+        s: &Arc<CudaStream>,
+        src: &S,
+        src_name: &str,
+        dst: &mut D,
+        dst_name: &str,
+        n: usize,
+    ) -> Result<()>
+    where
+        S: DevicePtr<u8>,
+        D: DevicePtrMut<u8>,
+    {
+        let size = |t: &str| if t == "f32" { 4 } else { 2 };
+        check(src_name != dst_name, || "convert: same type".into())?;
+        check(
+            src.len() >= n * size(src_name) && dst.len() >= n * size(dst_name),
+            || "convert: buffers too small".into(),
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        let ni = n as i64;
+        let f = self.get(&format!("convert_{src_name}_{dst_name}"))?;
+        // SAFETY: both buffers hold n elements of their types (checked in bytes); order as in
+        // the signature. Raw byte buffers are passed as the typed pointers the kernel expects.
+        let (sp, _g1) = src.device_ptr(s);
+        let (dp, _g2) = dst.device_ptr_mut(s);
+        unsafe {
+            s.launch_builder(f)
+                .arg(&sp)
+                .arg(&dp)
+                .arg(&ni)
+                .launch(grid_stride(n))
+        }
+        .map(drop)
+        .map_err(|e| err("convert", e))
+    }
+}
