@@ -23,18 +23,33 @@ pub trait Act:
     /// Suffix of the kernel names (`_f16`, `_bf16`).
     const SUFFIX: &'static str;
     const BLAS_TYPE: cudarc::cublaslt::sys::cudaDataType;
+    /// Host-side conversions (tests, small host uploads).
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
 }
 
 impl Act for half::f16 {
     const SUFFIX: &'static str = "f16";
     const BLAS_TYPE: cudarc::cublaslt::sys::cudaDataType =
         cudarc::cublaslt::sys::cudaDataType::CUDA_R_16F;
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
 }
 
 impl Act for half::bf16 {
     const SUFFIX: &'static str = "bf16";
     const BLAS_TYPE: cudarc::cublaslt::sys::cudaDataType =
         cudarc::cublaslt::sys::cudaDataType::CUDA_R_16BF;
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
 }
 
 /// Threads per block of the row kernels (a multiple of 32; block_sum relies on it).

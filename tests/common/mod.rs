@@ -3,8 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+/// The repository root: `$SGPT_REPO_ROOT` when set (test binaries carried to a GPU machine run
+/// from another checkout), else where the tests were compiled.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("SGPT_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 pub fn tiny_model() -> PathBuf {

@@ -1,0 +1,463 @@
+//! GPU tests: each kernel against its CPU twin on fresh seeded random inputs (edge shapes
+//! included), cuBLASLt GEMMs against the CPU GEMM, the GPU forward against the CPU forward and
+//! the reference fixtures, and batch invariance on the GPU. Without a usable GPU every test
+//! prints one line and passes; the device script sets SGPT_REQUIRE_GPU=1 so a missing GPU fails.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{assert_close, cosine, load_golden};
+use cudarc::driver::{CudaSlice, CudaStream};
+use sgpt::batch::PackedBatch;
+use sgpt::cpu;
+use sgpt::cuda::device::{unavailable_reason, GpuDtype};
+use sgpt::cuda::gemm::Gemm;
+use sgpt::cuda::ops::{Act, Kernels};
+use sgpt::model::{Device, Embedder, EngineOptions, ModelDir};
+
+struct Gpu {
+    s: Arc<CudaStream>,
+    k: Kernels,
+}
+
+fn gpu() -> Option<Gpu> {
+    if let Some(why) = unavailable_reason(0) {
+        assert!(
+            std::env::var("SGPT_REQUIRE_GPU").as_deref() != Ok("1"),
+            "SGPT_REQUIRE_GPU=1 but {why}"
+        );
+        eprintln!("skipped: no GPU ({why})");
+        return None;
+    }
+    let ctx = sgpt::cuda::device::open(0).unwrap();
+    let k = Kernels::load(&ctx, None).unwrap();
+    Some(Gpu {
+        s: ctx.default_stream(),
+        k,
+    })
+}
+
+/// Seeded uniform values in [-scale, scale); never zeros.
+fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// Values rounded through T, as the GPU sees them.
+fn round<T: Act>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
+}
+
+fn up<T: Act>(g: &Gpu, v: &[f32]) -> CudaSlice<T> {
+    g.s.clone_htod(&v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>())
+        .unwrap()
+}
+
+fn up32(g: &Gpu, v: &[f32]) -> CudaSlice<f32> {
+    g.s.clone_htod(v).unwrap()
+}
+
+fn down<T: Act>(g: &Gpu, d: &CudaSlice<T>) -> Vec<f32> {
+    g.s.clone_dtoh(d)
+        .unwrap()
+        .into_iter()
+        .map(|v: T| v.to_f32())
+        .collect()
+}
+
+/// Poisoned output buffer: NaN everywhere, so an element the kernel forgot shows up.
+fn poison<T: Act>(g: &Gpu, n: usize) -> CudaSlice<T> {
+    up::<T>(g, &vec![f32::NAN; n])
+}
+
+/// Tolerances for outputs rounded to T once (inputs already rounded identically on both
+/// sides): a few units in the last place of O(1) values. f16 has 11 significant bits
+/// (2^-11 ≈ 4.9e-4), bf16 8 (2^-8 ≈ 3.9e-3).
+fn tol<T: Act>() -> f32 {
+    if T::SUFFIX == "f16" {
+        2e-3
+    } else {
+        1.6e-2
+    }
+}
+
+fn layernorm_kernels<T: Act>(g: &Gpu) {
+    let eps = 1e-5;
+    for (rows, h) in [
+        (1usize, 33usize),
+        (7, 132),
+        (300, 260),
+        (33, 1025),
+        (5, 4096),
+    ] {
+        let label = format!("{} rows {rows} H {h}", T::SUFFIX);
+        let x = rand(rows * h, 1 + h as u64, 3.0);
+        let y = round::<T>(&rand(rows * h, 2 + h as u64, 1.0));
+        let w = rand(h, 3, 1.0)
+            .iter()
+            .map(|v| 1.0 + 0.3 * v)
+            .collect::<Vec<_>>();
+        let b = rand(h, 4, 0.2);
+        // add_layernorm: x += y; a = LN(x)
+        let mut dx = up32(g, &x);
+        let dy = up::<T>(g, &y);
+        let mut da = poison::<T>(g, rows * h);
+        g.k.add_layernorm(
+            &g.s,
+            &mut dx,
+            Some(&dy),
+            &up32(g, &w),
+            &up32(g, &b),
+            &mut da,
+            rows,
+            h,
+            eps,
+        )
+        .unwrap();
+        let xy: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+        let mut want = vec![0f32; rows * h];
+        cpu::layernorm::layernorm(&xy, &w, &b, eps, &mut want);
+        assert_close(
+            &format!("add_layernorm x {label}"),
+            &g.s.clone_dtoh(&dx).unwrap(),
+            &xy,
+            1e-6,
+            1e-6,
+        );
+        assert_close(
+            &format!("add_layernorm a {label}"),
+            &down(g, &da),
+            &want,
+            tol::<T>(),
+            tol::<T>(),
+        );
+        // no residual: a = LN(x)
+        let mut dx = up32(g, &x);
+        g.k.add_layernorm::<T>(
+            &g.s,
+            &mut dx,
+            None,
+            &up32(g, &w),
+            &up32(g, &b),
+            &mut da,
+            rows,
+            h,
+            eps,
+        )
+        .unwrap();
+        cpu::layernorm::layernorm(&x, &w, &b, eps, &mut want);
+        assert_close(
+            &format!("layernorm a {label}"),
+            &down(g, &da),
+            &want,
+            tol::<T>(),
+            tol::<T>(),
+        );
+        // embedding gather + layernorm
+        let vocab = 50;
+        let emb = round::<T>(&rand(vocab * h, 5, 2.0));
+        let ids: Vec<u32> = (0..rows as u32)
+            .map(|i| (i * 7 + 3) % vocab as u32)
+            .collect();
+        let mut dx = up32(g, &vec![f32::NAN; rows * h]);
+        g.k.embedding_layernorm(
+            &g.s,
+            &g.s.clone_htod(&ids).unwrap(),
+            &up::<T>(g, &emb),
+            &up32(g, &w),
+            &up32(g, &b),
+            &mut dx,
+            rows,
+            h,
+            eps,
+        )
+        .unwrap();
+        let gathered: Vec<f32> = ids
+            .iter()
+            .flat_map(|&i| emb[i as usize * h..(i as usize + 1) * h].to_vec())
+            .collect();
+        cpu::layernorm::layernorm(&gathered, &w, &b, eps, &mut want);
+        assert_close(
+            &format!("embedding_layernorm {label}"),
+            &g.s.clone_dtoh(&dx).unwrap(),
+            &want,
+            1e-4,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn layernorms_match_cpu() {
+    let Some(g) = gpu() else { return };
+    layernorm_kernels::<half::f16>(&g);
+    layernorm_kernels::<half::bf16>(&g);
+}
+
+fn attention<T: Act>(g: &Gpu) {
+    // ragged batches with sequences of length 1 and across warp/tile edges
+    let cases: [(&[usize], usize, usize); 5] = [
+        (&[1], 16, 64),
+        (&[1, 33, 2, 300], 16, 64),
+        (&[299, 5, 1, 64], 32, 128),
+        (&[17, 130], 32, 80),
+        (&[1, 40, 65], 112, 128),
+    ];
+    for (lens, heads, d) in cases {
+        let mut cu = vec![0usize];
+        for l in lens {
+            cu.push(cu.last().unwrap() + l);
+        }
+        let t = *cu.last().unwrap();
+        let h = heads * d;
+        let label = format!("{} lens {lens:?} heads {heads} d {d}", T::SUFFIX);
+        let qkv = round::<T>(&rand(t * 3 * h, t as u64 + heads as u64, 2.0));
+        let mut want = vec![0f32; t * h];
+        cpu::attention::alibi_attention(
+            &qkv,
+            &cu,
+            heads,
+            &cpu::attention::alibi_slopes(heads),
+            &mut want,
+        );
+        let cu32: Vec<i32> = cu.iter().map(|&c| c as i32).collect();
+        let mut out = poison::<T>(g, t * h);
+        g.k.alibi_attention(
+            &g.s,
+            &up::<T>(g, &qkv),
+            &g.s.clone_htod(&cu32).unwrap(),
+            lens.len(),
+            &mut out,
+            t,
+            heads,
+            d,
+        )
+        .unwrap();
+        assert_close(
+            &format!("alibi_attention {label}"),
+            &down(g, &out),
+            &want,
+            tol::<T>(),
+            tol::<T>(),
+        );
+    }
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    attention::<half::f16>(&g);
+    attention::<half::bf16>(&g);
+}
+
+fn gelu_and_pool<T: Act>(g: &Gpu) {
+    let (t, f) = (33, 4 * 260);
+    let m = round::<T>(&rand(t * f, 9, 4.0));
+    let b = rand(f, 10, 0.5);
+    let mut dm = up::<T>(g, &m);
+    g.k.bias_gelu(&g.s, &mut dm, &up32(g, &b), t).unwrap();
+    let want: Vec<f32> = m
+        .iter()
+        .enumerate()
+        .map(|(i, v)| cpu::gelu::gelu(v + b[i % f]))
+        .collect();
+    assert_close(
+        &format!("bias_gelu {}", T::SUFFIX),
+        &down(g, &dm),
+        &want,
+        tol::<T>(),
+        tol::<T>(),
+    );
+
+    for h in [64usize, 1025, 4096] {
+        let cu = [0usize, 1, 34, 36, 336];
+        let t = cu[4];
+        let x = rand(t * h, 11, 3.0);
+        let y = round::<T>(&rand(t * h, 12, 1.0));
+        let w: Vec<f32> = rand(h, 13, 1.0).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let b = rand(h, 14, 0.2);
+        let xy: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+        let mut normed = vec![0f32; t * h];
+        cpu::layernorm::layernorm(&xy, &w, &b, 1e-5, &mut normed);
+        let mut want = vec![0f32; 4 * h];
+        cpu::pooling::weighted_mean_pool(&normed, &cu, &mut want);
+        let cu32: Vec<i32> = cu.iter().map(|&c| c as i32).collect();
+        for normalize in [false, true] {
+            let mut out = up32(g, &vec![f32::NAN; 4 * h]);
+            g.k.final_norm_pool(
+                &g.s,
+                &up32(g, &x),
+                Some(&up::<T>(g, &y)),
+                &up32(g, &w),
+                &up32(g, &b),
+                &g.s.clone_htod(&cu32).unwrap(),
+                4,
+                t,
+                &mut out,
+                h,
+                1e-5,
+                normalize,
+            )
+            .unwrap();
+            let mut want = want.clone();
+            if normalize {
+                cpu::pooling::l2_normalize(&mut want, h);
+            }
+            // all f32 on the device: only summation order differs
+            assert_close(
+                &format!("final_norm_pool {} H {h} normalize {normalize}", T::SUFFIX),
+                &g.s.clone_dtoh(&out).unwrap(),
+                &want,
+                1e-4,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn gelu_and_pooling_match_cpu() {
+    let Some(g) = gpu() else { return };
+    gelu_and_pool::<half::f16>(&g);
+    gelu_and_pool::<half::bf16>(&g);
+}
+
+#[test]
+fn conversion_rounds_like_the_half_crate() {
+    let Some(g) = gpu() else { return };
+    let v = rand(100_003, 21, 70_000.0); // overflows f16 beyond 65504: both sides give inf
+    let src: CudaSlice<f32> = up32(&g, &v);
+    let src_bytes = unsafe { src.transmute::<u8>(v.len() * 4) }.unwrap();
+    let mut dst: CudaSlice<u16> = g.s.alloc_zeros(v.len()).unwrap();
+    let mut dst_bytes = unsafe { dst.transmute_mut::<u8>(v.len() * 2) }.unwrap();
+    g.k.convert(&g.s, &src_bytes, "f32", &mut dst_bytes, "f16", v.len())
+        .unwrap();
+    let got = g.s.clone_dtoh(&dst).unwrap();
+    let want: Vec<u16> = v
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_bits())
+        .collect();
+    assert_eq!(
+        got, want,
+        "f32 → f16 must round to nearest even like half::f16::from_f32"
+    );
+}
+
+fn gemm<T: Act>(g: &Gpu) {
+    let mut gm = Gemm::new(g.s.clone()).unwrap();
+    for (t, n_in, n_out) in [
+        (1usize, 64usize, 192usize),
+        (33, 1024, 4096),
+        (260, 4096, 1024),
+        (7, 96, 288),
+    ] {
+        for bias in [false, true] {
+            let x = round::<T>(&rand(t * n_in, 31, 1.0));
+            let w = round::<T>(&rand(n_out * n_in, 32, 0.05));
+            let b = round::<T>(&rand(n_out, 33, 0.5));
+            let mut want = vec![0f32; t * n_out];
+            let zero = vec![0f32; n_out];
+            cpu::linear::linear(&x, &w, if bias { &b } else { &zero }, &mut want, false);
+            let mut y = poison::<T>(g, t * n_out);
+            let db = up::<T>(g, &b);
+            gm.linear(
+                &up::<T>(g, &x),
+                &up::<T>(g, &w),
+                bias.then_some(&db),
+                &mut y,
+                t,
+                n_in,
+                n_out,
+            )
+            .unwrap();
+            // f32 accumulation on both sides; one rounding of the output to T
+            assert_close(
+                &format!(
+                    "gemm {} [{t}×{n_in}]·[{n_out}×{n_in}]ᵀ bias {bias}",
+                    T::SUFFIX
+                ),
+                &down(g, &y),
+                &want,
+                tol::<T>(),
+                tol::<T>(),
+            );
+        }
+    }
+}
+
+#[test]
+fn gemms_match_cpu() {
+    let Some(g) = gpu() else { return };
+    gemm::<half::f16>(&g);
+    gemm::<half::bf16>(&g);
+}
+
+/// The whole GPU forward against the CPU forward and the transformers fixtures, by cosine:
+/// f16 ≥ 0.9999 and bf16 ≥ 0.999 (the [cuda] issue's bars for the big shapes, applied here too).
+#[test]
+fn forward_matches_cpu_and_reference() {
+    let Some(_g) = gpu() else { return };
+    for name in ["sgpt-tiny", "tiny-b"] {
+        let golden = load_golden(name);
+        let m = ModelDir::open(&golden.model_dir).unwrap();
+        let cpu_model = cpu::CpuModel::load(&m.checkpoint, &m.config).unwrap();
+        for (dtype, bar) in [(GpuDtype::F16, 0.9999), (GpuDtype::Bf16, 0.999)] {
+            let e = Embedder::open_with(
+                &golden.model_dir,
+                EngineOptions {
+                    device: Device::Cuda(0),
+                    dtype,
+                    max_batch_tokens: None,
+                },
+            )
+            .unwrap();
+            let mut worst = 1.0f64;
+            for (k, t) in golden.texts.iter().enumerate() {
+                let batch = PackedBatch::from_seqs(&[&t.ids[..]]);
+                let got = e.backend.embed(&batch).unwrap();
+                let c_ref = cosine(&got, &t.embedding);
+                let c_cpu = cosine(&got, &cpu_model.embed(&batch).unwrap());
+                worst = worst.min(c_ref).min(c_cpu);
+                assert!(c_ref >= bar && c_cpu >= bar, "{name} {dtype:?} text {k}: cosine vs reference {c_ref:.6}, vs CPU {c_cpu:.6} (bar {bar})");
+            }
+            println!("{name} {dtype:?}: worst cosine {worst:.7}");
+        }
+    }
+}
+
+#[test]
+fn batch_invariance_on_gpu() {
+    let Some(_g) = gpu() else { return };
+    let golden = load_golden("sgpt-tiny");
+    let e = Embedder::open_with(
+        &golden.model_dir,
+        EngineOptions {
+            device: Device::Cuda(0),
+            dtype: GpuDtype::F16,
+            max_batch_tokens: None,
+        },
+    )
+    .unwrap();
+    let seqs: Vec<&[u32]> = golden.texts.iter().map(|t| &t.ids[..]).collect();
+    let together = e.backend.embed(&PackedBatch::from_seqs(&seqs)).unwrap();
+    let h = golden.hidden;
+    for (k, s) in seqs.iter().enumerate() {
+        let alone = e.backend.embed(&PackedBatch::from_seqs(&[*s])).unwrap();
+        // GEMM algorithms may differ with the row count, so allow one f16 rounding step.
+        assert_close(
+            &format!("gpu text {k} in batch"),
+            &together[k * h..(k + 1) * h],
+            &alone,
+            2e-3,
+            2e-3,
+        );
+    }
+}
