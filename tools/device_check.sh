@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The one prepared device script: every GPU-side check in a single call, well inside 10 minutes.
+# Built here by tools/build_device.sh (carried as .device/); run on the GPU machine from the
+# repository root. Writes everything under $OUT; the summary is $OUT/report.md.
+#   1. the card, driver and CUDA version (nvidia-smi)
+#   2. NVRTC compiles every kernel for this card's architecture and sm_80/sm_90, no spills
+#   3. GPU tests: each kernel vs its CPU twin, GEMMs, GPU forward vs CPU and fixtures, batch
+#      invariance (tests/gpu.rs, SGPT_REQUIRE_GPU=1 so nothing skips)
+#   4. the CPU path against the fixtures on this machine too (tests/golden.rs)
+#   5. parity against PyTorch/transformers on this GPU at bloom-560m and bloom-7b1 shapes with
+#      random weights, f16 and bf16 (tools/parity_torch.py)
+#   6. a first throughput/latency number (sgpt bench --device cuda); the [speed] bench follows
+set -uo pipefail
+OUT=${OUT:-/tmp/sgpt-device-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export SGPT_CUDA_INCLUDE=/usr/local/cuda/include SGPT_REPO_ROOT="$PWD"
+export SGPT_REQUIRE_GPU=1 SGPT_REQUIRE_NVRTC=1 SGPT_CACHE_DIR=/tmp/sgpt-kernels
+report="$OUT/report.md"
+status=0
+step() { echo "== $1" | tee -a "$OUT/log.txt"; }
+
+{
+  echo "# sgpt device run"
+  echo
+  echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M')"
+  echo "- commit: $(cat .device/COMMIT 2>/dev/null || echo unknown)"
+  echo "- card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
+  echo "- CUDA (nvcc): $(/usr/local/cuda/bin/nvcc --version 2>/dev/null | tail -n 2 | head -n 1)"
+  echo
+} > "$report"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+run_tests() {  # name, binary, timeout
+  step "tests: $1"
+  timeout "$3" "$2" --test-threads=1 --nocapture > "$OUT/test-$1.txt" 2>&1
+  local rc=$?
+  local summary; summary=$(grep -o 'test result: .*' "$OUT/test-$1.txt" | tail -n 1)
+  if [ $rc = 0 ]; then
+    echo "- tests/$1.rs: **passed** ($summary)" >> "$report"
+  else
+    status=1
+    echo "- tests/$1.rs: **FAILED** (exit $rc${summary:+; $summary}), see test-$1.txt:" >> "$report"
+    grep -E -A1 "panicked" "$OUT/test-$1.txt" | grep -v "^--$" | head -n 24 | sed 's/^/    /' >> "$report"
+  fi
+}
+echo "## Tests" >> "$report"
+run_tests nvrtc .device/tests/nvrtc 120
+run_tests gpu .device/tests/gpu 180
+run_tests golden .device/tests/golden 60
+grep -E "worst cosine|registers" "$OUT/test-gpu.txt" "$OUT/test-nvrtc.txt" 2>/dev/null | sed 's/^/    /' | head -n 12 >> "$report"
+
+step "parity vs PyTorch"
+echo -e "\n## Parity with transformers on this GPU (random weights)" >> "$report"
+if timeout 330 python3 tools/parity_torch.py --sgpt .device/sgpt --shapes bloom-560m,bloom-7b1 \
+     --json "$OUT/parity.json" --markdown "$OUT/parity.md" > "$OUT/parity.txt" 2>&1; then
+  cat "$OUT/parity.md" >> "$report"
+else
+  status=1
+  echo "**FAILED or timed out**; tail of parity.txt:" >> "$report"
+  tail -n 25 "$OUT/parity.txt" | sed 's/^/    /' >> "$report"
+fi
+
+step "bench"
+echo -e "\n## sgpt bench (first number; see the [speed] issue for the full benchmark)" >> "$report"
+if [ -d /tmp/sgpt-parity/bloom-7b1 ]; then
+  timeout 90 .device/sgpt bench --model /tmp/sgpt-parity/bloom-7b1 --device cuda --texts 512 \
+    --json "$OUT/bench-7b1.json" > "$OUT/bench.txt" 2>&1 || status=1
+  sed 's/^/    /' "$OUT/bench.txt" >> "$report"
+fi
+echo -e "\n## Result: $([ $status = 0 ] && echo 'all checks passed' || echo 'SOME CHECKS FAILED')" >> "$report"
+cat "$report"
+exit $status
