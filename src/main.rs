@@ -156,8 +156,10 @@ fn setup(c: &Common, quiet: bool) -> Result<Embedder> {
             max_batch_tokens: c.max_batch_tokens,
         },
     )?;
-    if let (Some(n), false) = (&e.notice, quiet) {
-        eprintln!("sgpt: {n}");
+    if !quiet {
+        for line in e.notice.iter().cloned().chain(e.backend.load_summary()) {
+            eprintln!("sgpt: {line}");
+        }
     }
     Ok(e)
 }

@@ -17,6 +17,10 @@ pub trait Backend: Send + Sync {
     fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>>;
     /// e.g. "cpu (2 threads)".
     fn describe(&self) -> String;
+    /// What loading cost (bytes, seconds, GB/s), when worth telling the operator.
+    fn load_summary(&self) -> Option<String> {
+        None
+    }
 }
 
 impl Backend for CpuModel {
