@@ -7,6 +7,7 @@
 //! - [`model`]: a model directory + backend → embeddings.
 
 pub mod batch;
+pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod cuda;

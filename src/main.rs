@@ -1,14 +1,14 @@
 //! The `sgpt` command line: `embed`, `inspect`, `bench`.
 
+mod cli_bench;
+
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use sgpt::batch::PackedBatch;
 use sgpt::cuda::device::GpuDtype;
 use sgpt::io::{check_empty, parse_inputs, EmbeddingWriter, InputFormat, InputText};
 use sgpt::model::{Device, Embedder, EngineOptions, ModelDir};
@@ -107,9 +107,28 @@ struct InspectArgs {
 }
 
 #[derive(Args)]
-struct BenchArgs {
-    #[command(flatten)]
-    common: Common,
+pub(crate) struct BenchArgs {
+    /// What to measure: the whole engine on a corpus, or each GPU kernel at the model's shapes.
+    #[arg(value_enum, default_value = "corpus")]
+    what: BenchWhat,
+    /// Model directory (or use --shape for random weights).
+    #[arg(long, short, conflicts_with = "shape")]
+    model: Option<PathBuf>,
+    /// Random weights at a named BLOOM shape: bloom-560m, bloom-1b1, bloom-1b7, bloom-3b, bloom-7b1.
+    #[arg(long)]
+    shape: Option<String>,
+    /// Where to run: auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: Device,
+    /// Activation and weight type on the GPU.
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: GpuDtype,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Most tokens in one packed batch [default: 2048 on the CPU, 16384 on the GPU].
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
     /// Token-id sequences to embed, JSONL (one JSON array of ids per line, brackets included),
     /// so another engine can be timed on exactly the same input. Default: a synthetic corpus.
     #[arg(long)]
@@ -117,12 +136,29 @@ struct BenchArgs {
     /// Size of the synthetic corpus.
     #[arg(long, default_value_t = 256)]
     texts: usize,
-    /// Repetitions of the single-query latency measurement.
+    /// Repetitions of each latency measurement.
     #[arg(long, default_value_t = 20)]
     latency_reps: usize,
+    /// A baseline's results (JSON with "tokens_per_s" and optionally "query_p50_ms", e.g. from
+    /// tools/bench_torch_gpu.py) to print our ratio against.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// `bench kernels`: sequences × tokens per sequence of the timed batch.
+    #[arg(long, default_value_t = 16)]
+    seqs: usize,
+    #[arg(long, default_value_t = 300)]
+    seq_len: usize,
     /// Also write the results as JSON to FILE.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum BenchWhat {
+    /// Corpus throughput, latency, ceilings, MFU.
+    Corpus,
+    /// Each GPU kernel and GEMM at the model's shapes.
+    Kernels,
 }
 
 fn main() {
@@ -130,7 +166,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Embed(a) => embed(a),
         Cmd::Inspect(a) => inspect(a),
-        Cmd::Bench(a) => bench(a),
+        Cmd::Bench(a) => cli_bench::run(a),
     };
     if let Err(e) = r {
         eprintln!("sgpt: error: {e:#}");
@@ -356,145 +392,4 @@ fn human(x: f64, unit: &str) -> String {
         x => (x, ""),
     };
     format!("{v:.2} {p}{unit}")
-}
-
-/// Deterministic synthetic corpus: ~30% short queries (8–14 tokens), the rest passages around
-/// 80 tokens with a tail up to the model's limit. Ids are drawn from the tokenizer's range.
-fn synthetic_corpus(
-    n: usize,
-    vocab: u32,
-    max_len: usize,
-    brackets: [(u32, u32); 2],
-) -> Vec<Vec<u32>> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        // splitmix64
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    (0..n)
-        .map(|_| {
-            let query = next() % 10 < 3;
-            let len = if query {
-                8 + (next() % 7) as usize
-            } else {
-                // sum of three uniforms on [0, 53]: mean ≈ 80, occasionally doubled for the tail
-                let base = (0..3).map(|_| (next() % 54) as usize).sum::<usize>();
-                if next() % 8 == 0 {
-                    base * 2 + 80
-                } else {
-                    base
-                }
-            }
-            .clamp(1, max_len);
-            let (o, c) = brackets[if query { 0 } else { 1 }];
-            let mut ids = vec![o];
-            ids.extend((0..len).map(|_| 4 + (next() % (vocab as u64 - 4)) as u32));
-            ids.push(c);
-            ids
-        })
-        .collect()
-}
-
-fn bench(a: BenchArgs) -> Result<()> {
-    let embedder = setup(&a.common, false)?;
-    let tok = &embedder.model.tokenizer;
-    let seqs: Vec<Vec<u32>> = match &a.ids {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            text.lines()
-                .enumerate()
-                .map(|(i, l)| {
-                    serde_json::from_str(l).with_context(|| {
-                        format!("{}:{}: expected a JSON array of ids", p.display(), i + 1)
-                    })
-                })
-                .collect::<Result<_>>()?
-        }
-        None => synthetic_corpus(
-            a.texts,
-            tok.vocab_size() as u32,
-            tok.max_text_tokens(),
-            [tok.brackets(Kind::Query), tok.brackets(Kind::Document)],
-        ),
-    };
-    if seqs.is_empty() || seqs.iter().any(Vec::is_empty) {
-        bail!("the benchmark corpus must have at least one non-empty sequence");
-    }
-    let encoded: Vec<Encoded> = seqs
-        .iter()
-        .map(|ids| Encoded {
-            ids: ids.clone(),
-            text_tokens: ids.len(),
-            truncated: false,
-        })
-        .collect();
-    let tokens: usize = seqs.iter().map(Vec::len).sum();
-
-    // Warm-up: one batch touches every weight page (cold mmap reads are not what we measure).
-    embedder
-        .backend
-        .embed(&PackedBatch::from_seqs(&seqs[..1]))?;
-    let t0 = Instant::now();
-    embedder.embed_encoded(&encoded, false, &mut |_, _| Ok(()))?;
-    let corpus_s = t0.elapsed().as_secs_f64();
-
-    // Single short query, alone in its batch: the latency a service sees.
-    let query = synthetic_corpus(
-        1,
-        tok.vocab_size() as u32,
-        10,
-        [tok.brackets(Kind::Query); 2],
-    )
-    .remove(0);
-    let q = PackedBatch::from_seqs(&[&query[..]]);
-    let mut lat: Vec<Duration> = (0..a.latency_reps.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            embedder.backend.embed(&q).map(|_| t.elapsed())
-        })
-        .collect::<sgpt::Result<_>>()?;
-    lat.sort();
-    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
-
-    let report = serde_json::json!({
-        "backend": embedder.backend.describe(),
-        "model": embedder.model.dir.display().to_string(),
-        "hidden": embedder.hidden(), "layers": embedder.model.config.layers,
-        "texts": seqs.len(), "tokens": tokens, "max_batch_tokens": embedder.max_batch_tokens,
-        "corpus_seconds": corpus_s,
-        "tokens_per_s": tokens as f64 / corpus_s,
-        "texts_per_s": seqs.len() as f64 / corpus_s,
-        "query_tokens": query.len(),
-        "query_latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "reps": lat.len()},
-    });
-    println!(
-        "backend          {}",
-        report["backend"].as_str().unwrap_or_default()
-    );
-    println!(
-        "corpus           {} texts, {tokens} tokens in {corpus_s:.2} s",
-        seqs.len()
-    );
-    println!(
-        "throughput       {:.1} tokens/s, {:.2} texts/s",
-        tokens as f64 / corpus_s,
-        seqs.len() as f64 / corpus_s
-    );
-    println!(
-        "query latency    p50 {:.2} ms, p99 {:.2} ms ({} tokens, {} reps)",
-        pct(0.5),
-        pct(0.99),
-        query.len(),
-        lat.len()
-    );
-    if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
-    Ok(())
 }

@@ -124,6 +124,66 @@ impl ModelDir {
     }
 }
 
+/// A backend with its batch budget, and the notice `--device auto` leaves when it falls back.
+pub struct BuiltBackend {
+    pub backend: Box<dyn Backend>,
+    pub max_batch_tokens: usize,
+    pub notice: Option<String>,
+    /// The GPU ordinal in use, if any.
+    pub gpu: Option<usize>,
+}
+
+/// Builds the backend `opts` asks for over a checkpoint (from a model directory or random
+/// weights); `max_seq_length` bounds the longest single sequence the GPU buffers must hold.
+pub fn build_backend(
+    ckpt: &Checkpoint,
+    cfg: &BloomConfig,
+    opts: EngineOptions,
+    max_seq_length: usize,
+) -> Result<BuiltBackend> {
+    let gpu = match opts.device {
+        Device::Cpu => None,
+        Device::Cuda(n) => Some(n),
+        Device::Auto => crate::cuda::device::unavailable_reason(0)
+            .is_none()
+            .then_some(0),
+    };
+    let notice = match opts.device {
+        Device::Auto if gpu.is_none() => {
+            crate::cuda::device::unavailable_reason(0).map(|why| format!("using the CPU: {why}"))
+        }
+        _ => None,
+    };
+    let Some(ordinal) = gpu else {
+        return Ok(BuiltBackend {
+            backend: Box::new(CpuModel::load(ckpt, cfg)?),
+            max_batch_tokens: opts.max_batch_tokens.unwrap_or(DEFAULT_MAX_BATCH_TOKENS),
+            notice,
+            gpu: None,
+        });
+    };
+    // Buffers must hold the longest single sequence even under a small budget.
+    let budget = opts
+        .max_batch_tokens
+        .unwrap_or(DEFAULT_GPU_MAX_BATCH_TOKENS)
+        .max(max_seq_length);
+    let ctx = crate::cuda::device::open(ordinal)?;
+    let backend: Box<dyn Backend> = match opts.dtype {
+        GpuDtype::F16 => Box::new(crate::cuda::model::CudaModel::<half::f16>::load(
+            ctx, ckpt, cfg, budget,
+        )?),
+        GpuDtype::Bf16 => Box::new(crate::cuda::model::CudaModel::<half::bf16>::load(
+            ctx, ckpt, cfg, budget,
+        )?),
+    };
+    Ok(BuiltBackend {
+        backend,
+        max_batch_tokens: budget,
+        notice,
+        gpu: Some(ordinal),
+    })
+}
+
 /// Tokenizer + backend: texts in, embeddings out.
 pub struct Embedder {
     pub model: ModelDir,
@@ -156,52 +216,17 @@ impl Embedder {
     /// Opens `dir` and builds the backend the options ask for.
     pub fn open_with(dir: &Path, opts: EngineOptions) -> Result<Self> {
         let model = ModelDir::open(dir)?;
-        let gpu = match opts.device {
-            Device::Cpu => None,
-            Device::Cuda(n) => Some(n),
-            Device::Auto => crate::cuda::device::unavailable_reason(0)
-                .is_none()
-                .then_some(0),
-        };
-        let notice = match opts.device {
-            Device::Auto if gpu.is_none() => crate::cuda::device::unavailable_reason(0)
-                .map(|why| format!("using the CPU: {why}")),
-            _ => None,
-        };
-        let (backend, max_batch_tokens): (Box<dyn Backend>, usize) = match gpu {
-            None => (
-                Box::new(CpuModel::load(&model.checkpoint, &model.config)?),
-                opts.max_batch_tokens.unwrap_or(DEFAULT_MAX_BATCH_TOKENS),
-            ),
-            Some(ordinal) => {
-                // Buffers must hold the longest single sequence even under a small budget.
-                let budget = opts
-                    .max_batch_tokens
-                    .unwrap_or(DEFAULT_GPU_MAX_BATCH_TOKENS)
-                    .max(model.sentence.max_seq_length);
-                let ctx = crate::cuda::device::open(ordinal)?;
-                let b: Box<dyn Backend> = match opts.dtype {
-                    GpuDtype::F16 => Box::new(crate::cuda::model::CudaModel::<half::f16>::load(
-                        ctx,
-                        &model.checkpoint,
-                        &model.config,
-                        budget,
-                    )?),
-                    GpuDtype::Bf16 => Box::new(crate::cuda::model::CudaModel::<half::bf16>::load(
-                        ctx,
-                        &model.checkpoint,
-                        &model.config,
-                        budget,
-                    )?),
-                };
-                (b, budget)
-            }
-        };
+        let built = build_backend(
+            &model.checkpoint,
+            &model.config,
+            opts,
+            model.sentence.max_seq_length,
+        )?;
         Ok(Embedder {
             model,
-            backend,
-            max_batch_tokens,
-            notice,
+            backend: built.backend,
+            max_batch_tokens: built.max_batch_tokens,
+            notice: built.notice,
         })
     }
 

@@ -60,6 +60,12 @@ impl MappedFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: read-only mapping of a file we do not write; see the `# Safety` note above.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_mmap(path, mmap)
+    }
+
+    /// Validates a mapping that holds a safetensors file (from disk, or built in memory by
+    /// [`crate::bench::random_checkpoint`]); `path` names it in errors.
+    pub fn from_mmap(path: &Path, mmap: Mmap) -> Result<Self> {
         let (n, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
             path: path.to_path_buf(),
             msg: match e {
@@ -111,6 +117,16 @@ pub struct TensorRef {
 }
 
 impl Checkpoint {
+    /// A checkpoint made of one already mapped file (e.g. random weights built in memory).
+    pub fn from_file(dir: &Path, f: MappedFile) -> Self {
+        let location = f.names().into_iter().map(|n| (n, 0)).collect();
+        Checkpoint {
+            dir: dir.to_path_buf(),
+            files: vec![f],
+            location,
+        }
+    }
+
     /// Opens `model.safetensors`, or `model.safetensors.index.json` and every shard it names.
     pub fn open(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");

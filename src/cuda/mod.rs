@@ -3,6 +3,7 @@
 //! installed, and every entry point checks for the libraries before touching them (cudarc
 //! panics when they are missing).
 
+pub mod bench;
 pub mod device;
 pub mod gemm;
 pub mod kernels;

@@ -1,0 +1,376 @@
+//! `sgpt bench`: corpus throughput and latency against the ceilings measured in the same run
+//! (copy bandwidth, GEMM rate), and `sgpt bench kernels` (GPU). Every number printed is measured
+//! here; ratios are against numbers measured in this run or a baseline file the user names.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use sgpt::batch::PackedBatch;
+use sgpt::bench::{
+    cpu_copy_bandwidth, cpu_gemm_rate, forward_flops, random_checkpoint, shape, synthetic_corpus,
+};
+use sgpt::config::BloomConfig;
+use sgpt::cuda::device::GpuDtype;
+use sgpt::model::{build_backend, BuiltBackend, EngineOptions, ModelDir};
+use sgpt::tokenize::Kind;
+use sgpt::weights::{Checkpoint, DType};
+
+use crate::{BenchArgs, BenchWhat};
+
+/// Bracket ids used for random-weight shapes (any ids below the vocabulary do for timing).
+const RANDOM_BRACKETS: [(u32, u32); 2] = [(62, 64), (94, 96)];
+
+struct Setup {
+    cfg: BloomConfig,
+    ckpt: Checkpoint,
+    vocab_for_corpus: u32,
+    brackets: [(u32, u32); 2],
+    max_text_tokens: usize,
+    label: String,
+}
+
+fn setup(a: &BenchArgs) -> Result<Setup> {
+    if let Some(n) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("thread pool")?;
+    }
+    match (&a.model, &a.shape) {
+        (Some(dir), None) => {
+            let m = ModelDir::open(dir)?;
+            Ok(Setup {
+                vocab_for_corpus: m.tokenizer.vocab_size() as u32,
+                brackets: [
+                    m.tokenizer.brackets(Kind::Query),
+                    m.tokenizer.brackets(Kind::Document),
+                ],
+                max_text_tokens: m.tokenizer.max_text_tokens(),
+                label: dir.display().to_string(),
+                cfg: m.config,
+                ckpt: m.checkpoint,
+            })
+        }
+        (None, Some(name)) => {
+            let cfg = shape(name)?;
+            // The CPU reads f32 in place; the GPU uploads and converts, f16 halves the build.
+            let on_gpu = a.device != sgpt::model::Device::Cpu
+                && sgpt::cuda::device::unavailable_reason(0).is_none();
+            let dtype = if on_gpu { DType::F16 } else { DType::F32 };
+            let t = Instant::now();
+            let ckpt = random_checkpoint(&cfg, dtype, 1)?;
+            eprintln!(
+                "sgpt: random {name} weights ({}) built in {:.1} s",
+                dtype.name(),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(Setup {
+                cfg,
+                ckpt,
+                vocab_for_corpus: 250_000,
+                brackets: RANDOM_BRACKETS,
+                max_text_tokens: 297,
+                label: format!("random {name}"),
+            })
+        }
+        _ => bail!("give --model DIR or --shape NAME"),
+    }
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let st = setup(&a)?;
+    let opts = EngineOptions {
+        device: a.device,
+        dtype: a.dtype,
+        max_batch_tokens: a.max_batch_tokens,
+    };
+    let built = build_backend(&st.ckpt, &st.cfg, opts, st.max_text_tokens + 3)?;
+    for line in built
+        .notice
+        .iter()
+        .cloned()
+        .chain(built.backend.load_summary())
+    {
+        eprintln!("sgpt: {line}");
+    }
+    match a.what {
+        BenchWhat::Corpus => corpus(&a, &st, &built),
+        BenchWhat::Kernels => kernels(&a, &st, &built),
+    }
+}
+
+fn percentile_ms(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize] * 1e3
+}
+
+fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
+    let seqs: Vec<Vec<u32>> = match &a.ids {
+        Some(p) => read_ids(p)?,
+        None => synthetic_corpus(
+            a.texts,
+            st.vocab_for_corpus.min(st.cfg.vocab as u32),
+            st.max_text_tokens,
+            st.brackets,
+        ),
+    };
+    if seqs.is_empty() || seqs.iter().any(Vec::is_empty) {
+        bail!("the benchmark corpus must have at least one non-empty sequence");
+    }
+    let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    let tokens: usize = lengths.iter().sum();
+    let backend = &b.backend;
+
+    // Warm-up: one batch touches every weight page and, on the GPU, plans the GEMMs.
+    backend.embed(&PackedBatch::from_seqs(&seqs[..1]))?;
+    let t0 = Instant::now();
+    for range in sgpt::batch::plan_batches(&lengths, b.max_batch_tokens) {
+        backend.embed(&PackedBatch::from_seqs(&seqs[range]))?;
+    }
+    let corpus_s = t0.elapsed().as_secs_f64();
+
+    // Latency of small batches of short queries (12 tokens with brackets), one batch at a time.
+    let query = synthetic_corpus(
+        64,
+        st.vocab_for_corpus.min(st.cfg.vocab as u32),
+        10,
+        [st.brackets[0]; 2],
+    );
+    let mut latency = serde_json::Map::new();
+    let mut query_p50 = 0.0;
+    for n in [1usize, 4, 16] {
+        let batch = PackedBatch::from_seqs(&query[..n].iter().map(|q| &q[..]).collect::<Vec<_>>());
+        backend.embed(&batch)?;
+        let mut v: Vec<f64> = (0..a.latency_reps.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                backend.embed(&batch).map(|_| t.elapsed().as_secs_f64())
+            })
+            .collect::<sgpt::Result<_>>()?;
+        let (p50, p99) = (percentile_ms(&mut v, 0.5), percentile_ms(&mut v, 0.99));
+        if n == 1 {
+            query_p50 = p50;
+        }
+        latency.insert(
+            format!("batch_{n:02}"),
+            json!({"p50_ms": p50, "p99_ms": p99, "tokens": batch.num_tokens()}),
+        );
+    }
+
+    // Ceilings, measured now on this machine.
+    let (h, on_gpu) = (st.cfg.hidden, b.gpu.is_some());
+    let (copy_bw, gemm_rate, mem_used, weight_bytes_per_param) = match b.gpu {
+        Some(ordinal) => {
+            let ctx = sgpt::cuda::device::open(ordinal)?;
+            let s = ctx.default_stream();
+            let gemm = match a.dtype {
+                GpuDtype::F16 => sgpt::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
+                GpuDtype::Bf16 => sgpt::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
+            };
+            (
+                sgpt::cuda::bench::copy_bandwidth(&s)?,
+                gemm,
+                sgpt::cuda::bench::memory_used(&ctx)? as f64,
+                2.0,
+            )
+        }
+        None => (
+            cpu_copy_bandwidth(),
+            cpu_gemm_rate(1024, h, 4 * h),
+            peak_rss_bytes().unwrap_or(0.0),
+            4.0,
+        ),
+    };
+    let flops = forward_flops(&st.cfg, &lengths);
+    let achieved = flops / corpus_s;
+    let weight_bytes = st.cfg.non_embedding_params() as f64 * weight_bytes_per_param;
+    let floor_ms = weight_bytes / copy_bw * 1e3;
+
+    let mut report = json!({
+        "backend": backend.describe(),
+        "model": st.label,
+        "hidden": h, "layers": st.cfg.layers, "heads": st.cfg.heads,
+        "texts": seqs.len(), "tokens": tokens, "max_batch_tokens": b.max_batch_tokens,
+        "corpus_seconds": corpus_s,
+        "tokens_per_s": tokens as f64 / corpus_s,
+        "texts_per_s": seqs.len() as f64 / corpus_s,
+        "latency": latency,
+        "ceilings": {"copy_bandwidth_gb_s": copy_bw / 1e9, "gemm_tflop_s": gemm_rate / 1e12},
+        "achieved_tflop_s": achieved / 1e12,
+        "mfu": achieved / gemm_rate,
+        "weight_bytes_per_forward": weight_bytes,
+        "memory_floor_ms": floor_ms,
+        "query_latency_over_floor": query_p50 / floor_ms,
+        (if on_gpu { "device_memory_used_bytes" } else { "peak_rss_bytes" }): mem_used,
+    });
+    println!("backend            {}", backend.describe());
+    println!(
+        "model              {} (H {h}, L {}, n {})",
+        st.label, st.cfg.layers, st.cfg.heads
+    );
+    println!(
+        "corpus             {} texts, {tokens} tokens in {corpus_s:.3} s",
+        seqs.len()
+    );
+    println!(
+        "throughput         {:.1} tokens/s, {:.2} texts/s",
+        tokens as f64 / corpus_s,
+        seqs.len() as f64 / corpus_s
+    );
+    for (k, v) in report["latency"].as_object().into_iter().flatten() {
+        println!(
+            "latency {k:<10} p50 {:.2} ms, p99 {:.2} ms ({} tokens)",
+            v["p50_ms"].as_f64().unwrap_or(0.0),
+            v["p99_ms"].as_f64().unwrap_or(0.0),
+            v["tokens"]
+        );
+    }
+    println!(
+        "ceilings           copy {:.1} GB/s, GEMM {:.2} TFLOP/s (measured now)",
+        copy_bw / 1e9,
+        gemm_rate / 1e12
+    );
+    println!(
+        "MFU                {:.1}% ({:.2} TFLOP/s achieved)",
+        100.0 * achieved / gemm_rate,
+        achieved / 1e12
+    );
+    println!(
+        "query vs floor     {:.2}× the memory floor of {floor_ms:.2} ms ({:.2} GB of weights)",
+        query_p50 / floor_ms,
+        weight_bytes / 1e9
+    );
+    println!(
+        "{}      {:.2} GB",
+        if on_gpu {
+            "device memory"
+        } else {
+            "peak RSS     "
+        },
+        mem_used / 1e9
+    );
+    if let Some(p) = &a.baseline {
+        let base: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("{}: invalid JSON", p.display()))?;
+        let bt = base["tokens_per_s"]
+            .as_f64()
+            .with_context(|| format!("{}: no \"tokens_per_s\"", p.display()))?;
+        let ratio = tokens as f64 / corpus_s / bt;
+        println!(
+            "vs baseline        {ratio:.2}× its throughput ({bt:.1} tokens/s, {})",
+            p.display()
+        );
+        report["baseline"] =
+            json!({"file": p.display().to_string(), "tokens_per_s": bt, "throughput_ratio": ratio});
+        if let Some(bq) = base["query_p50_ms"].as_f64() {
+            println!(
+                "                   {:.2}× its single-query p50 latency ({bq:.2} ms)",
+                query_p50 / bq
+            );
+            report["baseline"]["query_p50_ms"] = json!(bq);
+            report["baseline"]["latency_ratio"] = json!(query_p50 / bq);
+        }
+    }
+    write_json(a, &report)
+}
+
+fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
+    let Some(ordinal) = b.gpu else {
+        bail!("`sgpt bench kernels` times the GPU kernels and needs a GPU; `cargo bench` measures the CPU ops");
+    };
+    let ctx = sgpt::cuda::device::open(ordinal)?;
+    let k =
+        sgpt::cuda::ops::Kernels::load(&ctx, sgpt::cuda::nvrtc::default_cache_dir().as_deref())?;
+    let s = ctx.default_stream();
+    let h = st.cfg.hidden;
+    let copy_bw = sgpt::cuda::bench::copy_bandwidth(&s)?;
+    let (gemm_rate, times) = match a.dtype {
+        GpuDtype::F16 => (
+            sgpt::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
+            sgpt::cuda::bench::kernel_times::<half::f16>(&ctx, &k, &st.cfg, a.seqs, a.seq_len)?,
+        ),
+        GpuDtype::Bf16 => (
+            sgpt::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
+            sgpt::cuda::bench::kernel_times::<half::bf16>(&ctx, &k, &st.cfg, a.seqs, a.seq_len)?,
+        ),
+    };
+    println!(
+        "{} at {} ({} sequences × {} tokens), {}",
+        ctx.name().unwrap_or_default(),
+        st.label,
+        a.seqs,
+        a.seq_len,
+        a.dtype.name()
+    );
+    println!(
+        "ceilings: copy {:.1} GB/s, GEMM {:.1} TFLOP/s (measured now)",
+        copy_bw / 1e9,
+        gemm_rate / 1e12
+    );
+    println!(
+        "{:<22} {:>9} {:>10} {:>10} {:>9}",
+        "op", "ms", "GB/s", "TFLOP/s", "ceiling"
+    );
+    let mut rows = Vec::new();
+    for t in &times {
+        let (gbs, tfs) = (t.bytes / (t.ms / 1e3) / 1e9, t.flops / (t.ms / 1e3) / 1e12);
+        // GEMMs and attention against the GEMM rate; the rest against copy bandwidth.
+        let frac = if t.flops > 0.0 {
+            t.flops / (t.ms / 1e3) / gemm_rate
+        } else {
+            t.bytes / (t.ms / 1e3) / copy_bw
+        };
+        println!(
+            "{:<22} {:>9.4} {:>10.1} {:>10.2} {:>8.1}%",
+            t.name,
+            t.ms,
+            gbs,
+            tfs,
+            100.0 * frac
+        );
+        rows.push(json!({"op": t.name, "ms": t.ms, "gb_s": gbs, "tflop_s": tfs, "fraction_of_ceiling": frac}));
+    }
+    let report = json!({"device": ctx.name().unwrap_or_default(), "model": st.label, "dtype": a.dtype.name(),
+        "seqs": a.seqs, "seq_len": a.seq_len, "copy_bandwidth_gb_s": copy_bw / 1e9, "gemm_tflop_s": gemm_rate / 1e12, "ops": rows});
+    write_json(a, &report)
+}
+
+fn write_json(a: &BenchArgs, v: &serde_json::Value) -> Result<()> {
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(v)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn read_ids(p: &Path) -> Result<Vec<Vec<u32>>> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| {
+                format!(
+                    "{}:{}: expected a JSON array of token ids",
+                    p.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect()
+}
+
+/// Peak resident memory of this process (Linux: VmHWM), in bytes.
+fn peak_rss_bytes() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<f64>()
+        .ok()
+        .map(|kb| kb * 1024.0)
+}
