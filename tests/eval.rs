@@ -559,3 +559,62 @@ fn malformed_inputs_are_named_by_file_and_line() {
         stderr(&o)
     );
 }
+
+/// Speed of the exact search at BEIR scale, against the bare GEMM of the same product in the
+/// same run (the ceiling: scoring without heaps). Not run by default:
+/// `cargo test --test eval -- --ignored --nocapture search_speed`
+#[test]
+#[ignore]
+fn search_speed() {
+    use sgpt::cpu::pooling::l2_normalize;
+    use sgpt::eval::search::{tie_ranks, CpuScorer, Scorer, SearchPlan};
+    let (nq, nd, h) = (1000, 50_000, 1024);
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let mut rand = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    };
+    let (mut q, mut d) = (rand(nq * h), rand(nd * h));
+    l2_normalize(&mut q, h);
+    l2_normalize(&mut d, h);
+    let flop = 2.0 * nq as f64 * nd as f64 * h as f64;
+
+    // Best of 3, the two alternating, so a busy machine penalizes both alike.
+    let ids: Vec<String> = (0..nd).map(|i| format!("d{i}")).collect();
+    let (mut gemm_s, mut search_s) = (f64::INFINITY, f64::INFINITY);
+    let mut out = vec![0f32; nq * nd];
+    for _ in 0..3 {
+        let t = Instant::now();
+        sgpt::cpu::linear::linear(&q, &d, &vec![0.0; nd], &mut out, false);
+        gemm_s = gemm_s.min(t.elapsed().as_secs_f64());
+
+        let plan = SearchPlan {
+            k: 100,
+            tie_rank: tie_ranks(&ids),
+            exclude: vec![None; nq],
+        };
+        let t = Instant::now();
+        let mut scorer = Box::new(CpuScorer::new(q.clone(), h, plan).unwrap());
+        for start in (0..nd).step_by(10_000) {
+            scorer
+                .add_documents(start, &d[start * h..(start + 10_000) * h])
+                .unwrap();
+        }
+        let hits = scorer.finish().unwrap();
+        search_s = search_s.min(t.elapsed().as_secs_f64());
+        assert!(hits.iter().all(|v| v.len() == 100));
+    }
+    println!(
+        "search {nq} queries x {nd} documents x {h}: {search_s:.2} s ({:.0} GFLOP/s, top 100); \
+         bare GEMM of the same product: {gemm_s:.2} s ({:.0} GFLOP/s); {} threads",
+        flop / search_s / 1e9,
+        flop / gemm_s / 1e9,
+        rayon::current_num_threads()
+    );
+}

@@ -132,8 +132,10 @@ pub fn table(data: &Dataset, outcome: &EvalOutcome) -> String {
         format!("all {} documents from the cache", d.from_cache)
     };
     s += &format!(
-        "  {embed}; search {:.3} s ({}); total {:.2} s\n",
-        t.search_s, outcome.scorer, t.total_s
+        "  {embed}; search {:.1} ms ({}); total {:.2} s\n",
+        t.search_s * 1e3,
+        outcome.scorer,
+        t.total_s
     );
     s
 }
