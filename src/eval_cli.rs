@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use sgpt::eval::beir::Dataset;
 use sgpt::eval::{evaluate, report, EvalOptions, Event};
@@ -182,9 +182,15 @@ impl Progress {
                     .with_position(cached as u64);
                     bar.set_style(
                         ProgressStyle::with_template(&format!(
-                            "{what} {{bar:40}} {{pos}}/{{len}}  {{per_sec}}  eta {{eta}}"
+                            "{what} {{bar:40}} {{pos}}/{{len}}  {{rate}} {what}/s  eta {{eta}}"
                         ))
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .with_key(
+                            "rate",
+                            |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                                let _ = write!(w, "{:.1}", s.per_sec());
+                            },
+                        ),
                     );
                     bar.reset_eta();
                     self.bar = Some(bar);
