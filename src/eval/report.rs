@@ -132,7 +132,7 @@ pub fn table(data: &Dataset, outcome: &EvalOutcome) -> String {
         format!("all {} documents from the cache", d.from_cache)
     };
     s += &format!(
-        "  {embed}; search {:.1} ms ({}); total {:.2} s\n",
+        "  {embed}; search {:.1} ms ({}); total {:.3} s\n",
         t.search_s * 1e3,
         outcome.scorer,
         t.total_s
