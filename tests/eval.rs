@@ -453,6 +453,38 @@ fn damaged_shards_are_recomputed() {
         std::fs::read(path("a.trec")).unwrap(),
         std::fs::read(path("b.trec")).unwrap()
     );
+
+    // A hand-edited manifest listing rows past the corpus: ignored, not trusted, no panic.
+    let manifest = dir.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    let mut extra = m["shards"][3].clone();
+    std::fs::copy(
+        dir.join(extra["file"].as_str().unwrap()),
+        dir.join("rows-0000000200-0000000250.npy"),
+    )
+    .unwrap();
+    extra["file"] = "rows-0000000200-0000000250.npy".into();
+    extra["start"] = 200.into();
+    m["shards"].as_array_mut().unwrap().push(extra);
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let a = args("c.trec", "c.json");
+    let out = ok(sgpt_eval(
+        &fixture(),
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert!(
+        stderr(&out).contains("shards past row 200 ignored"),
+        "{}",
+        stderr(&out)
+    );
+    let m = json(Path::new(&path("c.json")));
+    assert_eq!(m["embedding"]["documents"]["from_cache"], 200);
+    assert_eq!(m["embedding"]["documents"]["embedded"], 0);
+    assert_eq!(
+        std::fs::read(path("a.trec")).unwrap(),
+        std::fs::read(path("c.trec")).unwrap()
+    );
 }
 
 /// Copies the fixture to a temporary directory, applies `edit`, runs, expects exit 1, no panic

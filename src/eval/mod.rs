@@ -226,7 +226,16 @@ fn embed_cached(
     let mut read_time = Duration::ZERO;
     let mut i = 0;
     while i < cache.shards().len() {
-        let start = cache.shards()[i].start;
+        let (start, rows) = (cache.shards()[i].start, cache.shards()[i].rows);
+        if start + rows > texts.len() {
+            // Only a hand-edited manifest can list rows past the texts its key describes.
+            cache.truncate(i)?;
+            on_event(Event::Note(format!(
+                "{what} cache {dir}: shards past row {} ignored; recomputing from row {start}",
+                texts.len()
+            )));
+            break;
+        }
         let t_read = Instant::now();
         let shard = cache.read(i)?;
         read_time += t_read.elapsed();
