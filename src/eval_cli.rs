@@ -21,34 +21,34 @@ pub struct EvalArgs {
     /// queries.jsonl ({"_id", "text"}), qrels/<SPLIT>.tsv (a header line, then
     /// query-id, corpus-id, integer score, tab-separated). Only queries with judgments are
     /// evaluated.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     data: PathBuf,
     /// Which qrels/<SPLIT>.tsv to evaluate.
-    #[arg(long, default_value = "test")]
+    #[arg(long, value_name = "SPLIT", default_value = "test")]
     split: String,
     /// Write the ranking to FILE as a TREC run: `qid Q0 docid rank score sgpt`, the --top-k
     /// best documents per query.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     run: Option<PathBuf>,
     /// Write the metrics to FILE as JSON ("ndcg@10", "recall@100", "map@100", "mrr@10", plus
     /// counts, timings and per-query values).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     metrics: Option<PathBuf>,
     /// Where embeddings are cached, in shards written as they are computed, so an interrupted
     /// run resumes where it stopped and a repeated run embeds nothing (default: DATA/.sgpt-cache).
     /// Safe to delete; one subdirectory per (model files, texts, backend).
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// Documents per query in the run file. The metrics always use the top 100.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_name = "K", default_value_t = 100)]
     top_k: usize,
     /// Most documents per cache shard (the most work an interruption can lose, and the memory
     /// one shard takes: documents × hidden × 4 bytes).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
     shard_docs: usize,
     /// Also close a shard once it has been open this many seconds, so a slow run loses at
     /// most about this much work when interrupted.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     shard_seconds: f64,
     /// No progress bar or notices on stderr (the table is still printed on stdout).
     #[arg(long, short)]
