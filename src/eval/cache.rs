@@ -160,6 +160,9 @@ impl ShardCache {
                     dir.display()
                 )))
             }
+            // Some network filesystems cannot lock; the cache still works, unguarded.
+            Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            }
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
         }
 
