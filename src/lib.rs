@@ -5,6 +5,7 @@
 //! - [`batch`]: packed batches (`cu_seqlens`, no padding).
 //! - [`cpu`]: the readable CPU forward, oracle for the GPU kernels.
 //! - [`model`]: a model directory + backend → embeddings.
+//! - [`eval`]: retrieval quality on BEIR-format data (`sgpt eval`).
 
 pub mod batch;
 pub mod bench;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod model;
 pub mod tokenize;

@@ -15,6 +15,8 @@ use sgpt::model::{Device, Embedder, EngineOptions, ModelDir};
 use sgpt::tokenize::{Encoded, Kind};
 use sgpt::weights::DType;
 
+mod eval_cli;
+
 #[derive(Parser)]
 #[command(name = "sgpt", version, about = "SGPT-BLOOM sentence embeddings")]
 struct Cli {
@@ -30,6 +32,9 @@ enum Cmd {
     Inspect(InspectArgs),
     /// Measure embedding throughput and single-query latency.
     Bench(BenchArgs),
+    /// Retrieval quality on a dataset in BEIR layout: NDCG@10, Recall@100, MAP@100, MRR@10
+    /// (trec_eval's definitions), a TREC run file; embeddings cached so a rerun resumes.
+    Eval(eval_cli::EvalArgs),
 }
 
 #[derive(Args)]
@@ -167,6 +172,7 @@ fn main() {
         Cmd::Embed(a) => embed(a),
         Cmd::Inspect(a) => inspect(a),
         Cmd::Bench(a) => cli_bench::run(a),
+        Cmd::Eval(a) => eval_cli::eval(a),
     };
     if let Err(e) = r {
         eprintln!("sgpt: error: {e:#}");
