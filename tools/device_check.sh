@@ -9,7 +9,8 @@
 #   4. the CPU path against the fixtures on this machine too (tests/golden.rs)
 #   5. parity against PyTorch/transformers on this GPU at bloom-560m and bloom-7b1 shapes with
 #      random weights, f16 and bf16 (tools/parity_torch.py)
-#   6. a first throughput/latency number (sgpt bench --device cuda); the [speed] bench follows
+#   6. speed at bloom-7b1 shape: the PyTorch fp16 baseline (tools/bench_torch_gpu.py), sgpt bench
+#      on the same ids with the copy-bandwidth and GEMM ceilings, and sgpt bench kernels
 set -uo pipefail
 OUT=${OUT:-/tmp/sgpt-device-out}
 mkdir -p "$OUT"
@@ -53,7 +54,7 @@ grep -E "worst cosine|registers" "$OUT/test-gpu.txt" "$OUT/test-nvrtc.txt" 2>/de
 
 step "parity vs PyTorch"
 echo -e "\n## Parity with transformers on this GPU (random weights)" >> "$report"
-if timeout 330 python3 tools/parity_torch.py --sgpt .device/sgpt --shapes bloom-560m,bloom-7b1 \
+if timeout 240 python3 tools/parity_torch.py --sgpt .device/sgpt --shapes bloom-560m,bloom-7b1 \
      --json "$OUT/parity.json" --markdown "$OUT/parity.md" > "$OUT/parity.txt" 2>&1; then
   cat "$OUT/parity.md" >> "$report"
 else
@@ -63,12 +64,25 @@ else
 fi
 
 step "bench"
-echo -e "\n## sgpt bench (first number; see the [speed] issue for the full benchmark)" >> "$report"
-if [ -d /tmp/sgpt-parity/bloom-7b1 ]; then
-  timeout 90 .device/sgpt bench --model /tmp/sgpt-parity/bloom-7b1 --device cuda --texts 512 \
-    --json "$OUT/bench-7b1.json" > "$OUT/bench.txt" 2>&1 || status=1
-  sed 's/^/    /' "$OUT/bench.txt" >> "$report"
+echo -e "\n## Speed at bloom-7b1 shape, random weights, f16 (the [speed] table)" >> "$report"
+# The PyTorch baseline first (same ids, best batch size), then sgpt on the same ids with its
+# ceilings measured in the same run, then every kernel against those ceilings.
+if timeout 150 python3 tools/bench_torch_gpu.py --shape bloom-7b1 --texts 2048 \
+     --write-ids "$OUT/ids.jsonl" --json "$OUT/torch.json" > "$OUT/torch.txt" 2>&1; then
+  base="--baseline $OUT/torch.json"
+else
+  status=1; base=""
+  echo "PyTorch baseline FAILED; tail of torch.txt:" >> "$report"; tail -n 8 "$OUT/torch.txt" | sed 's/^/    /' >> "$report"
 fi
+sed 's/^/    /' "$OUT/torch.txt" >> "$report"
+ids="--texts 2048"; [ -s "$OUT/ids.jsonl" ] && ids="--ids $OUT/ids.jsonl"
+timeout 150 .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
+  --json "$OUT/bench-7b1.json" > "$OUT/bench.txt" 2>&1 || status=1
+sed 's/^/    /' "$OUT/bench.txt" >> "$report"
+timeout 60 .device/sgpt bench kernels --shape bloom-7b1 --device cuda \
+  --json "$OUT/kernels-7b1.json" > "$OUT/kernels.txt" 2>&1 || status=1
+sed 's/^/    /' "$OUT/kernels.txt" >> "$report"
+rm -f "$OUT/ids.jsonl"  # large and reproducible (seeded)
 echo -e "\n## Result: $([ $status = 0 ] && echo 'all checks passed' || echo 'SOME CHECKS FAILED')" >> "$report"
 cat "$report"
 exit $status
