@@ -14,15 +14,7 @@ const HEADS: usize = 16;
 const T: usize = 512;
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect()
+    sgpt::bench::uniform(n, seed, 1.0)
 }
 
 /// A ragged packing like a real corpus: lengths 12, 80, 299, 121 → 512 tokens.

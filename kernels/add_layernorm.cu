@@ -17,7 +17,6 @@ __device__ void add_layernorm(float* __restrict__ x, const T* __restrict__ y,
     extern __shared__ float row[];
     __shared__ float scratch[32];
     const long base = (long)blockIdx.x * H;
-    float s = 0.f;
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
         float v = x[base + i];
         if (y != nullptr) {
@@ -25,15 +24,9 @@ __device__ void add_layernorm(float* __restrict__ x, const T* __restrict__ y,
             x[base + i] = v;
         }
         row[i] = v;
-        s += v;
     }
-    const float mean = block_sum(s, scratch) / H;
-    float q = 0.f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
-        float c = row[i] - mean;
-        q += c * c;
-    }
-    const float rstd = rsqrtf(block_sum(q, scratch) / H + eps);
+    float mean, rstd;
+    row_stats(row, H, eps, scratch, mean, rstd);
     for (int i = threadIdx.x; i < H; i += blockDim.x)
         a[base + i] = from_f32<T>((row[i] - mean) * rstd * w[i] + b[i]);
 }

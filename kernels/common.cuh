@@ -45,6 +45,23 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(v);
 }
 
+// LayerNorm statistics of one row held in shared memory: mean and 1/sqrt(var + eps), biased
+// variance, two passes (mean, then centered squares) in f32. Each thread reads only the
+// elements i ≡ threadIdx.x (mod blockDim.x) it wrote itself, so no barrier is needed before the
+// call; block_sum's barriers make it a block-wide call.
+__device__ __forceinline__ void row_stats(const float* row, int H, float eps, float* scratch,
+                                          float& mean, float& rstd) {
+    float s = 0.f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) s += row[i];
+    mean = block_sum(s, scratch) / H;
+    float q = 0.f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        const float c = row[i] - mean;
+        q += c * c;
+    }
+    rstd = rsqrtf(block_sum(q, scratch) / H + eps);
+}
+
 // ALiBi slope of head h out of n (SPEC.md): p = largest power of two <= n;
 // h < p: 2^(-8(h+1)/p); else the interleaved extra slopes 2^(-4(2(h-p)+1)/p).
 __device__ __forceinline__ float alibi_slope(int h, int n) {

@@ -17,19 +17,9 @@ __device__ void embedding_layernorm(const u32* __restrict__ ids, const T* __rest
     __shared__ float scratch[32];
     const long t = blockIdx.x;
     const T* e = emb + (long)ids[t] * H;
-    float s = 0.f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
-        float v = to_f32(e[i]);
-        row[i] = v;
-        s += v;
-    }
-    const float mean = block_sum(s, scratch) / H;
-    float q = 0.f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
-        float c = row[i] - mean;
-        q += c * c;
-    }
-    const float rstd = rsqrtf(block_sum(q, scratch) / H + eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x) row[i] = to_f32(e[i]);
+    float mean, rstd;
+    row_stats(row, H, eps, scratch, mean, rstd);
     for (int i = threadIdx.x; i < H; i += blockDim.x)
         x[t * H + i] = (row[i] - mean) * rstd * w[i] + b[i];
 }

@@ -25,20 +25,13 @@ __device__ void final_norm_pool(const float* __restrict__ x, const T* __restrict
     for (int i = threadIdx.x; i < H; i += blockDim.x) acc[i] = 0.f;
     for (int j = 0; j < n; ++j) {
         const long base = (long)(start + j) * H;
-        float sum = 0.f;
         for (int i = threadIdx.x; i < H; i += blockDim.x) {
             float v = x[base + i];
             if (y != nullptr) v += to_f32(y[base + i]);
             row[i] = v;
-            sum += v;
         }
-        const float mean = block_sum(sum, scratch) / H;
-        float q = 0.f;
-        for (int i = threadIdx.x; i < H; i += blockDim.x) {
-            const float c = row[i] - mean;
-            q += c * c;
-        }
-        const float rstd = rsqrtf(block_sum(q, scratch) / H + eps);
+        float mean, rstd;
+        row_stats(row, H, eps, scratch, mean, rstd);
         const float wj = (float)(j + 1);
         for (int i = threadIdx.x; i < H; i += blockDim.x)
             acc[i] += wj * ((row[i] - mean) * rstd * w[i] + b[i]);

@@ -82,6 +82,20 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Seeded values uniform in [-scale, scale), never all zeros: the inputs of kernel tests and
+/// benchmarks (xorshift64, so any seed gives a distinct stream).
+pub fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
 /// Random weights at `cfg`'s shape as an in-memory safetensors "file", scaled like a trained
 /// model so activations neither vanish nor overflow f16: matrices and embeddings uniform with
 /// std 0.02 (BLOOM's initializer), layernorm weights 1 ± 0.1, biases std 0.02.

@@ -74,26 +74,16 @@ pub struct KernelTime {
     pub flops: f64,
 }
 
-/// Seeded uniform values in [-scale, scale) (never zeros).
-fn host(n: usize, scale: f32, seed: u64) -> Vec<f32> {
-    let mut st = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            st ^= st << 13;
-            st ^= st >> 7;
-            st ^= st << 17;
-            ((st >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
 fn seeded<T: Act>(s: &Arc<CudaStream>, n: usize, scale: f32, seed: u64) -> Result<CudaSlice<T>> {
-    let v: Vec<T> = host(n, scale, seed).into_iter().map(T::from_f32).collect();
+    let v: Vec<T> = crate::bench::uniform(n, seed, scale)
+        .into_iter()
+        .map(T::from_f32)
+        .collect();
     s.clone_htod(&v).map_err(|e| err("upload", e))
 }
 
 fn seeded32(s: &Arc<CudaStream>, n: usize, scale: f32, seed: u64) -> Result<CudaSlice<f32>> {
-    s.clone_htod(&host(n, scale, seed))
+    s.clone_htod(&crate::bench::uniform(n, seed, scale))
         .map_err(|e| err("upload", e))
 }
 
