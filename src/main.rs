@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sgpt::cuda::device::GpuDtype;
 use sgpt::io::{check_empty, parse_inputs, EmbeddingWriter, InputFormat, InputText};
 use sgpt::model::{Device, Embedder, EngineOptions, ModelDir};
-use sgpt::tokenize::{Encoded, Kind};
+use sgpt::tokenize::Kind;
 use sgpt::weights::DType;
 
 mod eval_cli;
@@ -250,40 +250,33 @@ fn embed(a: EmbedArgs) -> Result<()> {
     }
     let embedder = setup(&a.common, a.quiet)?;
     let texts: Vec<(String, Kind)> = inputs.iter().map(|t| (t.text.clone(), t.kind)).collect();
-    let encoded = embedder.encode(&texts)?;
-    if !a.quiet {
-        report_truncation(
-            &inputs,
-            &encoded,
-            embedder.model.tokenizer.max_text_tokens(),
-        );
-    }
-
     let mut writer = EmbeddingWriter::create(a.output.as_deref(), inputs.len(), embedder.hidden())?;
     let bar = progress_bar(inputs.len() as u64, a.quiet);
     let h = embedder.hidden();
-    embedder.embed_encoded(&encoded, a.normalize, &mut |_, e| {
+    let mut cut = Vec::new();
+    embedder.embed_pipelined(&texts, a.normalize, &mut |i| cut.push(i), &mut |_, e| {
         writer.write(e)?;
         bar.inc((e.len() / h) as u64);
         Ok(())
     })?;
     bar.finish_and_clear();
     writer.finish()?;
+    if !a.quiet {
+        report_truncation(&inputs, &cut, embedder.model.tokenizer.max_text_tokens());
+    }
     Ok(())
 }
 
 /// Truncation follows the reference, but silently losing text would surprise: say so.
-fn report_truncation(inputs: &[InputText], encoded: &[Encoded], max: usize) {
-    let cut: Vec<&InputText> = inputs
-        .iter()
-        .zip(encoded)
-        .filter(|(_, e)| e.truncated)
-        .map(|(i, _)| i)
-        .collect();
+fn report_truncation(inputs: &[InputText], cut: &[usize], max: usize) {
     if cut.is_empty() {
         return;
     }
-    let lines: Vec<String> = cut.iter().take(10).map(|t| t.line.to_string()).collect();
+    let lines: Vec<String> = cut
+        .iter()
+        .take(10)
+        .map(|&i| inputs[i].line.to_string())
+        .collect();
     let more = if cut.len() > 10 {
         format!(" and {} more", cut.len() - 10)
     } else {

@@ -268,6 +268,43 @@ impl Embedder {
         Ok(())
     }
 
+    /// Texts → embeddings in input order, tokenizing the next chunk of texts on another thread
+    /// while the backend embeds the current one, so the engine never waits for the tokenizer and
+    /// only one chunk of token ids is held at a time. `truncated` gets the index of every text
+    /// cut to the length limit; `sink` gets (index of the first text, embeddings [S, H]).
+    pub fn embed_pipelined(
+        &self,
+        texts: &[(String, Kind)],
+        normalize: bool,
+        truncated: &mut dyn FnMut(usize),
+        sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        const CHUNK: usize = 4096;
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<Encoded>)>>(1);
+            scope.spawn(move || {
+                for start in (0..texts.len()).step_by(CHUNK) {
+                    let end = (start + CHUNK).min(texts.len());
+                    let r = self.encode(&texts[start..end]).map(|e| (start, e));
+                    let failed = r.is_err();
+                    // A closed channel means the consumer stopped on an error: stop too.
+                    if tx.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            for msg in rx {
+                let (start, enc) = msg?;
+                enc.iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.truncated)
+                    .for_each(|(i, _)| truncated(start + i));
+                self.embed_encoded(&enc, normalize, &mut |first, out| sink(start + first, out))?;
+            }
+            Ok(())
+        })
+    }
+
     /// Convenience: texts → one vector each.
     pub fn embed_texts(&self, texts: &[(String, Kind)], normalize: bool) -> Result<Vec<Vec<f32>>> {
         let enc = self.encode(texts)?;

@@ -487,3 +487,34 @@ fn bad_texts_and_flags() {
         "/nonexistent/dir",
     );
 }
+
+/// The pipelined path (tokenizer thread + engine) keeps input order across its 4096-text chunks
+/// and reports truncated texts by their index.
+#[test]
+fn pipelined_embedding_keeps_order_across_chunks() {
+    let e = Embedder::open(&tiny_model(), Device::Cpu).unwrap();
+    let mut texts: Vec<(String, Kind)> = (0..4100)
+        .map(|i| (format!("text number {i}"), Kind::Query))
+        .collect();
+    texts[4097].0 = "long ".repeat(400);
+    let h = e.hidden();
+    let mut rows = vec![Vec::new(); texts.len()];
+    let mut cut = Vec::new();
+    e.embed_pipelined(&texts, false, &mut |i| cut.push(i), &mut |first, out| {
+        for (k, r) in out.chunks(h).enumerate() {
+            assert!(
+                rows[first + k].is_empty(),
+                "row {} written twice",
+                first + k
+            );
+            rows[first + k] = r.to_vec();
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(cut, vec![4097]);
+    for i in [0, 4095, 4096, 4097, 4099] {
+        let alone = e.embed_texts(&texts[i..i + 1], false).unwrap().remove(0);
+        assert_close(&format!("pipelined row {i}"), &rows[i], &alone, 1e-6, 1e-5);
+    }
+}
