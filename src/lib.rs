@@ -5,6 +5,7 @@
 //! - [`batch`]: packed batches (`cu_seqlens`, no padding).
 //! - [`cpu`]: the readable CPU forward, oracle for the GPU kernels.
 //! - [`model`]: a model directory + backend → embeddings.
+//! - [`server`]: `sgpt serve`, the HTTP server with dynamic batching.
 
 pub mod batch;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod cpu;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod server;
 pub mod tokenize;
 pub mod weights;
 
