@@ -6,6 +6,7 @@
 //! - [`cpu`]: the readable CPU forward, oracle for the GPU kernels.
 //! - [`model`]: a model directory + backend → embeddings.
 //! - [`eval`]: retrieval quality on BEIR-format data (`sgpt eval`).
+//! - [`server`]: `sgpt serve`, the HTTP server with dynamic batching.
 
 pub mod batch;
 pub mod bench;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod eval;
 pub mod io;
 pub mod model;
+pub mod server;
 pub mod tokenize;
 pub mod weights;
 

@@ -32,4 +32,6 @@ echo "== cargo test"
 cargo test --all-targets
 
 echo "== python tests (tools/)"
+# tests/python/test_server.py runs the binary that cargo test just built.
+export SGPT_BIN="${SGPT_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/sgpt}"
 "$venv/bin/python" -m pytest tests/python -q

@@ -1,0 +1,147 @@
+//! Prometheus metrics of one server, in its own registry (no process-wide globals), rendered
+//! as text by `GET /metrics`. The list (also in the README):
+//!
+//! | name | type | meaning |
+//! |---|---|---|
+//! | `sgpt_requests_total{route,status}` | counter | answered requests, by route and HTTP status |
+//! | `sgpt_request_duration_seconds{route}` | histogram | time from request to response |
+//! | `sgpt_requests_in_flight` | gauge | embedding requests being served now |
+//! | `sgpt_queue_depth` | gauge | tokenized texts waiting for the engine |
+//! | `sgpt_batch_sequences` | histogram | texts per packed batch |
+//! | `sgpt_batch_tokens` | histogram | tokens per packed batch |
+//! | `sgpt_batch_duration_seconds` | histogram | engine time per batch (`Backend::embed`) |
+//! | `sgpt_texts_total` | counter | texts embedded |
+//! | `sgpt_tokens_total` | counter | tokens embedded, brackets included |
+//! | `sgpt_truncated_texts_total` | counter | texts cut to the model's limit |
+//! | `sgpt_ready` | gauge | 1 once the model is loaded and warmed up |
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub in_flight: IntGauge,
+    pub queue_depth: IntGauge,
+    pub batch_sequences: Histogram,
+    pub batch_tokens: Histogram,
+    pub batch_duration: Histogram,
+    pub texts: IntCounter,
+    pub tokens: IntCounter,
+    pub truncated: IntCounter,
+    pub ready: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        // 0.5 ms … 65 s: a tiny model's query on a GPU up to a full 7b1 batch on a CPU.
+        let seconds = exponential_buckets(0.0005, 2.0, 18)?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "sgpt_requests_total",
+                "Answered requests by route and status",
+            ),
+            &["route", "status"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sgpt_request_duration_seconds",
+                "Time from request to response",
+            )
+            .buckets(seconds.clone()),
+            &["route"],
+        )?;
+        let in_flight =
+            IntGauge::new("sgpt_requests_in_flight", "Embedding requests being served")?;
+        let queue_depth =
+            IntGauge::new("sgpt_queue_depth", "Tokenized texts waiting for the engine")?;
+        let batch_sequences = Histogram::with_opts(
+            HistogramOpts::new("sgpt_batch_sequences", "Texts per packed batch")
+                .buckets(exponential_buckets(1.0, 2.0, 12)?),
+        )?;
+        let batch_tokens = Histogram::with_opts(
+            HistogramOpts::new("sgpt_batch_tokens", "Tokens per packed batch")
+                .buckets(exponential_buckets(4.0, 2.0, 14)?),
+        )?;
+        let batch_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "sgpt_batch_duration_seconds",
+                "Engine time per packed batch",
+            )
+            .buckets(seconds),
+        )?;
+        let texts = IntCounter::new("sgpt_texts_total", "Texts embedded")?;
+        let tokens = IntCounter::new("sgpt_tokens_total", "Tokens embedded, brackets included")?;
+        let truncated = IntCounter::new(
+            "sgpt_truncated_texts_total",
+            "Texts cut to the model's length limit",
+        )?;
+        let ready = IntGauge::new("sgpt_ready", "1 once the model is loaded and warmed up")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(batch_sequences.clone()))?;
+        registry.register(Box::new(batch_tokens.clone()))?;
+        registry.register(Box::new(batch_duration.clone()))?;
+        registry.register(Box::new(texts.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(truncated.clone()))?;
+        registry.register(Box::new(ready.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            request_duration,
+            in_flight,
+            queue_depth,
+            batch_sequences,
+            batch_tokens,
+            batch_duration,
+            texts,
+            tokens,
+            truncated,
+            ready,
+        })
+    }
+
+    /// Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> prometheus::Result<String> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_metric() {
+        let m = Metrics::new().unwrap();
+        m.requests.with_label_values(&["/embed", "200"]).inc();
+        m.request_duration
+            .with_label_values(&["/embed"])
+            .observe(0.01);
+        let text = m.render().unwrap();
+        for name in [
+            "sgpt_requests_total{route=\"/embed\",status=\"200\"} 1",
+            "sgpt_request_duration_seconds_bucket",
+            "sgpt_requests_in_flight 0",
+            "sgpt_queue_depth 0",
+            "sgpt_batch_sequences_count 0",
+            "sgpt_batch_tokens_count 0",
+            "sgpt_batch_duration_seconds_count 0",
+            "sgpt_texts_total 0",
+            "sgpt_tokens_total 0",
+            "sgpt_truncated_texts_total 0",
+            "sgpt_ready 0",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! `sgpt serve` end to end on the CPU backend: the same vectors as `sgpt embed`, no result
+//! lost or misrouted under concurrent clients, dynamic batching across requests, readiness,
+//! the concurrency limit, and graceful shutdown (in-process and by SIGTERM to the binary).
+//! Every error status is in tests/server_errors.rs.
+
+mod common;
+mod server_support;
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use sgpt::cpu::pooling::l2_normalize;
+use sgpt::model::{Device, Embedder};
+use sgpt::server::ServeOptions;
+use sgpt::tokenize::Kind;
+
+use common::{assert_close, tiny_model};
+use server_support::*;
+
+/// A text of the model's full length and more (cut to 297 tokens), and ordinary ones.
+fn texts() -> Vec<String> {
+    vec![
+        "What is the capital of France?".into(),
+        "  leading spaces are kept, trailing ones are not   \n".into(),
+        "Ünïcödé — 東京 🙂 مرحبا".into(),
+        "[brackets] {inside} the text".into(),
+        "lorem ipsum dolor sit amet ".repeat(80),
+    ]
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|x| x.as_f64().expect("a number") as f32)
+        .collect()
+}
+
+/// `sgpt embed` on the same texts, one JSON vector per line.
+fn sgpt_embed(texts: &[String], extra: &[&str]) -> Vec<Vec<f32>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_sgpt"))
+        .arg("embed")
+        .arg("--model")
+        .arg(tiny_model())
+        .args(["--quiet", "--device", "cpu"])
+        .args(extra)
+        .args(texts)
+        .output()
+        .expect("running sgpt embed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| floats(&serde_json::from_str::<Value>(l).unwrap()["embedding"]))
+        .collect()
+}
+
+fn rows(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(floats)
+        .collect()
+}
+
+fn openai_rows(v: &Value) -> Vec<Vec<f32>> {
+    let data = v["data"].as_array().expect("data");
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(d["index"], i, "index of data[{i}]");
+        assert_eq!(d["object"], "embedding");
+    }
+    data.iter()
+        .map(|d| match &d["embedding"] {
+            Value::String(b64) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .expect("base64")
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            other => floats(other),
+        })
+        .collect()
+}
+
+#[test]
+fn vectors_equal_sgpt_embed() {
+    let texts = texts();
+    let raw = sgpt_embed(&texts, &[]);
+    let unit = sgpt_embed(&texts, &["--normalize"]);
+    let docs = sgpt_embed(&texts, &["--normalize", "--kind", "document"]);
+    let s = ServerProcess::start(&[]);
+
+    // One request with every text is packed exactly as `sgpt embed` packs them: bit-equal.
+    let r = post(
+        s.addr,
+        "/embed",
+        &json!({"inputs": texts, "normalize": false}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(rows(&r.json()), raw, "/embed normalize=false vs sgpt embed");
+    let r = post(s.addr, "/embed", &json!({"inputs": texts}), None);
+    assert_eq!(rows(&r.json()), unit, "/embed vs sgpt embed --normalize");
+    let r = post(
+        s.addr,
+        "/embed",
+        &json!({"inputs": texts, "input_type": "document"}),
+        None,
+    );
+    assert_eq!(rows(&r.json()), docs, "/embed document vs --kind document");
+
+    for format in ["float", "base64"] {
+        let r = post(
+            s.addr,
+            "/v1/embeddings",
+            &json!({"input": texts, "model": "my-model", "encoding_format": format, "user": "u"}),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["model"], "my-model");
+        assert_eq!(openai_rows(&v), unit, "/v1/embeddings {format}");
+        // usage: every kept token, brackets included (the long text is cut to 297 + 2).
+        let lib = Embedder::open(&tiny_model(), Device::Cpu).unwrap();
+        let tokens: usize = texts
+            .iter()
+            .map(|t| {
+                lib.model
+                    .tokenizer
+                    .encode(t, Kind::Query)
+                    .unwrap()
+                    .ids
+                    .len()
+            })
+            .sum();
+        assert_eq!(v["usage"]["prompt_tokens"], tokens);
+        assert_eq!(v["usage"]["total_tokens"], tokens);
+    }
+
+    // One text per request: each alone, as `sgpt embed` of that text alone.
+    for t in &texts {
+        let want = sgpt_embed(std::slice::from_ref(t), &["--normalize"]);
+        let r = post(s.addr, "/v1/embeddings", &json!({"input": t}), None);
+        assert_eq!(openai_rows(&r.json()), want, "{t:?} alone");
+    }
+
+    // dimensions: the first d values of the raw vector, re-normalized.
+    let r = post(
+        s.addr,
+        "/v1/embeddings",
+        &json!({"input": texts, "dimensions": 16}),
+        None,
+    );
+    let got = openai_rows(&r.json());
+    for (g, full) in got.iter().zip(&raw) {
+        let mut want = full[..16].to_vec();
+        l2_normalize(&mut want, 16);
+        assert_eq!(g, &want);
+        let norm: f64 = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-6, "norm {norm}");
+    }
+    let r = post(
+        s.addr,
+        "/embed",
+        &json!({"inputs": "x", "dimensions": 8}),
+        None,
+    );
+    assert_eq!(rows(&r.json())[0].len(), 8);
+}
+
+/// 32 clients × 4 requests of 1–3 different texts each, all at once: every request gets its
+/// own vectors, in its own order. Batched with others, a vector may differ from the text
+/// alone by GEMM blocking only (the bound of tests/golden.rs `batch_invariance`), while any two
+/// texts here differ by far more, so a misrouted row cannot pass.
+#[test]
+fn concurrent_clients_get_their_own_vectors() {
+    let s = ServerProcess::start(&[]);
+    let text = |c: usize, r: usize, k: usize| {
+        format!(
+            "client {c} asks question {r} part {k}: {}",
+            "why ".repeat(c % 7 + k)
+        )
+    };
+    let (clients, requests) = (32, 4);
+    let all: Vec<String> = (0..clients)
+        .flat_map(|c| (0..requests).flat_map(move |r| (0..(c + r) % 3 + 1).map(move |k| (c, r, k))))
+        .map(|(c, r, k)| text(c, r, k))
+        .collect();
+    let lib = Embedder::open(&tiny_model(), Device::Cpu).unwrap();
+    let alone: Vec<Vec<f32>> = all
+        .iter()
+        .map(|t| {
+            lib.embed_texts(&[(t.clone(), Kind::Query)], true)
+                .unwrap()
+                .remove(0)
+        })
+        .collect();
+    let want: std::collections::HashMap<&String, &Vec<f32>> = all.iter().zip(&alone).collect();
+    let mut closest = f32::INFINITY;
+    for (i, a) in alone.iter().enumerate() {
+        for b in &alone[i + 1..] {
+            closest = closest.min(common::max_abs_diff(a, b));
+        }
+    }
+    assert!(
+        closest > 1e-3,
+        "two test texts embed too closely: {closest}"
+    );
+
+    let addr = s.addr;
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            std::thread::spawn(move || {
+                (0..requests)
+                    .map(|r| {
+                        let texts: Vec<String> =
+                            (0..(c + r) % 3 + 1).map(|k| text(c, r, k)).collect();
+                        let route = if (c + r) % 2 == 0 {
+                            "/embed"
+                        } else {
+                            "/v1/embeddings"
+                        };
+                        let body = if route == "/embed" {
+                            json!({"inputs": texts})
+                        } else {
+                            json!({"input": texts, "encoding_format": "base64"})
+                        };
+                        let resp = post(addr, route, &body, None);
+                        assert_eq!(resp.status, 200, "{}", resp.text());
+                        let v = resp.json();
+                        let got = if route == "/embed" {
+                            rows(&v)
+                        } else {
+                            openai_rows(&v)
+                        };
+                        (texts, got)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for h in handles {
+        for (texts, got) in h.join().expect("client thread") {
+            assert_eq!(got.len(), texts.len(), "vectors for {texts:?}");
+            for (t, g) in texts.iter().zip(&got) {
+                assert_close(&format!("{t:?}"), g, want[t], 1e-6, 1e-5);
+            }
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, clients * requests);
+    assert_eq!(metric(addr, "sgpt_texts_total") as usize, all.len());
+    assert_eq!(metric(addr, "sgpt_queue_depth"), 0.0);
+    assert_eq!(metric(addr, "sgpt_requests_in_flight"), 0.0);
+}
+
+/// With the engine held shut, 24 requests queue up; opened, the worker packs them into a few
+/// shared batches, and each request still gets exactly its own rows.
+#[test]
+fn queued_requests_share_batches() {
+    let gate = Gate::default();
+    let g = gate.clone();
+    let server = InProcess::start(ServeOptions::new("tiny"), move || gated_embedder(g));
+    wait_healthy(server.addr);
+    let warmup_batches = gate.batches.load(Ordering::SeqCst);
+    gate.close();
+    let lib = Arc::new(Embedder::open(&tiny_model(), Device::Cpu).unwrap());
+    let addr = server.addr;
+    // The first request is taken alone and held at the gate; the rest wait in the queue.
+    let handles: Vec<_> = (0..24)
+        .map(|i| {
+            let lib = lib.clone();
+            let h = std::thread::spawn(move || {
+                let texts = vec![format!("request {i}"), format!("request {i}, second text")];
+                let r = post(addr, "/embed", &json!({"inputs": texts}), None);
+                assert_eq!(r.status, 200, "{}", r.text());
+                for (t, g) in texts.iter().zip(rows(&r.json())) {
+                    let want = lib.embed_texts(&[(t.clone(), Kind::Query)], true).unwrap();
+                    assert_close(t, &g, &want[0], 1e-6, 1e-5);
+                }
+            });
+            if i == 0 {
+                gate.wait_waiting(1);
+            }
+            h
+        })
+        .collect();
+    let t0 = Instant::now();
+    while metric(addr, "sgpt_queue_depth") < 46.0 {
+        assert!(t0.elapsed() < TIMEOUT, "requests never queued");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    gate.open();
+    for h in handles {
+        h.join().expect("client");
+    }
+    let batches = gate.batches.load(Ordering::SeqCst) - warmup_batches;
+    assert_eq!(metric(addr, "sgpt_texts_total"), 48.0);
+    assert!(batches <= 3, "24 queued requests took {batches} batches");
+    server.stop().expect("clean stop");
+}
+
+#[test]
+fn health_is_503_until_the_model_is_loaded() {
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let server = InProcess::start(ServeOptions::new("tiny"), move || {
+        let _ = wait.recv_timeout(TIMEOUT);
+        gated_embedder(Gate::default())
+    });
+    let r = get(server.addr, "/health");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error_type"], "Unhealthy");
+    let r = post(server.addr, "/embed", &json!({"inputs": "a"}), None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    let r = post(server.addr, "/v1/embeddings", &json!({"input": "a"}), None);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["type"], "server_error");
+    assert_eq!(get(server.addr, "/info").status, 503);
+    assert!(get(server.addr, "/metrics").text().contains("sgpt_ready 0"));
+    go.send(()).unwrap();
+    wait_healthy(server.addr);
+    let info = get(server.addr, "/info").json();
+    assert_eq!(info["dimensions"], 64);
+    assert_eq!(info["max_input_length"], 299);
+    assert_eq!(info["backend"], "cpu (gated, for tests)");
+    assert!(get(server.addr, "/metrics").text().contains("sgpt_ready 1"));
+    server.stop().expect("clean stop");
+}
+
+#[test]
+fn a_model_that_fails_to_load_stops_the_server() {
+    let not_a_model = root().join("tests/fixtures");
+    let mut s = ServerProcess::spawn(&not_a_model, &[]);
+    let status = s.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", s.stderr());
+    assert!(s.stderr().contains("loading the model"), "{}", s.stderr());
+    assert!(!s.stderr().contains("panicked"), "{}", s.stderr());
+}
+
+/// One request held in the engine uses the only permit: the next is refused at once.
+#[test]
+fn over_the_concurrency_limit_is_429_at_once() {
+    let gate = Gate::default();
+    let g = gate.clone();
+    let mut opts = ServeOptions::new("tiny");
+    opts.max_concurrent_requests = 1;
+    let server = InProcess::start(opts, move || gated_embedder(g));
+    wait_healthy(server.addr);
+    gate.close();
+    let addr = server.addr;
+    let held = std::thread::spawn(move || post(addr, "/embed", &json!({"inputs": "held"}), None));
+    gate.wait_waiting(1);
+    for (route, body) in [
+        ("/embed", json!({"inputs": "b"})),
+        ("/v1/embeddings", json!({"input": "b"})),
+    ] {
+        let t0 = Instant::now();
+        let r = post(addr, route, &body, None);
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "429 took {:?}",
+            t0.elapsed()
+        );
+        let v = r.json();
+        if route == "/embed" {
+            assert_eq!(v["error_type"], "Overloaded");
+        } else {
+            assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        }
+    }
+    assert_eq!(get(addr, "/health").status, 200, "probes are not limited");
+    gate.open();
+    assert_eq!(held.join().unwrap().status, 200);
+    assert_eq!(
+        post(addr, "/embed", &json!({"inputs": "c"}), None).status,
+        200
+    );
+    server.stop().expect("clean stop");
+}
+
+/// Shutdown while a request is in the engine: no new connections, the request completes,
+/// `serve` returns Ok.
+#[test]
+fn shutdown_finishes_requests_in_flight() {
+    let gate = Gate::default();
+    let g = gate.clone();
+    let mut server = InProcess::start(ServeOptions::new("tiny"), move || gated_embedder(g));
+    wait_healthy(server.addr);
+    gate.close();
+    let addr = server.addr;
+    let held = std::thread::spawn(move || {
+        post(
+            addr,
+            "/embed",
+            &json!({"inputs": ["in flight", "at shutdown"]}),
+            None,
+        )
+    });
+    gate.wait_waiting(1);
+    server.begin_shutdown();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+        assert!(t0.elapsed() < TIMEOUT, "still accepting connections");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    gate.open();
+    let r = held.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(rows(&r.json()).len(), 2);
+    server.stop().expect("clean stop");
+}
+
+/// SIGTERM to the binary while 8 clients' large requests are being served: every one is
+/// answered in full, the process exits 0.
+#[test]
+fn sigterm_while_busy_finishes_requests_and_exits_0() {
+    let mut s = ServerProcess::start(&[]);
+    let addr = s.addr;
+    let long = "lorem ipsum dolor sit amet ".repeat(80);
+    let handles: Vec<_> = (0..8)
+        .map(|c| {
+            let texts: Vec<String> = (0..32).map(|k| format!("{c} {k} {long}")).collect();
+            std::thread::spawn(move || {
+                let r = post(addr, "/embed", &json!({"inputs": texts}), None);
+                (r, Instant::now())
+            })
+        })
+        .collect();
+    // Signal once all 8 are inside the server (a connection still in the accept queue at
+    // shutdown is refused, as it should be).
+    let t0 = Instant::now();
+    loop {
+        let m = get(addr, "/metrics").text();
+        let accepted = sample_of(&m, "sgpt_requests_in_flight")
+            + sample_of(&m, "sgpt_requests_total{route=\"/embed\",status=\"200\"}");
+        if accepted >= 8.0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < TIMEOUT,
+            "the requests never reached the server"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    s.signal("-TERM");
+    let signalled = Instant::now();
+    let mut after = 0;
+    for h in handles {
+        let (r, done) = h.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(rows(&r.json()).len(), 32);
+        after += usize::from(done > signalled);
+    }
+    let status = s.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", s.stderr());
+    println!("{after} of 8 requests finished after SIGTERM");
+    assert!(
+        after > 0,
+        "every request finished before SIGTERM: the test proved nothing"
+    );
+    let log = s.stderr();
+    assert!(
+        log.contains("shutting down") && log.contains("stopped"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
