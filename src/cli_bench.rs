@@ -14,7 +14,7 @@ use sgpt::bench::{
 };
 use sgpt::config::BloomConfig;
 use sgpt::cuda::device::GpuDtype;
-use sgpt::model::{build_backend, BuiltBackend, EngineOptions, ModelDir};
+use sgpt::model::{build_backend, BuiltBackend, ModelDir};
 use sgpt::tokenize::Kind;
 use sgpt::weights::{Checkpoint, DType};
 
@@ -33,12 +33,6 @@ struct Setup {
 }
 
 fn setup(a: &BenchArgs) -> Result<Setup> {
-    if let Some(n) = a.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("thread pool")?;
-    }
     match (&a.model, &a.shape) {
         (Some(dir), None) => {
             let m = ModelDir::open(dir)?;
@@ -57,7 +51,7 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
         (None, Some(name)) => {
             let cfg = shape(name)?;
             // The CPU reads f32 in place; the GPU uploads and converts, f16 halves the build.
-            let on_gpu = a.device != sgpt::model::Device::Cpu
+            let on_gpu = a.engine.device != sgpt::model::Device::Cpu
                 && sgpt::cuda::device::unavailable_reason(0).is_none();
             let dtype = if on_gpu { DType::F16 } else { DType::F32 };
             let t = Instant::now();
@@ -81,12 +75,8 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    let opts = a.engine.apply()?; // the thread pool first: building random weights uses it
     let st = setup(&a)?;
-    let opts = EngineOptions {
-        device: a.device,
-        dtype: a.dtype,
-        max_batch_tokens: a.max_batch_tokens,
-    };
     let built = build_backend(&st.ckpt, &st.cfg, opts, st.max_text_tokens + 3)?;
     for line in built
         .notice
@@ -166,7 +156,7 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         Some(ordinal) => {
             let ctx = sgpt::cuda::device::open(ordinal)?;
             let s = ctx.default_stream();
-            let gemm = match a.dtype {
+            let gemm = match a.engine.dtype {
                 GpuDtype::F16 => sgpt::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
                 GpuDtype::Bf16 => sgpt::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
             };
@@ -289,7 +279,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let s = ctx.default_stream();
     let h = st.cfg.hidden;
     let copy_bw = sgpt::cuda::bench::copy_bandwidth(&s)?;
-    let (gemm_rate, times) = match a.dtype {
+    let (gemm_rate, times) = match a.engine.dtype {
         GpuDtype::F16 => (
             sgpt::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
             sgpt::cuda::bench::kernel_times::<half::f16>(&ctx, &k, &st.cfg, a.seqs, a.seq_len)?,
@@ -305,7 +295,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         st.label,
         a.seqs,
         a.seq_len,
-        a.dtype.name()
+        a.engine.dtype.name()
     );
     println!(
         "ceilings: copy {:.1} GB/s, GEMM {:.1} TFLOP/s (measured now)",
@@ -335,7 +325,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         );
         rows.push(json!({"op": t.name, "ms": t.ms, "gb_s": gbs, "tflop_s": tfs, "fraction_of_ceiling": frac}));
     }
-    let report = json!({"device": ctx.name().unwrap_or_default(), "model": st.label, "dtype": a.dtype.name(),
+    let report = json!({"device": ctx.name().unwrap_or_default(), "model": st.label, "dtype": a.engine.dtype.name(),
         "seqs": a.seqs, "seq_len": a.seq_len, "copy_bandwidth_gb_s": copy_bw / 1e9, "gemm_tflop_s": gemm_rate / 1e12, "ops": rows});
     write_json(a, &report)
 }

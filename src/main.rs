@@ -45,6 +45,13 @@ struct Common {
     /// Model directory: config.json, tokenizer.json, model.safetensors (or an index + shards).
     #[arg(long, short)]
     model: PathBuf,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// How the engine runs (shared by every command that embeds).
+#[derive(Args, Clone, Copy)]
+pub(crate) struct EngineArgs {
     /// Where to run: auto (the GPU when usable, else the CPU, saying why), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: Device,
@@ -57,6 +64,26 @@ struct Common {
     /// Most tokens in one packed batch [default: 2048 on the CPU, 16384 on the GPU].
     #[arg(long)]
     max_batch_tokens: Option<usize>,
+}
+
+impl EngineArgs {
+    /// Applies --threads (once per process) and checks the budget; the engine options.
+    fn apply(&self) -> Result<EngineOptions> {
+        if let Some(n) = self.threads {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .context("setting up the thread pool")?;
+        }
+        if self.max_batch_tokens == Some(0) {
+            bail!("--max-batch-tokens must be positive");
+        }
+        Ok(EngineOptions {
+            device: self.device,
+            dtype: self.dtype,
+            max_batch_tokens: self.max_batch_tokens,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -125,18 +152,8 @@ pub(crate) struct BenchArgs {
     /// Random weights at a named BLOOM shape: bloom-560m, bloom-1b1, bloom-1b7, bloom-3b, bloom-7b1.
     #[arg(long)]
     shape: Option<String>,
-    /// Where to run: auto, cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: Device,
-    /// Activation and weight type on the GPU.
-    #[arg(long, value_enum, default_value = "f16")]
-    dtype: GpuDtype,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Most tokens in one packed batch [default: 2048 on the CPU, 16384 on the GPU].
-    #[arg(long)]
-    max_batch_tokens: Option<usize>,
+    #[command(flatten)]
+    pub(crate) engine: EngineArgs,
     /// Token-id sequences to embed, JSONL (one JSON array of ids per line, brackets included),
     /// so another engine can be timed on exactly the same input. Default: a synthetic corpus.
     #[arg(long)]
@@ -224,23 +241,7 @@ fn main() {
 }
 
 fn setup(c: &Common, quiet: bool) -> Result<Embedder> {
-    if let Some(n) = c.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("setting up the thread pool")?;
-    }
-    if c.max_batch_tokens == Some(0) {
-        bail!("--max-batch-tokens must be positive");
-    }
-    let e = Embedder::open_with(
-        &c.model,
-        EngineOptions {
-            device: c.device,
-            dtype: c.dtype,
-            max_batch_tokens: c.max_batch_tokens,
-        },
-    )?;
+    let e = Embedder::open_with(&c.model, c.engine.apply()?)?;
     if !quiet {
         for line in e.notice.iter().cloned().chain(e.backend.load_summary()) {
             eprintln!("sgpt: {line}");
@@ -448,7 +449,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     } else {
         name
     });
-    opts.device = a.common.device.to_string();
+    opts.device = a.common.engine.device.to_string();
     opts.max_client_batch_size = a.max_client_batch_size;
     opts.max_concurrent_requests = a.max_concurrent_requests;
     opts.payload_limit = a.payload_limit;

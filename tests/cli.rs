@@ -518,3 +518,73 @@ fn pipelined_embedding_keeps_order_across_chunks() {
         assert_close(&format!("pipelined row {i}"), &rows[i], &alone, 1e-6, 1e-5);
     }
 }
+
+#[test]
+fn bench_reports_throughput_ceilings_and_refuses_bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench.json");
+    let model = m(&tiny_model());
+    let o = sgpt(&[
+        "bench",
+        "-m",
+        &model,
+        "--device",
+        "cpu",
+        "--texts",
+        "8",
+        "--latency-reps",
+        "2",
+        "--json",
+        &m(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for key in [
+        "tokens_per_s",
+        "mfu",
+        "memory_floor_ms",
+        "query_latency_over_floor",
+    ] {
+        assert!(
+            v[key].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()),
+            "{key}: {v}"
+        );
+    }
+    assert!(v["ceilings"]["copy_bandwidth_gb_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["texts"], 8);
+    assert!(v["latency"]["batch_16"]["p50_ms"].as_f64().is_some());
+    // a baseline file gives a ratio
+    let base = dir.path().join("base.json");
+    std::fs::write(&base, r#"{"tokens_per_s": 10.0, "query_p50_ms": 1.0}"#).unwrap();
+    let o = sgpt(&[
+        "bench",
+        "-m",
+        &model,
+        "--device",
+        "cpu",
+        "--texts",
+        "4",
+        "--latency-reps",
+        "1",
+        "--baseline",
+        &m(&base),
+    ]);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("vs baseline"),
+        "{}",
+        stderr(&o)
+    );
+    expect_error(
+        &["bench", "kernels", "-m", &model, "--device", "cpu"],
+        "needs a GPU",
+    );
+    expect_error(
+        &["bench", "--shape", "bloom-9z", "--device", "cpu"],
+        "unknown shape",
+    );
+    expect_error(
+        &["bench", "--device", "cpu"],
+        "give --model DIR or --shape NAME",
+    );
+}
