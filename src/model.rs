@@ -192,6 +192,8 @@ pub struct Embedder {
     pub max_batch_tokens: usize,
     /// Set when `--device auto` fell back to the CPU: the reason, for the operator.
     pub notice: Option<String>,
+    /// The GPU the backend runs on, if any (other GPU work, e.g. `sgpt eval`'s search, follows).
+    pub gpu: Option<usize>,
 }
 
 /// Default token budget of one packed batch on the CPU: large enough that GEMMs run near peak,
@@ -227,6 +229,7 @@ impl Embedder {
             backend: built.backend,
             max_batch_tokens: built.max_batch_tokens,
             notice: built.notice,
+            gpu: built.gpu,
         })
     }
 

@@ -16,8 +16,27 @@ use std::sync::Arc;
 use cudarc::cublaslt::{result, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::cuda::ops::Act;
 use crate::error::{Error, Result};
+
+/// Element types cuBLASLt multiplies here (f32 accumulation in every case).
+pub trait GemmElem:
+    cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Send + Sync + 'static
+{
+    const BLAS_TYPE: sys::cudaDataType;
+}
+
+impl GemmElem for half::f16 {
+    const BLAS_TYPE: sys::cudaDataType = sys::cudaDataType::CUDA_R_16F;
+}
+
+impl GemmElem for half::bf16 {
+    const BLAS_TYPE: sys::cudaDataType = sys::cudaDataType::CUDA_R_16BF;
+}
+
+/// Full f32 (CUBLAS_COMPUTE_32F, no TF32): the exact similarity search of `sgpt eval`.
+impl GemmElem for f32 {
+    const BLAS_TYPE: sys::cudaDataType = sys::cudaDataType::CUDA_R_32F;
+}
 
 /// cuBLASLt's recommended workspace on Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -73,7 +92,7 @@ impl Gemm {
         self.plans.len()
     }
 
-    fn plan<T: Act>(&mut self, shape: Shape) -> Result<&Plan> {
+    fn plan<T: GemmElem>(&mut self, shape: Shape) -> Result<&Plan> {
         if !self.plans.contains_key(&shape) {
             let p = self.make_plan::<T>(shape)?;
             self.plans.insert(shape, p);
@@ -81,7 +100,7 @@ impl Gemm {
         Ok(&self.plans[&shape])
     }
 
-    fn make_plan<T: Act>(&self, s: Shape) -> Result<Plan> {
+    fn make_plan<T: GemmElem>(&self, s: Shape) -> Result<Plan> {
         let (m, n, k) = (s.n_out as u64, s.tokens as u64, s.n_in as u64);
         let desc = result::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -165,9 +184,10 @@ impl Gemm {
         })
     }
 
-    /// y[T, out] = x[T, in]·Wᵀ (+ bias), W [out, in] row-major, all of type T.
+    /// y[T, out] = x[T, in]·Wᵀ (+ bias), W [out, in] row-major, all of type T. Buffers may be
+    /// longer than the shapes need (reused scratch); only their leading elements are used.
     #[allow(clippy::too_many_arguments)]
-    pub fn linear<T: Act>(
+    pub fn linear<T: GemmElem>(
         &mut self,
         x: &CudaSlice<T>,
         w: &CudaSlice<T>,
@@ -178,7 +198,7 @@ impl Gemm {
         n_out: usize,
     ) -> Result<()> {
         if x.len() < tokens * n_in
-            || w.len() != n_in * n_out
+            || w.len() < n_in * n_out
             || y.len() < tokens * n_out
             || bias.is_some_and(|b| b.len() != n_out)
         {

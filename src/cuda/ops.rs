@@ -17,12 +17,9 @@ use crate::cuda::nvrtc;
 use crate::error::{Error, Result};
 
 /// Activation element types: the kernels' `T`.
-pub trait Act:
-    cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Send + Sync + 'static
-{
+pub trait Act: crate::cuda::gemm::GemmElem {
     /// Suffix of the kernel names (`_f16`, `_bf16`).
     const SUFFIX: &'static str;
-    const BLAS_TYPE: cudarc::cublaslt::sys::cudaDataType;
     /// Host-side conversions (tests, small host uploads).
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
@@ -30,8 +27,6 @@ pub trait Act:
 
 impl Act for half::f16 {
     const SUFFIX: &'static str = "f16";
-    const BLAS_TYPE: cudarc::cublaslt::sys::cudaDataType =
-        cudarc::cublaslt::sys::cudaDataType::CUDA_R_16F;
     fn from_f32(v: f32) -> Self {
         half::f16::from_f32(v)
     }
@@ -42,8 +37,6 @@ impl Act for half::f16 {
 
 impl Act for half::bf16 {
     const SUFFIX: &'static str = "bf16";
-    const BLAS_TYPE: cudarc::cublaslt::sys::cudaDataType =
-        cudarc::cublaslt::sys::cudaDataType::CUDA_R_16BF;
     fn from_f32(v: f32) -> Self {
         half::bf16::from_f32(v)
     }

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod metrics;
 pub mod report;
 pub mod search;
+pub mod search_gpu;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,7 +32,7 @@ use crate::tokenize::Kind;
 use beir::Dataset;
 use cache::{Fnv, ShardCache};
 use metrics::Metrics;
-use search::{CpuScorer, Hit, Scorer, SearchPlan};
+use search::{BlockedScorer, CpuScorer, Hit, Scorer, SearchPlan, DOC_BLOCK, QUERY_BLOCK};
 
 /// Documents retrieved per query for the metrics: Recall@100 and MAP@100 need 100.
 pub const METRICS_DEPTH: usize = 100;
@@ -365,7 +366,18 @@ pub fn evaluate(
             .map(|q| corpus.index.get(&q.id).copied())
             .collect(),
     };
-    let mut scorer: Box<dyn Scorer> = Box::new(CpuScorer::new(queries, h, plan)?);
+    // Exact search where the embeddings were made: the GPU when the engine runs there.
+    let mut scorer: Box<dyn Scorer> = match embedder.gpu {
+        Some(ordinal) => Box::new(BlockedScorer::with_product(
+            search_gpu::GpuProduct::new(ordinal)?,
+            queries,
+            h,
+            plan,
+            QUERY_BLOCK,
+            DOC_BLOCK,
+        )?),
+        None => Box::new(CpuScorer::new(queries, h, plan)?),
+    };
     let scorer_name = scorer.describe();
 
     let d_ids: Vec<&str> = corpus.ids.iter().map(String::as_str).collect();

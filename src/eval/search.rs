@@ -10,8 +10,8 @@
 //! to a run file are the ranks trec_eval evaluates. A document whose id equals the query's id is
 //! never returned for that query (BEIR's default `ignore_identical_ids`).
 //!
-//! [`CpuScorer`] is the multi-threaded CPU implementation. A GPU scorer (the GEMM and the top-k
-//! on the device, document blocks streamed in) plugs in behind the same trait.
+//! [`BlockedScorer`] does the blocking and the heaps; its tiles come from a [`TileProduct`]:
+//! [`CpuProduct`] (multi-threaded `gemm`) or, with a GPU, cuBLASLt in f32 (`search_gpu`).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -155,13 +155,73 @@ pub const QUERY_BLOCK: usize = 512;
 /// Document rows per tile: a 512 × 4096 f32 tile is 8 MiB.
 pub const DOC_BLOCK: usize = 4096;
 
-/// Exact search on the CPU: tiles through the `gemm` crate (packed SIMD kernels, rayon threads),
+/// One score tile: `out[qn, n] = queries[qn, H] · docs[n, H]ᵀ`, all row-major f32. The CPU does
+/// it with the `gemm` crate; the GPU with cuBLASLt (`crate::eval::search_gpu`).
+pub trait TileProduct: Send {
+    fn product(
+        &mut self,
+        queries: &[f32],
+        docs: &[f32],
+        hidden: usize,
+        out: &mut [f32],
+    ) -> Result<()>;
+    /// e.g. "cpu exact (gemm, 2 threads)".
+    fn describe(&self) -> String;
+}
+
+/// Tiles on the CPU through the `gemm` crate (packed SIMD kernels, rayon threads).
+pub struct CpuProduct;
+
+impl TileProduct for CpuProduct {
+    fn product(&mut self, lhs: &[f32], docs: &[f32], h: usize, out: &mut [f32]) -> Result<()> {
+        let (qn, n) = (lhs.len() / h, docs.len() / h);
+        assert!(out.len() == qn * n && lhs.len() == qn * h && docs.len() == n * h);
+        // SAFETY: dst is the [qn, n] tile (row stride n, column stride 1), exactly
+        // qn·n long; lhs the [qn, H] query rows (row stride H); rhs = docsᵀ, [H, n], read from
+        // docs [n, H] with row stride 1 and column stride H: element (c, j) = docs[j·H + c],
+        // j < n, c < H, inside docs.len() = n·H. dst is a fresh &mut, disjoint from both.
+        unsafe {
+            gemm::gemm(
+                qn,
+                n,
+                h,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                lhs.as_ptr(),
+                1,
+                h as isize,
+                docs.as_ptr(),
+                h as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("cpu exact (gemm, {} threads)", rayon::current_num_threads())
+    }
+}
+
+/// Exact search on the CPU; see [`BlockedScorer`].
+pub type CpuScorer = BlockedScorer<CpuProduct>;
+
+/// Exact search by tiles: each [query block × document block] tile from a [`TileProduct`],
 /// then each query's row of the tile into its heap, queries in parallel. Documents are
 /// re-blocked at fixed offsets (multiples of the document block), so every score is computed
 /// the same way whatever the shard sizes were: a resumed run ranks exactly like a fresh one.
 /// (The same dot product computed inside tiles of other shapes can differ in the last bit;
 /// the unit tests saw it with 5×7 vs 512×4096 tiles.)
-pub struct CpuScorer {
+pub struct BlockedScorer<P: TileProduct> {
+    product: P,
     /// [Q, H], unit rows.
     queries: Vec<f32>,
     hidden: usize,
@@ -190,6 +250,20 @@ impl CpuScorer {
         query_block: usize,
         doc_block: usize,
     ) -> Result<Self> {
+        BlockedScorer::with_product(CpuProduct, queries, hidden, plan, query_block, doc_block)
+    }
+}
+
+impl<P: TileProduct> BlockedScorer<P> {
+    /// A scorer whose tiles come from `product`; `queries` is [Q, H] with unit rows.
+    pub fn with_product(
+        product: P,
+        queries: Vec<f32>,
+        hidden: usize,
+        plan: SearchPlan,
+        query_block: usize,
+        doc_block: usize,
+    ) -> Result<Self> {
         if hidden == 0 || !queries.len().is_multiple_of(hidden) {
             return Err(Error::Input(format!(
                 "search: {} query values are not a whole number of {hidden}-wide rows",
@@ -209,7 +283,8 @@ impl CpuScorer {
             )));
         }
         let heaps = vec![TopK::new(plan.k); q];
-        Ok(CpuScorer {
+        Ok(BlockedScorer {
+            product,
             queries,
             hidden,
             heaps,
@@ -223,42 +298,15 @@ impl CpuScorer {
     }
 
     /// Scores `docs` ([n, H], rows `first ..`) against every query.
-    fn score_block(&mut self, first: usize, docs: &[f32]) {
+    fn score_block(&mut self, first: usize, docs: &[f32]) -> Result<()> {
         let h = self.hidden;
         let n = docs.len() / h;
         let q = self.heaps.len();
-        let threads = rayon::current_num_threads();
         for qs in (0..q).step_by(self.query_block) {
             let qn = self.query_block.min(q - qs);
             self.tile.resize(qn * n, 0.0);
             let lhs = &self.queries[qs * h..(qs + qn) * h];
-            // SAFETY: dst is the [qn, n] tile (row stride n, column stride 1), exactly
-            // qn·n long; lhs the [qn, H] query rows (row stride H); rhs = docsᵀ, [H, n], read from
-            // docs [n, H] with row stride 1 and column stride H: element (c, j) = docs[j·H + c],
-            // j < n, c < H, inside docs.len() = n·H. dst is a fresh &mut, disjoint from both.
-            unsafe {
-                gemm::gemm(
-                    qn,
-                    n,
-                    h,
-                    self.tile.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    lhs.as_ptr(),
-                    1,
-                    h as isize,
-                    docs.as_ptr(),
-                    h as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(threads),
-                );
-            }
+            self.product.product(lhs, docs, h, &mut self.tile)?;
             let (tie_rank, exclude) = (&self.plan.tie_rank, &self.plan.exclude[qs..qs + qn]);
             self.heaps[qs..qs + qn]
                 .par_iter_mut()
@@ -266,26 +314,29 @@ impl CpuScorer {
                 .zip(exclude.par_iter())
                 .for_each(|((heap, row), &ex)| heap.offer_row(first, row, tie_rank, ex));
         }
+        Ok(())
     }
 
     /// Scores every complete document block in `pending` (all of it when `all`).
-    fn drain(&mut self, all: bool) {
+    fn drain(&mut self, all: bool) -> Result<()> {
         let h = self.hidden;
         let mut done = 0;
         let rows = self.pending.len() / h;
         while rows - done >= self.doc_block || (all && done < rows) {
             let n = self.doc_block.min(rows - done);
             let block = std::mem::take(&mut self.pending);
-            self.score_block(self.pending_first + done, &block[done * h..(done + n) * h]);
+            let r = self.score_block(self.pending_first + done, &block[done * h..(done + n) * h]);
             self.pending = block;
+            r?;
             done += n;
         }
         self.pending.drain(..done * h);
         self.pending_first += done;
+        Ok(())
     }
 }
 
-impl Scorer for CpuScorer {
+impl<P: TileProduct> Scorer for BlockedScorer<P> {
     fn add_documents(&mut self, first: usize, docs: &[f32]) -> Result<()> {
         let expected = self.pending_first + self.pending.len() / self.hidden;
         if first != expected || !docs.len().is_multiple_of(self.hidden) {
@@ -302,17 +353,16 @@ impl Scorer for CpuScorer {
             )));
         }
         self.pending.extend_from_slice(docs);
-        self.drain(false);
-        Ok(())
+        self.drain(false)
     }
 
     fn finish(mut self: Box<Self>) -> Result<Vec<Vec<Hit>>> {
-        self.drain(true);
+        self.drain(true)?;
         Ok(self.heaps.into_iter().map(TopK::into_sorted).collect())
     }
 
     fn describe(&self) -> String {
-        format!("cpu exact (gemm, {} threads)", rayon::current_num_threads())
+        self.product.describe()
     }
 }
 

@@ -400,5 +400,6 @@ pub fn gated_embedder(gate: Gate) -> sgpt::Result<Embedder> {
         backend: Box::new(GatedBackend { inner, gate }),
         max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
         notice: None,
+        gpu: None,
     })
 }
