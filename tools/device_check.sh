@@ -11,6 +11,7 @@
 #      random weights, f16 and bf16 (tools/parity_torch.py)
 #   6. speed at bloom-7b1 shape: the PyTorch fp16 baseline (tools/bench_torch_gpu.py), sgpt bench
 #      on the same ids with the copy-bandwidth and GEMM ceilings, and sgpt bench kernels
+#   7. sgpt serve under load on the GPU (tools/load_bench.py) and sgpt eval with the GPU search
 set -uo pipefail
 OUT=${OUT:-/tmp/sgpt-device-out}
 mkdir -p "$OUT"
@@ -83,6 +84,18 @@ timeout 60 .device/sgpt bench kernels --shape bloom-7b1 --device cuda \
   --json "$OUT/kernels-7b1.json" > "$OUT/kernels.txt" 2>&1 || status=1
 sed 's/^/    /' "$OUT/kernels.txt" >> "$report"
 rm -f "$OUT/ids.jsonl"  # large and reproducible (seeded)
+
+step "serve + eval"
+echo -e "\n## sgpt serve under load (bloom-7b1 shape, GPU) and sgpt eval on the GPU" >> "$report"
+if [ -d /tmp/sgpt-parity/bloom-7b1 ]; then
+  timeout 120 python3 tools/load_bench.py --sgpt .device/sgpt --model /tmp/sgpt-parity/bloom-7b1 \
+    --concurrency 1,16,64 --duration 5 > "$OUT/load.txt" 2>&1 || status=1
+  tail -n 12 "$OUT/load.txt" | sed 's/^/    /' >> "$report"
+fi
+# The synthetic BEIR set with the shipped model: search on the GPU, metrics to compare with CI's.
+timeout 60 .device/sgpt eval --model models/sgpt-tiny --data tests/fixtures/beir-synthetic --device cuda \
+  --cache-dir /tmp/sgpt-eval-cache --metrics "$OUT/eval-gpu.json" > "$OUT/eval.txt" 2>&1 || status=1
+sed 's/^/    /' "$OUT/eval.txt" | tail -n 12 >> "$report"
 echo -e "\n## Result: $([ $status = 0 ] && echo 'all checks passed' || echo 'SOME CHECKS FAILED')" >> "$report"
 cat "$report"
 exit $status
