@@ -38,6 +38,9 @@ impl GemmElem for f32 {
     const BLAS_TYPE: sys::cudaDataType = sys::cudaDataType::CUDA_R_32F;
 }
 
+/// Most shapes kept planned at once.
+const MAX_PLANS: usize = 512;
+
 /// cuBLASLt's recommended workspace on Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -94,6 +97,10 @@ impl Gemm {
 
     fn plan<T: GemmElem>(&mut self, shape: Shape) -> Result<&Plan> {
         if !self.plans.contains_key(&shape) {
+            // Token counts vary batch to batch: keep the cache bounded (re-planning is cheap).
+            if self.plans.len() >= MAX_PLANS {
+                self.clear();
+            }
             let p = self.make_plan::<T>(shape)?;
             self.plans.insert(shape, p);
         }
@@ -261,17 +268,26 @@ impl Gemm {
     }
 }
 
-impl Drop for Gemm {
-    fn drop(&mut self) {
+impl Gemm {
+    /// Destroys every plan (their descriptors are no longer in use: calls are stream-ordered and
+    /// cuBLASLt reads descriptors at enqueue time).
+    fn clear(&mut self) {
         // SAFETY: every object was created by this struct and is destroyed once.
         unsafe {
-            for p in self.plans.values() {
+            for (_, p) in self.plans.drain() {
                 let _ = result::destroy_matrix_layout(p.a);
                 let _ = result::destroy_matrix_layout(p.b);
                 let _ = result::destroy_matrix_layout(p.c);
                 let _ = result::destroy_matmul_desc(p.desc);
             }
-            let _ = result::destroy_handle(self.handle);
         }
+    }
+}
+
+impl Drop for Gemm {
+    fn drop(&mut self) {
+        self.clear();
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { result::destroy_handle(self.handle) };
     }
 }

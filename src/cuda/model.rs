@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 
 use crate::batch::PackedBatch;
 use crate::config::BloomConfig;
@@ -38,12 +38,17 @@ impl LoadReport {
     }
 }
 
-/// Copies tensors from the memory map to the device in chunks through one pinned buffer,
-/// converting on the device when the stored dtype differs from the wanted one.
+/// Copies tensors from the memory map to the device in chunks through two pinned buffers (one
+/// is filled from the map while the other's copy runs), converting on the device when the
+/// stored dtype differs from the wanted one.
 struct Uploader<'k> {
     stream: Arc<CudaStream>,
     kernels: &'k Kernels,
-    pinned: cudarc::driver::PinnedHostSlice<u8>,
+    pinned: [cudarc::driver::PinnedHostSlice<u8>; 2],
+    /// Recorded after the copy out of `pinned[i]`: it must complete before `pinned[i]` is
+    /// refilled (copies from page-locked memory are asynchronous).
+    done: [Option<CudaEvent>; 2],
+    next: usize,
     staging: CudaSlice<u8>,
     bytes: u64,
 }
@@ -60,9 +65,12 @@ fn type_name(d: DType) -> &'static str {
 
 impl<'k> Uploader<'k> {
     fn new(ctx: &Arc<CudaContext>, stream: Arc<CudaStream>, kernels: &'k Kernels) -> Result<Self> {
-        // SAFETY: host allocation of plain bytes; written before each read.
-        let pinned = unsafe { ctx.alloc_pinned::<u8>(CHUNK_BYTES) }
-            .map_err(|e| err("pinned staging buffer", e))?;
+        // SAFETY: host allocations of plain bytes; each is written before it is read.
+        let pin = || {
+            unsafe { ctx.alloc_pinned::<u8>(CHUNK_BYTES) }
+                .map_err(|e| err("pinned staging buffer", e))
+        };
+        let pinned = [pin()?, pin()?];
         // SAFETY: device scratch, written before each read.
         let staging = unsafe { stream.alloc::<u8>(CHUNK_BYTES) }
             .map_err(|e| err("device staging buffer", e))?;
@@ -70,6 +78,8 @@ impl<'k> Uploader<'k> {
             stream,
             kernels,
             pinned,
+            done: [None, None],
+            next: 0,
             staging,
             bytes: 0,
         })
@@ -93,13 +103,16 @@ impl<'k> Uploader<'k> {
         for start in (0..n).step_by(per_chunk.max(1)) {
             let count = per_chunk.min(n - start);
             let chunk = &bytes[start * src_size..(start + count) * src_size];
-            let host = self
-                .pinned
+            let i = self.next;
+            self.next = 1 - i;
+            if let Some(e) = self.done[i].take() {
+                e.synchronize().map_err(|e| err("upload sync", e))?;
+            }
+            let host = self.pinned[i]
                 .as_mut_slice()
                 .map_err(|e| err("pinned buffer", e))?;
             host[..chunk.len()].copy_from_slice(chunk);
-            let host = &self
-                .pinned
+            let host = &self.pinned[i]
                 .as_slice()
                 .map_err(|e| err("pinned buffer", e))?[..chunk.len()];
             // SAFETY: `out` holds n elements of D = n·dst_size bytes; we view them as bytes.
@@ -107,8 +120,6 @@ impl<'k> Uploader<'k> {
                 .ok_or_else(|| Error::Cuda("byte view".into()))?;
             let mut dst_range = out_bytes.slice_mut(start * dst_size..(start + count) * dst_size);
             if src == dst {
-                // Copies from a host slice synchronize the stream when done, so the pinned
-                // buffer can be refilled on the next iteration.
                 self.stream
                     .memcpy_htod(host, &mut dst_range)
                     .map_err(|e| err(&t.name, e))?;
@@ -121,6 +132,11 @@ impl<'k> Uploader<'k> {
                 self.kernels
                     .convert(&self.stream, &stage, src, &mut dst_range, dst, count)?;
             }
+            self.done[i] = Some(
+                self.stream
+                    .record_event(None)
+                    .map_err(|e| err("upload event", e))?,
+            );
         }
         self.bytes += bytes.len() as u64;
         Ok(out)
@@ -288,6 +304,9 @@ impl<T: Act> CudaModel<T> {
     pub fn forward(&self, batch: &PackedBatch, normalize: bool) -> Result<Vec<f32>> {
         batch.validate(self.cfg.vocab)?;
         let (t, s_count) = (batch.num_tokens(), batch.num_seqs());
+        if s_count == 0 {
+            return Ok(Vec::new()); // as the CPU path: nothing in, nothing out
+        }
         if t > self.max_tokens {
             return Err(Error::Input(format!(
                 "batch of {t} tokens exceeds the {} the GPU buffers were sized for",
@@ -402,6 +421,8 @@ impl<T: Act> CudaModel<T> {
         let mut host = vec![0f32; s_count * h];
         s.memcpy_dtoh(&st.out.slice(..s_count * h), &mut host)
             .map_err(|e| err("embeddings download", e))?;
+        // A copy into pageable memory is synchronous in practice, not by contract: make sure.
+        s.synchronize().map_err(|e| err("embeddings download", e))?;
         Ok(host)
     }
 

@@ -57,8 +57,23 @@ pub fn include_dirs() -> Vec<PathBuf> {
     v
 }
 
-/// Compiles `k` for `arch` (e.g. "sm_90") to CUBIN. `cache_dir` None: no disk cache.
+/// Compiles `k` for `arch` (e.g. "sm_90") to CUBIN, or reads it from `cache_dir` (None: no
+/// disk cache).
 pub fn compile(k: &KernelSource, arch: &str, cache_dir: Option<&Path>) -> Result<Compiled> {
+    compile_inner(k, arch, cache_dir, true)
+}
+
+/// As [`compile`], never reading the cache (a cached file failed to load), still writing it.
+pub fn compile_fresh(k: &KernelSource, arch: &str, cache_dir: Option<&Path>) -> Result<Compiled> {
+    compile_inner(k, arch, cache_dir, false)
+}
+
+fn compile_inner(
+    k: &KernelSource,
+    arch: &str,
+    cache_dir: Option<&Path>,
+    read_cache: bool,
+) -> Result<Compiled> {
     let (major, minor) = version()?;
     let src = k.full_source();
     let key = cache_key(&src, arch, (major, minor));
@@ -68,7 +83,7 @@ pub fn compile(k: &KernelSource, arch: &str, cache_dir: Option<&Path>) -> Result
             k.file.trim_end_matches(".cu")
         ))
     });
-    if let Some(p) = &cached {
+    if let (Some(p), true) = (&cached, read_cache) {
         if let Ok(cubin) = std::fs::read(p) {
             return Ok(Compiled {
                 cubin,
@@ -137,7 +152,12 @@ pub fn compile(k: &KernelSource, arch: &str, cache_dir: Option<&Path>) -> Result
         if let Some(dir) = p.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let tmp = p.with_extension("tmp");
+        // A name of our own, so concurrent writers never interleave; the rename is atomic.
+        let tmp = p.with_extension(format!(
+            "tmp.{}.{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         if std::fs::write(&tmp, &cubin).is_ok() {
             let _ = std::fs::rename(&tmp, p);
         }

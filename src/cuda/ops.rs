@@ -49,8 +49,8 @@ impl Act for half::bf16 {
 const ROW_THREADS: u32 = 256;
 /// Warps per block of the attention kernel (one warp per query token).
 const ATTN_WARPS: u32 = 4;
-/// Default dynamic shared memory limit without opting in.
-const SMEM_LIMIT: usize = 48 * 1024;
+/// Shared memory a block may use without opting in, less the kernels' static `scratch[32]`.
+const SMEM_LIMIT: usize = 48 * 1024 - 32 * 4;
 
 fn err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("{what}: {e:?}"))
@@ -92,10 +92,18 @@ impl Kernels {
         let mut cached = 0;
         for k in KERNELS {
             let c = nvrtc::compile(k, &arch, cache_dir)?;
-            cached += c.from_cache as usize;
-            let module = ctx
-                .load_module(Ptx::from_binary(c.cubin))
-                .map_err(|e| err(k.file, e))?;
+            let from_cache = c.from_cache;
+            let module = match ctx.load_module(Ptx::from_binary(c.cubin)) {
+                Ok(m) => m,
+                // A damaged cache entry: compile afresh (and overwrite it) rather than fail.
+                Err(_) if from_cache => {
+                    let c = nvrtc::compile_fresh(k, &arch, cache_dir)?;
+                    ctx.load_module(Ptx::from_binary(c.cubin))
+                        .map_err(|e| err(k.file, e))?
+                }
+                Err(e) => return Err(err(k.file, e)),
+            };
+            cached += from_cache as usize;
             for &f in k.functions {
                 funcs.insert(f, module.load_function(f).map_err(|e| err(f, e))?);
             }
