@@ -220,20 +220,24 @@ fn attention<T: Act>(g: &Gpu) {
             &mut want,
         );
         let cu32: Vec<i32> = cu.iter().map(|&c| c as i32).collect();
+        let (dq, dcu) = (up::<T>(g, &qkv), g.s.clone_htod(&cu32).unwrap());
         let mut out = poison::<T>(g, t * h);
-        g.k.alibi_attention(
-            &g.s,
-            &up::<T>(g, &qkv),
-            &g.s.clone_htod(&cu32).unwrap(),
-            lens.len(),
-            &mut out,
-            t,
-            heads,
-            d,
-        )
-        .unwrap();
+        g.k.alibi_attention(&g.s, &dq, &dcu, lens.len(), &mut out, t, heads, d)
+            .unwrap();
         assert_close(
             &format!("alibi_attention {label}"),
+            &down(g, &out),
+            &want,
+            tol::<T>(),
+            tol::<T>(),
+        );
+        // version 2 (tensor cores): probabilities rounded to T once more, within the same bound
+        let max_len = *lens.iter().max().unwrap();
+        let mut out = poison::<T>(g, t * h);
+        g.k.alibi_attention_tc(&g.s, &dq, &dcu, lens.len(), max_len, &mut out, t, heads, d)
+            .unwrap();
+        assert_close(
+            &format!("alibi_attention_tc {label}"),
             &down(g, &out),
             &want,
             tol::<T>(),

@@ -5,7 +5,8 @@
 #   1. the card, driver and CUDA version (nvidia-smi)
 #   2. NVRTC compiles every kernel for this card's architecture and sm_80/sm_90, no spills
 #   3. GPU tests: each kernel vs its CPU twin, GEMMs, GPU forward vs CPU and fixtures, batch
-#      invariance (tests/gpu.rs, SGPT_REQUIRE_GPU=1 so nothing skips)
+#      invariance (tests/gpu.rs, SGPT_REQUIRE_GPU=1 so nothing skips); the forward again with
+#      attention version 2 (SGPT_ATTENTION=tc)
 #   4. the CPU path against the fixtures on this machine too (tests/golden.rs)
 #   5. parity against PyTorch/transformers on this GPU at bloom-560m and bloom-7b1 shapes with
 #      random weights, f16 and bf16 (tools/parity_torch.py)
@@ -34,9 +35,9 @@ step() { echo "== $1" | tee -a "$OUT/log.txt"; }
 } > "$report"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
-run_tests() {  # name, binary, timeout
+run_tests() {  # name, binary, timeout, [test name filter]
   step "tests: $1"
-  timeout "$3" "$2" --test-threads=1 --nocapture > "$OUT/test-$1.txt" 2>&1
+  timeout "$3" "$2" --test-threads=1 --nocapture ${4:-} > "$OUT/test-$1.txt" 2>&1
   local rc=$?
   local summary; summary=$(grep -o 'test result: .*' "$OUT/test-$1.txt" | tail -n 1)
   if [ $rc = 0 ]; then
@@ -50,6 +51,8 @@ run_tests() {  # name, binary, timeout
 echo "## Tests" >> "$report"
 run_tests nvrtc .device/tests/nvrtc 120
 run_tests gpu .device/tests/gpu 180
+# The whole forward again with attention version 2 (tensor cores), still on trial.
+SGPT_ATTENTION=tc run_tests gpu-attention-tc .device/tests/gpu 90 forward_matches_cpu_and_reference
 run_tests golden .device/tests/golden 60
 grep -E "worst cosine|registers" "$OUT/test-gpu.txt" "$OUT/test-nvrtc.txt" 2>/dev/null | sed 's/^/    /' | head -n 12 >> "$report"
 
@@ -80,6 +83,10 @@ ids="--texts 2048"; [ -s "$OUT/ids.jsonl" ] && ids="--ids $OUT/ids.jsonl"
 timeout 150 .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
   --json "$OUT/bench-7b1.json" > "$OUT/bench.txt" 2>&1 || status=1
 sed 's/^/    /' "$OUT/bench.txt" >> "$report"
+echo "    -- the same with attention version 2 (SGPT_ATTENTION=tc):" >> "$report"
+SGPT_ATTENTION=tc timeout 100 .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
+  --json "$OUT/bench-7b1-tc.json" > "$OUT/bench-tc.txt" 2>&1 || status=1
+grep -E "throughput|latency batch_01|MFU|baseline" "$OUT/bench-tc.txt" | sed 's/^/    /' >> "$report"
 timeout 60 .device/sgpt bench kernels --shape bloom-7b1 --device cuda \
   --json "$OUT/kernels-7b1.json" > "$OUT/kernels.txt" 2>&1 || status=1
 sed 's/^/    /' "$OUT/kernels.txt" >> "$report"

@@ -17,7 +17,7 @@ fi
 # (GPU.md: 13.0.88 is the NVRTC build of the GPU machine's environment). Kept apart from .venv:
 # torch pins its own CUDA wheels.
 nv=.nvrtc
-nv_pins="nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96"
+nv_pins="nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88"
 if [ "$(cat "$nv/.pins" 2>/dev/null)" != "$nv_pins" ]; then
   echo "== installing NVRTC into $nv"
   rm -rf "$nv"

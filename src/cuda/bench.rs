@@ -147,6 +147,15 @@ pub fn kernel_times<T: Act>(
         k.alibi_attention(&s, &qkv, &cu, seqs, &mut ctxb, t, n, d)
     })?;
     push("alibi_attention", ms, tf * hf * 4.0 * a, 4.0 * hf * pairs);
+    let ms = time_ms(&s, reps, || {
+        k.alibi_attention_tc(&s, &qkv, &cu, seqs, len, &mut ctxb, t, n, d)
+    })?;
+    push(
+        "alibi_attention_tc",
+        ms,
+        tf * hf * 4.0 * a,
+        4.0 * hf * pairs,
+    );
     let ms = time_ms(&s, reps, || k.bias_gelu(&s, &mut m, &b_f, t))?;
     push("bias_gelu", ms, tf * 4.0 * hf * 2.0 * a, 0.0);
     let ms = time_ms(&s, reps, || {

@@ -28,6 +28,11 @@ pub const KERNELS: &[KernelSource] = &[
         functions: &["alibi_attention_f16", "alibi_attention_bf16"],
     },
     KernelSource {
+        file: "alibi_attention_tc.cu",
+        source: include_str!("../../kernels/alibi_attention_tc.cu"),
+        functions: &["alibi_attention_tc_f16", "alibi_attention_tc_bf16"],
+    },
+    KernelSource {
         file: "bias_gelu.cu",
         source: include_str!("../../kernels/bias_gelu.cu"),
         functions: &["bias_gelu_f16", "bias_gelu_bf16"],

@@ -179,6 +179,9 @@ pub struct CudaModel<T: Act> {
     pub cfg: BloomConfig,
     pub report: LoadReport,
     pub max_tokens: usize,
+    /// Attention version 2 (tensor cores) instead of version 1, while a device run decides
+    /// between them: `SGPT_ATTENTION=tc` (docs/perf-notes.md).
+    attention_tc: bool,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     kernels: Kernels,
@@ -289,6 +292,7 @@ impl<T: Act> CudaModel<T> {
                 kernels_from_cache: kernels.cached,
             },
             max_tokens: tmax,
+            attention_tc: std::env::var("SGPT_ATTENTION").as_deref() == Ok("tc"),
             ctx,
             stream,
             kernels,
@@ -358,7 +362,22 @@ impl<T: Act> CudaModel<T> {
                 h,
                 3 * h,
             )?; // [T, 3H]
-            k.alibi_attention(s, &st.qkv, &st.cu, s_count, &mut st.ctx, t, n, d)?; // [T, H]
+            if self.attention_tc {
+                k.alibi_attention_tc(
+                    s,
+                    &st.qkv,
+                    &st.cu,
+                    s_count,
+                    batch.max_len(),
+                    &mut st.ctx,
+                    t,
+                    n,
+                    d,
+                )?; // [T, H]
+            } else {
+                k.alibi_attention(s, &st.qkv, &st.cu, s_count, &mut st.ctx, t, n, d)?;
+                // [T, H]
+            }
             st.gemm.linear(
                 &st.ctx,
                 &blk.dense_w,

@@ -73,6 +73,13 @@ fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
+/// Dynamic shared memory of `alibi_attention_tc` for head dim `d` (see the kernel's header):
+/// Q, K, V tiles of 64 rows, f32 scores, probabilities in T, f32 output rows, for 4 warps.
+pub fn attention_tc_smem(d: usize) -> usize {
+    let dp = d.div_ceil(16) * 16;
+    3 * 64 * (dp + 8) * 2 + 4 * 16 * 68 * 4 + 4 * 16 * 72 * 2 + 4 * 16 * (dp + 4) * 4
+}
+
 /// Every kernel function, loaded once at start-up.
 pub struct Kernels {
     funcs: HashMap<&'static str, CudaFunction>,
@@ -105,7 +112,16 @@ impl Kernels {
             };
             cached += from_cache as usize;
             for &f in k.functions {
-                funcs.insert(f, module.load_function(f).map_err(|e| err(f, e))?);
+                let func = module.load_function(f).map_err(|e| err(f, e))?;
+                if f.starts_with("alibi_attention_tc") {
+                    // Above the default 48 KB: opt in once, for the largest head dim (128).
+                    func.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        attention_tc_smem(128) as i32,
+                    )
+                    .map_err(|e| err(f, e))?;
+                }
+                funcs.insert(f, func);
             }
         }
         Ok(Kernels {
@@ -264,6 +280,62 @@ impl Kernels {
         }
         .map(drop)
         .map_err(|e| err("alibi_attention", e))
+    }
+
+    /// `alibi_attention_tc_<T>(const T* qkv, const int* cu_seqlens, int S, int tiles, T* ctx,
+    ///  int heads, int d)` — version 2 of the attention on tensor cores; same contract as
+    ///  [`Self::alibi_attention`], plus the longest sequence (`max_len`) to size the grid.
+    #[allow(clippy::too_many_arguments)]
+    pub fn alibi_attention_tc<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        qkv: &CudaSlice<T>,
+        cu_seqlens: &CudaSlice<i32>,
+        seqs: usize,
+        max_len: usize,
+        ctx: &mut CudaSlice<T>,
+        tokens: usize,
+        heads: usize,
+        d: usize,
+    ) -> Result<()> {
+        let h = heads * d;
+        check(
+            tokens > 0 && seqs > 0 && max_len > 0 && cu_seqlens.len() > seqs,
+            || "alibi_attention_tc: empty batch or short cu_seqlens".into(),
+        )?;
+        check(
+            qkv.len() >= tokens * 3 * h && ctx.len() >= tokens * h,
+            || "alibi_attention_tc: buffers too small".into(),
+        )?;
+        check(d <= 128 && heads <= 65535, || {
+            format!("alibi_attention_tc: head dim {d} > 128 or {heads} heads")
+        })?;
+        let tiles = max_len.div_ceil(64);
+        check(seqs * tiles < i32::MAX as usize, || {
+            "alibi_attention_tc: grid too large".into()
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: ((seqs * tiles) as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: attention_tc_smem(d) as u32,
+        };
+        let (si, ti, ni, di) = (seqs as i32, tiles as i32, heads as i32, d as i32);
+        let f = self.get(&format!("alibi_attention_tc_{}", T::SUFFIX))?;
+        // SAFETY: sizes checked; cu_seqlens consistent (PackedBatch::validate) with every
+        // sequence at most max_len long; order as in the signature.
+        unsafe {
+            s.launch_builder(f)
+                .arg(qkv)
+                .arg(cu_seqlens)
+                .arg(&si)
+                .arg(&ti)
+                .arg(ctx)
+                .arg(&ni)
+                .arg(&di)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(|e| err("alibi_attention_tc", e))
     }
 
     /// `bias_gelu_<T>(T* m, const float* b, long n, int F)` — m = gelu(m + b) over [tokens, F].
