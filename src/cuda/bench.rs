@@ -87,8 +87,211 @@ fn seeded32(s: &Arc<CudaStream>, n: usize, scale: f32, seed: u64) -> Result<Cuda
         .map_err(|e| err("upload", e))
 }
 
-/// Times every kernel and GEMM of one block at `cfg`'s shape on `seqs` sequences of `len`
-/// tokens each, with seeded random inputs (never zeros).
+/// The ops of one block that `sgpt bench kernels` and the criterion GPU benches time.
+pub const OPS: &[&str] = &[
+    "embedding_layernorm",
+    "add_layernorm",
+    "alibi_attention",
+    "alibi_attention_tc",
+    "bias_gelu",
+    "final_norm_pool",
+    "gemm_qkv",
+    "gemm_dense",
+    "gemm_fc1",
+    "gemm_fc2",
+];
+
+/// One GEMM's input, weight, bias and output.
+struct Linear<T> {
+    x: CudaSlice<T>,
+    w: CudaSlice<T>,
+    b: CudaSlice<T>,
+    y: CudaSlice<T>,
+}
+
+/// Inputs and outputs for every op of one block at a model's shape, on `seqs` sequences of `len`
+/// tokens, seeded random (never zeros), allocated once; `launch` enqueues one op.
+pub struct KernelBench<'k, T: Act> {
+    s: Arc<CudaStream>,
+    k: &'k Kernels,
+    cfg: BloomConfig,
+    seqs: usize,
+    len: usize,
+    x: CudaSlice<f32>,
+    y: CudaSlice<T>,
+    w: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+    act: CudaSlice<T>,
+    qkv: CudaSlice<T>,
+    ctx: CudaSlice<T>,
+    m: CudaSlice<T>,
+    b_f: CudaSlice<f32>,
+    cu: CudaSlice<i32>,
+    out: CudaSlice<f32>,
+    emb: CudaSlice<T>,
+    ids: CudaSlice<u32>,
+    gemm: Gemm,
+    /// Per GEMM (qkv, dense, fc1, fc2).
+    lin: Vec<Linear<T>>,
+}
+
+impl<'k, T: Act> KernelBench<'k, T> {
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        k: &'k Kernels,
+        cfg: &BloomConfig,
+        seqs: usize,
+        len: usize,
+    ) -> Result<Self> {
+        let s = ctx.default_stream();
+        let (t, h, f) = (seqs * len, cfg.hidden, 4 * cfg.hidden);
+        let rows = 4096.min(cfg.vocab); // a slice of the embedding matrix is enough to gather from
+        let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7919) % rows as u32).collect();
+        let cu: Vec<i32> = (0..=seqs).map(|i| (i * len) as i32).collect();
+        let mut lin = Vec::new();
+        for (i, (n_in, n_out)) in [(h, 3 * h), (h, h), (h, f), (f, h)].into_iter().enumerate() {
+            let seed = 11 + 4 * i as u64;
+            lin.push(Linear {
+                x: seeded(&s, t * n_in, 1.0, seed)?,
+                w: seeded(&s, n_out * n_in, 0.02, seed + 1)?,
+                b: seeded(&s, n_out, 0.02, seed + 2)?,
+                y: s.alloc_zeros(t * n_out).map_err(|e| err("alloc", e))?,
+            });
+        }
+        Ok(KernelBench {
+            x: seeded32(&s, t * h, 2.0, 1)?,
+            y: seeded(&s, t * h, 1.0, 2)?,
+            w: seeded32(&s, h, 1.0, 3)?,
+            b: seeded32(&s, h, 0.1, 4)?,
+            act: seeded(&s, t * h, 1.0, 5)?,
+            qkv: seeded(&s, t * 3 * h, 1.0, 6)?,
+            ctx: seeded(&s, t * h, 1.0, 7)?,
+            m: seeded(&s, t * f, 1.0, 8)?,
+            b_f: seeded32(&s, f, 0.1, 9)?,
+            cu: s.clone_htod(&cu).map_err(|e| err("upload", e))?,
+            out: s.alloc_zeros(seqs * h).map_err(|e| err("alloc", e))?,
+            emb: seeded(&s, rows * h, 1.0, 10)?,
+            ids: s.clone_htod(&ids).map_err(|e| err("upload", e))?,
+            gemm: Gemm::new(s.clone())?,
+            lin,
+            s,
+            k,
+            cfg: cfg.clone(),
+            seqs,
+            len,
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.s
+    }
+
+    /// (bytes moved, FLOPs done) by one run of `op`.
+    pub fn work(&self, op: &str) -> (f64, f64) {
+        let (t, h, a) = (
+            (self.seqs * self.len) as f64,
+            self.cfg.hidden as f64,
+            std::mem::size_of::<T>() as f64,
+        );
+        let pairs = (self.seqs * self.len * (self.len + 1) / 2) as f64;
+        let gemm = |n_in: f64, n_out: f64| {
+            (
+                (t * n_in + n_in * n_out + t * n_out) * a,
+                2.0 * t * n_in * n_out,
+            )
+        };
+        match op {
+            "embedding_layernorm" => (t * h * (a + 4.0), 0.0),
+            "add_layernorm" => (t * h * (4.0 + a + 4.0 + a), 0.0),
+            "alibi_attention" | "alibi_attention_tc" => (t * h * 4.0 * a, 4.0 * h * pairs),
+            "bias_gelu" => (t * 4.0 * h * 2.0 * a, 0.0),
+            "final_norm_pool" => (t * h * (4.0 + a), 0.0),
+            "gemm_qkv" => gemm(h, 3.0 * h),
+            "gemm_dense" => gemm(h, h),
+            "gemm_fc1" => gemm(h, 4.0 * h),
+            "gemm_fc2" => gemm(4.0 * h, h),
+            _ => (0.0, 0.0),
+        }
+    }
+
+    /// Enqueues one run of `op` (one of [`OPS`]).
+    pub fn launch(&mut self, op: &str) -> Result<()> {
+        let (s, k) = (&self.s, self.k);
+        let (t, h, n, d, eps) = (
+            self.seqs * self.len,
+            self.cfg.hidden,
+            self.cfg.heads,
+            self.cfg.head_dim(),
+            self.cfg.eps,
+        );
+        let dims = [(h, 3 * h), (h, h), (h, 4 * h), (4 * h, h)];
+        match op {
+            "embedding_layernorm" => k.embedding_layernorm(
+                s,
+                &self.ids,
+                &self.emb,
+                &self.w,
+                &self.b,
+                &mut self.x,
+                t,
+                h,
+                eps,
+            ),
+            "add_layernorm" => k.add_layernorm(
+                s,
+                &mut self.x,
+                Some(&self.y),
+                &self.w,
+                &self.b,
+                &mut self.act,
+                t,
+                h,
+                eps,
+            ),
+            "alibi_attention" => {
+                k.alibi_attention(s, &self.qkv, &self.cu, self.seqs, &mut self.ctx, t, n, d)
+            }
+            "alibi_attention_tc" => k.alibi_attention_tc(
+                s,
+                &self.qkv,
+                &self.cu,
+                self.seqs,
+                self.len,
+                &mut self.ctx,
+                t,
+                n,
+                d,
+            ),
+            "bias_gelu" => k.bias_gelu(s, &mut self.m, &self.b_f, t),
+            "final_norm_pool" => k.final_norm_pool(
+                s,
+                &self.x,
+                Some(&self.y),
+                &self.w,
+                &self.b,
+                &self.cu,
+                self.seqs,
+                t,
+                &mut self.out,
+                h,
+                eps,
+                true,
+            ),
+            "gemm_qkv" | "gemm_dense" | "gemm_fc1" | "gemm_fc2" => {
+                let i = ["gemm_qkv", "gemm_dense", "gemm_fc1", "gemm_fc2"]
+                    .iter()
+                    .position(|g| *g == op)
+                    .unwrap_or(0);
+                let l = &mut self.lin[i];
+                self.gemm
+                    .linear(&l.x, &l.w, Some(&l.b), &mut l.y, t, dims[i].0, dims[i].1)
+            }
+            other => Err(Error::Input(format!("unknown op {other}"))),
+        }
+    }
+}
+
+/// Times every op of [`OPS`] (median of 20 after a warm-up).
 pub fn kernel_times<T: Act>(
     ctx: &Arc<CudaContext>,
     k: &Kernels,
@@ -96,106 +299,18 @@ pub fn kernel_times<T: Act>(
     seqs: usize,
     len: usize,
 ) -> Result<Vec<KernelTime>> {
-    let s = ctx.default_stream();
-    let (t, h, f, n, d, a) = (
-        seqs * len,
-        cfg.hidden,
-        4 * cfg.hidden,
-        cfg.heads,
-        cfg.head_dim(),
-        std::mem::size_of::<T>() as f64,
-    );
-    let (tf, hf) = (t as f64, h as f64);
-    let mut x: CudaSlice<f32> = seeded32(&s, t * h, 2.0, 1)?;
-    let y: CudaSlice<T> = seeded(&s, t * h, 1.0, 2)?;
-    let w = seeded32(&s, h, 1.0, 3)?;
-    let b = seeded32(&s, h, 0.1, 4)?;
-    let mut act: CudaSlice<T> = seeded(&s, t * h, 1.0, 5)?;
-    let qkv: CudaSlice<T> = seeded(&s, t * 3 * h, 1.0, 6)?;
-    let mut ctxb: CudaSlice<T> = seeded(&s, t * h, 1.0, 7)?;
-    let mut m: CudaSlice<T> = seeded(&s, t * f, 1.0, 8)?;
-    let b_f = seeded32(&s, f, 0.1, 9)?;
-    let cu: Vec<i32> = (0..=seqs).map(|i| (i * len) as i32).collect();
-    let cu = s.clone_htod(&cu).map_err(|e| err("upload", e))?;
-    let mut out: CudaSlice<f32> = s.alloc_zeros(seqs * h).map_err(|e| err("alloc", e))?;
-    let emb: CudaSlice<T> = seeded(&s, 4096.min(cfg.vocab) * h, 1.0, 10)?;
-    let ids_small: Vec<u32> = (0..t as u32)
-        .map(|i| (i * 7919) % 4096.min(cfg.vocab) as u32)
-        .collect();
-    let ids_small = s.clone_htod(&ids_small).map_err(|e| err("upload", e))?;
-    let pairs = (seqs * len * (len + 1) / 2) as f64;
-    let reps = 20;
-    let mut r = Vec::new();
-    let mut push = |name: &str, ms: f64, bytes: f64, flops: f64| {
-        r.push(KernelTime {
-            name: name.into(),
-            ms,
-            bytes,
-            flops,
+    let mut bench = KernelBench::<T>::new(ctx, k, cfg, seqs, len)?;
+    let s = bench.stream().clone();
+    OPS.iter()
+        .map(|&op| {
+            let ms = time_ms(&s, 20, || bench.launch(op))?;
+            let (bytes, flops) = bench.work(op);
+            Ok(KernelTime {
+                name: op.to_string(),
+                ms,
+                bytes,
+                flops,
+            })
         })
-    };
-
-    let ms = time_ms(&s, reps, || {
-        k.embedding_layernorm(&s, &ids_small, &emb, &w, &b, &mut x, t, h, cfg.eps)
-    })?;
-    push("embedding_layernorm", ms, tf * hf * (a + 4.0), 0.0);
-    let ms = time_ms(&s, reps, || {
-        k.add_layernorm(&s, &mut x, Some(&y), &w, &b, &mut act, t, h, cfg.eps)
-    })?;
-    push("add_layernorm", ms, tf * hf * (4.0 + a + 4.0 + a), 0.0);
-    let ms = time_ms(&s, reps, || {
-        k.alibi_attention(&s, &qkv, &cu, seqs, &mut ctxb, t, n, d)
-    })?;
-    push("alibi_attention", ms, tf * hf * 4.0 * a, 4.0 * hf * pairs);
-    let ms = time_ms(&s, reps, || {
-        k.alibi_attention_tc(&s, &qkv, &cu, seqs, len, &mut ctxb, t, n, d)
-    })?;
-    push(
-        "alibi_attention_tc",
-        ms,
-        tf * hf * 4.0 * a,
-        4.0 * hf * pairs,
-    );
-    let ms = time_ms(&s, reps, || k.bias_gelu(&s, &mut m, &b_f, t))?;
-    push("bias_gelu", ms, tf * 4.0 * hf * 2.0 * a, 0.0);
-    let ms = time_ms(&s, reps, || {
-        k.final_norm_pool(
-            &s,
-            &x,
-            Some(&y),
-            &w,
-            &b,
-            &cu,
-            seqs,
-            t,
-            &mut out,
-            h,
-            cfg.eps,
-            true,
-        )
-    })?;
-    push("final_norm_pool", ms, tf * hf * (4.0 + a), 0.0);
-
-    let mut g = Gemm::new(s.clone())?;
-    for (name, n_in, n_out) in [
-        ("gemm_qkv", h, 3 * h),
-        ("gemm_dense", h, h),
-        ("gemm_fc1", h, f),
-        ("gemm_fc2", f, h),
-    ] {
-        let xin: CudaSlice<T> = seeded(&s, t * n_in, 1.0, 11)?;
-        let wt: CudaSlice<T> = seeded(&s, n_out * n_in, 0.02, 12)?;
-        let bias: CudaSlice<T> = seeded(&s, n_out, 0.02, 13)?;
-        let mut yo: CudaSlice<T> = s.alloc_zeros(t * n_out).map_err(|e| err("alloc", e))?;
-        let ms = time_ms(&s, reps, || {
-            g.linear(&xin, &wt, Some(&bias), &mut yo, t, n_in, n_out)
-        })?;
-        push(
-            name,
-            ms,
-            (t * n_in + n_in * n_out + t * n_out) as f64 * a,
-            2.0 * (t * n_in * n_out) as f64,
-        );
-    }
-    Ok(r)
+        .collect()
 }
