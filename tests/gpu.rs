@@ -516,3 +516,44 @@ fn gpu_search_matches_cpu_search() {
         }
     }
 }
+
+/// The same batch three times gives bit-identical embeddings: the forward is deterministic, and
+/// with `SGPT_CUDA_GRAPHS=1` (the device script runs this test so) the second and third runs
+/// replay the graph captured by the first.
+#[test]
+fn repeated_batches_are_identical() {
+    let Some(_g) = gpu() else { return };
+    let golden = load_golden("tiny-b");
+    let e = Embedder::open_with(
+        &golden.model_dir,
+        EngineOptions {
+            device: Device::Cuda(0),
+            dtype: GpuDtype::F16,
+            max_batch_tokens: None,
+        },
+    )
+    .unwrap();
+    for seqs in [
+        vec![&golden.texts[3].ids[..]],
+        golden.texts[..4]
+            .iter()
+            .map(|t| &t.ids[..])
+            .collect::<Vec<_>>(),
+    ] {
+        let batch = PackedBatch::from_seqs(&seqs);
+        let first = e.backend.embed(&batch).unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                e.backend.embed(&batch).unwrap(),
+                first,
+                "a repeated batch of {} tokens changed",
+                batch.num_tokens()
+            );
+        }
+        let c = cosine(
+            &first[..golden.hidden],
+            &golden.texts[if seqs.len() == 1 { 3 } else { 0 }].embedding,
+        );
+        assert!(c >= 0.9999, "cosine {c} against the reference");
+    }
+}

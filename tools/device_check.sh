@@ -53,6 +53,8 @@ run_tests nvrtc .device/tests/nvrtc 120
 run_tests gpu .device/tests/gpu 180
 # The whole forward again with attention version 2 (tensor cores), still on trial.
 SGPT_ATTENTION=tc run_tests gpu-attention-tc .device/tests/gpu 90 forward_matches_cpu_and_reference
+# ... and with CUDA graphs for small batches (SGPT_CUDA_GRAPHS=1), also on trial: capture + replay.
+SGPT_CUDA_GRAPHS=1 run_tests gpu-graphs .device/tests/gpu 90 "forward_matches_cpu_and_reference repeated_batches_are_identical"
 run_tests golden .device/tests/golden 60
 grep -E "worst cosine|registers" "$OUT/test-gpu.txt" "$OUT/test-nvrtc.txt" 2>/dev/null | sed 's/^/    /' | head -n 12 >> "$report"
 
@@ -83,10 +85,10 @@ ids="--texts 2048"; [ -s "$OUT/ids.jsonl" ] && ids="--ids $OUT/ids.jsonl"
 timeout 150 .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
   --json "$OUT/bench-7b1.json" > "$OUT/bench.txt" 2>&1 || status=1
 sed 's/^/    /' "$OUT/bench.txt" >> "$report"
-echo "    -- the same with attention version 2 (SGPT_ATTENTION=tc):" >> "$report"
-SGPT_ATTENTION=tc timeout 100 .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
+echo "    -- the same with attention version 2 and CUDA graphs (SGPT_ATTENTION=tc SGPT_CUDA_GRAPHS=1):" >> "$report"
+SGPT_ATTENTION=tc SGPT_CUDA_GRAPHS=1 timeout 100 .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
   --json "$OUT/bench-7b1-tc.json" > "$OUT/bench-tc.txt" 2>&1 || status=1
-grep -E "throughput|latency batch_01|MFU|baseline" "$OUT/bench-tc.txt" | sed 's/^/    /' >> "$report"
+grep -E "throughput|latency|MFU|floor|baseline" "$OUT/bench-tc.txt" | sed 's/^/    /' >> "$report"
 timeout 60 .device/sgpt bench kernels --shape bloom-7b1 --device cuda \
   --json "$OUT/kernels-7b1.json" > "$OUT/kernels.txt" 2>&1 || status=1
 sed 's/^/    /' "$OUT/kernels.txt" >> "$report"

@@ -5,10 +5,14 @@
 //! V embedding rows, F = 4H. All activation buffers are sized once for `max_tokens`; nothing is
 //! allocated in the forward.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+};
 
 use crate::batch::PackedBatch;
 use crate::config::BloomConfig;
@@ -173,7 +177,19 @@ struct State<T> {
     y: CudaSlice<T>,     // [T, H] projection outputs
     m: CudaSlice<T>,     // [T, F]
     out: CudaSlice<f32>, // [S, H]
+    /// Captured forwards of small batches, by (tokens, sequences, longest, normalize).
+    graphs: HashMap<(usize, usize, usize, bool), Graph>,
 }
+
+/// A captured forward. SAFETY of `Send`: a CUDA graph may be launched from any thread; this one
+/// is only reached through the model's Mutex.
+struct Graph(CudaGraph);
+unsafe impl Send for Graph {}
+
+/// Batches up to this many tokens take the graph path (single queries, small service batches).
+const GRAPH_MAX_TOKENS: usize = 128;
+/// Most graphs kept at once.
+const MAX_GRAPHS: usize = 256;
 
 pub struct CudaModel<T: Act> {
     pub cfg: BloomConfig,
@@ -182,6 +198,8 @@ pub struct CudaModel<T: Act> {
     /// Attention version 2 (tensor cores) instead of version 1, while a device run decides
     /// between them: `SGPT_ATTENTION=tc` (docs/perf-notes.md).
     attention_tc: bool,
+    /// CUDA graphs for small batches (`SGPT_CUDA_GRAPHS=1`, on trial like `attention_tc`).
+    graphs: bool,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     kernels: Kernels,
@@ -201,7 +219,17 @@ impl<T: Act> CudaModel<T> {
         cfg: &BloomConfig,
         max_tokens: usize,
     ) -> Result<Self> {
-        let stream = ctx.default_stream();
+        // Graphs cannot be captured on the legacy default stream: they need a stream of our own,
+        // and cudarc's per-launch event tracking (for several streams) off — the model uses
+        // exactly one stream.
+        let graphs = std::env::var("SGPT_CUDA_GRAPHS").as_deref() == Ok("1");
+        let stream = if graphs {
+            // SAFETY: every buffer of this model is allocated, used and freed on `stream` only.
+            unsafe { ctx.disable_event_tracking() };
+            ctx.new_stream().map_err(|e| err("stream", e))?
+        } else {
+            ctx.default_stream()
+        };
         let device = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let t0 = Instant::now();
         let kernels = Kernels::load(&ctx, crate::cuda::nvrtc::default_cache_dir().as_deref())?;
@@ -280,6 +308,7 @@ impl<T: Act> CudaModel<T> {
             y: z(tmax * h)?,
             m: z(tmax * f)?,
             out: z32(tmax * h)?,
+            graphs: HashMap::new(),
         };
         Ok(CudaModel {
             cfg: cfg.clone(),
@@ -293,6 +322,7 @@ impl<T: Act> CudaModel<T> {
             },
             max_tokens: tmax,
             attention_tc: std::env::var("SGPT_ATTENTION").as_deref() == Ok("tc"),
+            graphs,
             ctx,
             stream,
             kernels,
@@ -317,14 +347,7 @@ impl<T: Act> CudaModel<T> {
                 self.max_tokens
             )));
         }
-        let (h, f, n, d, eps) = (
-            self.cfg.hidden,
-            4 * self.cfg.hidden,
-            self.cfg.heads,
-            self.cfg.head_dim(),
-            self.cfg.eps,
-        );
-        let (k, s) = (&self.kernels, &self.stream);
+        let (h, s) = (self.cfg.hidden, &self.stream);
         self.ctx
             .bind_to_thread()
             .map_err(|e| err("bind context", e))?;
@@ -339,6 +362,63 @@ impl<T: Act> CudaModel<T> {
         s.memcpy_htod(&cu, &mut st.cu.slice_mut(..s_count + 1))
             .map_err(|e| err("cu_seqlens upload", e))?;
 
+        let max_len = batch.max_len();
+        if self.graphs && t <= GRAPH_MAX_TOKENS {
+            // The latency path: one graph launch instead of ≈ 9 launches per layer. Captured
+            // once per (tokens, sequences, longest, normalize); inputs live at fixed addresses.
+            let key = (t, s_count, max_len, normalize);
+            if !st.graphs.contains_key(&key) {
+                if st.graphs.len() >= MAX_GRAPHS {
+                    s.synchronize().map_err(|e| err("graph eviction", e))?; // none still running
+                    st.graphs.clear();
+                }
+                s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(|e| err("graph capture", e))?;
+                let enqueued = self.enqueue(st, t, s_count, max_len, normalize);
+                // End the capture whatever happened, so the stream is usable again.
+                let graph = s
+                    .end_capture(
+                        CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+                    )
+                    .map_err(|e| err("graph instantiate", e))?;
+                enqueued?;
+                let graph =
+                    graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))?;
+                st.graphs.insert(key, Graph(graph));
+            }
+            st.graphs[&key]
+                .0
+                .launch()
+                .map_err(|e| err("graph launch", e))?;
+        } else {
+            self.enqueue(st, t, s_count, max_len, normalize)?;
+        }
+        let mut host = vec![0f32; s_count * h];
+        s.memcpy_dtoh(&st.out.slice(..s_count * h), &mut host)
+            .map_err(|e| err("embeddings download", e))?;
+        // A copy into pageable memory is synchronous in practice, not by contract: make sure.
+        s.synchronize().map_err(|e| err("embeddings download", e))?;
+        Ok(host)
+    }
+
+    /// Enqueues the whole forward on the stream (no host synchronization, no host copies, so it
+    /// can be captured into a graph): ids and cu_seqlens already uploaded; out [S, H] written.
+    fn enqueue(
+        &self,
+        st: &mut State<T>,
+        t: usize,
+        s_count: usize,
+        max_len: usize,
+        normalize: bool,
+    ) -> Result<()> {
+        let (h, f, n, d, eps) = (
+            self.cfg.hidden,
+            4 * self.cfg.hidden,
+            self.cfg.heads,
+            self.cfg.head_dim(),
+            self.cfg.eps,
+        );
+        let (k, s) = (&self.kernels, &self.stream);
         k.embedding_layernorm(
             s,
             &st.ids,
@@ -363,17 +443,8 @@ impl<T: Act> CudaModel<T> {
                 3 * h,
             )?; // [T, 3H]
             if self.attention_tc {
-                k.alibi_attention_tc(
-                    s,
-                    &st.qkv,
-                    &st.cu,
-                    s_count,
-                    batch.max_len(),
-                    &mut st.ctx,
-                    t,
-                    n,
-                    d,
-                )?; // [T, H]
+                k.alibi_attention_tc(s, &st.qkv, &st.cu, s_count, max_len, &mut st.ctx, t, n, d)?;
+            // [T, H]
             } else {
                 k.alibi_attention(s, &st.qkv, &st.cu, s_count, &mut st.ctx, t, n, d)?;
                 // [T, H]
@@ -437,12 +508,7 @@ impl<T: Act> CudaModel<T> {
             eps,
             normalize,
         )?;
-        let mut host = vec![0f32; s_count * h];
-        s.memcpy_dtoh(&st.out.slice(..s_count * h), &mut host)
-            .map_err(|e| err("embeddings download", e))?;
-        // A copy into pageable memory is synchronous in practice, not by contract: make sure.
-        s.synchronize().map_err(|e| err("embeddings download", e))?;
-        Ok(host)
+        Ok(())
     }
 
     pub fn device_name(&self) -> &str {
