@@ -489,15 +489,10 @@ impl<T: Act> CudaModel<T> {
             }
         }
         // x + y of the last block, LN_f, weighted mean: [S, H]
-        let y_last = if self.blocks.is_empty() {
-            None
-        } else {
-            Some(&st.y)
-        };
         k.final_norm_pool(
             s,
             &st.x,
-            y_last,
+            Some(&st.y), // the last block's MLP output (the config guarantees L ≥ 1)
             &self.ln_f.w,
             &self.ln_f.b,
             &st.cu,
