@@ -22,7 +22,23 @@ export SGPT_CUDA_INCLUDE=/usr/local/cuda/include SGPT_REPO_ROOT="$PWD"
 export SGPT_REQUIRE_GPU=1 SGPT_REQUIRE_NVRTC=1 SGPT_CACHE_DIR=/tmp/sgpt-kernels
 report="$OUT/report.md"
 status=0
-step() { echo "== $1" | tee -a "$OUT/log.txt"; }
+step() { echo "== $1 (at $(( $(date +%s) - T0 )) s)" | tee -a "$OUT/log.txt"; }
+# Device minutes are few: the whole script keeps inside SGPT_DEVICE_BUDGET seconds (default 420).
+# Steps run in order of importance; one that no longer fits is skipped and said so, and a step's
+# timeout never runs past the budget. SGPT_STEPS (default all) picks steps for a rerun:
+# any of tests,tc,bench,parity,kernels,golden,serve,eval.
+T0=$(date +%s)
+BUDGET=${SGPT_DEVICE_BUDGET:-420}
+STEPS=",${SGPT_STEPS:-tests,tc,bench,parity,kernels,golden,serve,eval},"
+want() { [[ $STEPS == *",$1,"* ]]; }
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# fits NEED CAP: true when NEED seconds remain; sets LIM to min(CAP, what remains)
+fits() {
+  local l; l=$(left); LIM=$(( l < $2 ? l : $2 ))
+  if [ "$l" -lt "$1" ]; then
+    status=1; echo "- $3: **skipped**, ${l} s of the budget left" >> "$report"; return 1
+  fi
+}
 
 {
   echo "# sgpt device run"
@@ -35,76 +51,106 @@ step() { echo "== $1" | tee -a "$OUT/log.txt"; }
 } > "$report"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
-run_tests() {  # name, binary, timeout, [test name filter]
+run_tests() {  # name, binary, cap seconds, [test name filters]
+  fits 20 "$3" "tests/$1" || return 0
   step "tests: $1"
-  timeout "$3" "$2" --test-threads=1 --nocapture ${4:-} > "$OUT/test-$1.txt" 2>&1
+  timeout "$LIM" "$2" --test-threads=1 --nocapture ${4:-} > "$OUT/test-$1.txt" 2>&1
   local rc=$?
   local summary; summary=$(grep -o 'test result: .*' "$OUT/test-$1.txt" | tail -n 1)
   if [ $rc = 0 ]; then
-    echo "- tests/$1.rs: **passed** ($summary)" >> "$report"
+    echo "- tests/$1: **passed** ($summary)" >> "$report"
   else
     status=1
-    echo "- tests/$1.rs: **FAILED** (exit $rc${summary:+; $summary}), see test-$1.txt:" >> "$report"
+    echo "- tests/$1: **FAILED** (exit $rc${summary:+; $summary}), see test-$1.txt:" >> "$report"
     grep -E -A1 "panicked" "$OUT/test-$1.txt" | grep -v "^--$" | head -n 24 | sed 's/^/    /' >> "$report"
+    tail -n 4 "$OUT/test-$1.txt" | sed 's/^/    | /' >> "$report"
   fi
 }
+
 echo "## Tests" >> "$report"
-run_tests nvrtc .device/tests/nvrtc 120
-run_tests gpu .device/tests/gpu 180
-# The whole forward again with attention version 2 (tensor cores), still on trial.
-SGPT_ATTENTION=tc run_tests gpu-attention-tc .device/tests/gpu 90 forward_matches_cpu_and_reference
-# ... and with CUDA graphs for small batches (SGPT_CUDA_GRAPHS=1), also on trial: capture + replay.
-SGPT_CUDA_GRAPHS=1 run_tests gpu-graphs .device/tests/gpu 90 "forward_matches_cpu_and_reference repeated_batches_are_identical"
-run_tests golden .device/tests/golden 60
-grep -E "worst cosine|registers" "$OUT/test-gpu.txt" "$OUT/test-nvrtc.txt" 2>/dev/null | sed 's/^/    /' | head -n 12 >> "$report"
-
-step "parity vs PyTorch"
-echo -e "\n## Parity with transformers on this GPU (random weights)" >> "$report"
-if timeout 240 python3 tools/parity_torch.py --sgpt .device/sgpt --shapes bloom-560m,bloom-7b1 \
-     --json "$OUT/parity.json" --markdown "$OUT/parity.md" > "$OUT/parity.txt" 2>&1; then
-  cat "$OUT/parity.md" >> "$report"
-else
-  status=1
-  echo "**FAILED or timed out**; tail of parity.txt:" >> "$report"
-  tail -n 25 "$OUT/parity.txt" | sed 's/^/    /' >> "$report"
+if want tests; then
+  run_tests nvrtc .device/tests/nvrtc 60
+  run_tests gpu .device/tests/gpu 150
+  grep -E "worst cosine|registers" "$OUT/test-gpu.txt" "$OUT/test-nvrtc.txt" 2>/dev/null | sed 's/^/    /' | head -n 12 >> "$report"
+fi
+if want tc; then
+  # The whole forward again with attention version 2 (tensor cores), still on trial ...
+  SGPT_ATTENTION=tc run_tests gpu-attention-tc .device/tests/gpu 45 forward_matches_cpu_and_reference
+  # ... and with CUDA graphs for small batches (SGPT_CUDA_GRAPHS=1), also on trial: capture + replay.
+  SGPT_CUDA_GRAPHS=1 run_tests gpu-graphs .device/tests/gpu 45 "forward_matches_cpu_and_reference repeated_batches_are_identical"
 fi
 
-step "bench"
-echo -e "\n## Speed at bloom-7b1 shape, random weights, f16 (the [speed] table)" >> "$report"
-# The PyTorch baseline first (same ids, best batch size), then sgpt on the same ids with its
-# ceilings measured in the same run, then every kernel against those ceilings.
-if timeout 150 python3 tools/bench_torch_gpu.py --shape bloom-7b1 --texts 2048 \
-     --write-ids "$OUT/ids.jsonl" --json "$OUT/torch.json" > "$OUT/torch.txt" 2>&1; then
-  base="--baseline $OUT/torch.json"
-else
-  status=1; base=""
-  echo "PyTorch baseline FAILED; tail of torch.txt:" >> "$report"; tail -n 8 "$OUT/torch.txt" | sed 's/^/    /' >> "$report"
+ids="--texts 2048"; base=""
+if want bench && fits 60 100 "speed table"; then
+  step "bench"
+  echo -e "\n## Speed at bloom-7b1 shape, random weights, f16 (the [speed] table)" >> "$report"
+  # The PyTorch baseline first (same ids, best batch size), then sgpt on the same ids with its
+  # ceilings measured in the same run.
+  if timeout "$LIM" python3 tools/bench_torch_gpu.py --shape bloom-7b1 --texts 2048 --batch-sizes 16,64,128 \
+       --write-ids "$OUT/ids.jsonl" --json "$OUT/torch.json" > "$OUT/torch.txt" 2>&1; then
+    base="--baseline $OUT/torch.json"
+  else
+    status=1
+    echo "PyTorch baseline FAILED; tail of torch.txt:" >> "$report"; tail -n 8 "$OUT/torch.txt" | sed 's/^/    /' >> "$report"
+  fi
+  sed 's/^/    /' "$OUT/torch.txt" >> "$report"
+  [ -s "$OUT/ids.jsonl" ] && ids="--ids $OUT/ids.jsonl"
+  if fits 30 100 "sgpt bench"; then
+    timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
+      --json "$OUT/bench-7b1.json" > "$OUT/bench.txt" 2>&1 || status=1
+    sed 's/^/    /' "$OUT/bench.txt" >> "$report"
+  fi
 fi
-sed 's/^/    /' "$OUT/torch.txt" >> "$report"
-ids="--texts 2048"; [ -s "$OUT/ids.jsonl" ] && ids="--ids $OUT/ids.jsonl"
-timeout 150 .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
-  --json "$OUT/bench-7b1.json" > "$OUT/bench.txt" 2>&1 || status=1
-sed 's/^/    /' "$OUT/bench.txt" >> "$report"
-echo "    -- the same with attention version 2 and CUDA graphs (SGPT_ATTENTION=tc SGPT_CUDA_GRAPHS=1):" >> "$report"
-SGPT_ATTENTION=tc SGPT_CUDA_GRAPHS=1 timeout 100 .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
-  --json "$OUT/bench-7b1-tc.json" > "$OUT/bench-tc.txt" 2>&1 || status=1
-grep -E "throughput|latency|MFU|floor|baseline" "$OUT/bench-tc.txt" | sed 's/^/    /' >> "$report"
-timeout 60 .device/sgpt bench kernels --shape bloom-7b1 --device cuda \
-  --json "$OUT/kernels-7b1.json" > "$OUT/kernels.txt" 2>&1 || status=1
-sed 's/^/    /' "$OUT/kernels.txt" >> "$report"
+
+if want parity && fits 90 200 "parity vs PyTorch"; then
+  step "parity vs PyTorch"
+  echo -e "\n## Parity with transformers on this GPU (random weights)" >> "$report"
+  if timeout "$LIM" python3 tools/parity_torch.py --sgpt .device/sgpt --shapes bloom-560m,bloom-7b1 \
+       --json "$OUT/parity.json" --markdown "$OUT/parity.md" > "$OUT/parity.txt" 2>&1; then
+    cat "$OUT/parity.md" >> "$report"
+  else
+    status=1
+    [ -s "$OUT/parity.md" ] && cat "$OUT/parity.md" >> "$report"
+    echo "**FAILED or timed out**; tail of parity.txt:" >> "$report"
+    tail -n 25 "$OUT/parity.txt" | sed 's/^/    /' >> "$report"
+  fi
+fi
+
+if want kernels && fits 20 45 "sgpt bench kernels"; then
+  step "kernels"
+  echo -e "\n## Kernels at bloom-7b1 shape against the ceilings" >> "$report"
+  timeout "$LIM" .device/sgpt bench kernels --shape bloom-7b1 --device cuda \
+    --json "$OUT/kernels-7b1.json" > "$OUT/kernels.txt" 2>&1 || status=1
+  sed 's/^/    /' "$OUT/kernels.txt" >> "$report"
+fi
+if want tc && fits 40 80 "bench with attention v2 + graphs"; then
+  step "bench tc"
+  echo -e "\n## The same with attention version 2 and CUDA graphs (SGPT_ATTENTION=tc SGPT_CUDA_GRAPHS=1)" >> "$report"
+  SGPT_ATTENTION=tc SGPT_CUDA_GRAPHS=1 timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
+    --json "$OUT/bench-7b1-tc.json" > "$OUT/bench-tc.txt" 2>&1 || status=1
+  grep -E "throughput|latency|MFU|floor|baseline|rror" "$OUT/bench-tc.txt" | sed 's/^/    /' >> "$report"
+fi
 rm -f "$OUT/ids.jsonl"  # large and reproducible (seeded)
 
-step "serve + eval"
+if want golden; then
+  echo -e "\n## The CPU path on this machine" >> "$report"
+  run_tests golden .device/tests/golden 60
+fi
+
 echo -e "\n## sgpt serve under load (bloom-7b1 shape, GPU) and sgpt eval on the GPU" >> "$report"
-if [ -d /tmp/sgpt-parity/bloom-7b1 ]; then
-  timeout 120 python3 tools/load_bench.py --sgpt .device/sgpt --model /tmp/sgpt-parity/bloom-7b1 \
+if want serve && [ -d /tmp/sgpt-parity/bloom-7b1 ] && fits 40 90 "serve load bench"; then
+  step "serve"
+  timeout "$LIM" python3 tools/load_bench.py --sgpt .device/sgpt --model /tmp/sgpt-parity/bloom-7b1 \
     --concurrency 1,16,64 --duration 5 > "$OUT/load.txt" 2>&1 || status=1
   tail -n 12 "$OUT/load.txt" | sed 's/^/    /' >> "$report"
 fi
 # The synthetic BEIR set with the shipped model: search on the GPU, metrics to compare with CI's.
-timeout 60 .device/sgpt eval --model models/sgpt-tiny --data tests/fixtures/beir-synthetic --device cuda \
-  --cache-dir /tmp/sgpt-eval-cache --metrics "$OUT/eval-gpu.json" > "$OUT/eval.txt" 2>&1 || status=1
-sed 's/^/    /' "$OUT/eval.txt" | tail -n 12 >> "$report"
-echo -e "\n## Result: $([ $status = 0 ] && echo 'all checks passed' || echo 'SOME CHECKS FAILED')" >> "$report"
+if want eval && fits 15 60 "sgpt eval"; then
+  step "eval"
+  timeout "$LIM" .device/sgpt eval --model models/sgpt-tiny --data tests/fixtures/beir-synthetic --device cuda \
+    --cache-dir /tmp/sgpt-eval-cache --metrics "$OUT/eval-gpu.json" > "$OUT/eval.txt" 2>&1 || status=1
+  sed 's/^/    /' "$OUT/eval.txt" | tail -n 12 >> "$report"
+fi
+echo -e "\n## Result: $([ $status = 0 ] && echo 'all checks passed' || echo 'SOME CHECKS FAILED') (steps: ${STEPS:1:-1}; $(( $(date +%s) - T0 )) s)" >> "$report"
 cat "$report"
 exit $status
