@@ -1,62 +1,71 @@
-// final_norm_pool.cu — x += y; h = LayerNorm_f(x); e = Σ_j j·h_j / Σ_j j; optional e /= |e|
+// final_norm_pool.cu — h = LayerNorm_f(x + y); e = Σ_j j·h_j / Σ_j j, per sequence
 //
 // Math: per sequence s of n tokens (positions j = 1..n inside the sequence, SPEC.md):
-//   h_j = LN_f(x_j + y_j) (biased variance), e = Σ_j j·h_j / (n(n+1)/2), then if `normalize`
-//   e = e / ||e||₂ (left as is when ||e|| = 0). Weights never depend on the batch.
+//   h_j = LN_f(x_j + y_j) (biased variance), e = Σ_j j·h_j / (n(n+1)/2). Since LN_f's affine
+//   part is the same for every token, e = w ⊙ (Σ_j j·ĥ_j / Σ_j j) + b with ĥ_j the standardized
+//   row. Weights never depend on the batch. Unit-length scaling, when asked for, is done on the
+//   host after the download (cpu::pooling::l2_normalize, shared with the CPU path).
 // Layout: x [T, H] f32 (the residual stream, read only); y [T, H] T or null (the last block's
-//   MLP output with bias); w, b [H] f32; cu_seqlens [S+1] i32; out [S, H] f32.
-// Launch: grid (S), block 256, dynamic shared memory 2·H·4 bytes (the current row and the
-//   pooled accumulator). Each thread owns columns i ≡ threadIdx.x (mod 256) of both.
+//   MLP output with bias); w, b [H] f32; cu_seqlens [S+1] i32; stats [T, 2] f32 scratch;
+//   out [S, H] f32.
+// Two stages, one launcher (src/cuda/ops.rs `final_norm_pool`), both deterministic:
+//   final_norm_stats_<T>: grid (T), block 256, dynamic shared memory H·4 bytes — one token's
+//     mean and 1/σ into stats (the same two-pass row_stats as the other layernorms);
+//   final_pool_<T>: grid (S, ⌈H/256⌉), block 256 — each thread owns one column of one sequence
+//     and walks its tokens in order (coalesced rows; no atomics, so the sum order is fixed).
+//   The first version ran one block per sequence over all its tokens: 16 blocks for a batch of
+//   16 sequences, 3.4 ms at bloom-7b1 shape on an H200 (docs/device-runs/).
 // Numerics: f32 throughout; the weighted sum accumulates in f32 (≤ 300 rows of O(1) values).
-// Caller: src/cuda/ops.rs `final_norm_pool`.
 #include "common.cuh"
 
 template <typename T>
-__device__ void final_norm_pool(const float* __restrict__ x, const T* __restrict__ y,
-                                const float* __restrict__ w, const float* __restrict__ b,
-                                const int* __restrict__ cu_seqlens, float* __restrict__ out, int H,
-                                float eps, int normalize) {
-    extern __shared__ float smem[];
-    float* row = smem;
-    float* acc = smem + H;
-    __shared__ float scratch[32];
-    const int s = blockIdx.x;
-    const int start = cu_seqlens[s], n = cu_seqlens[s + 1] - start;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) acc[i] = 0.f;
-    for (int j = 0; j < n; ++j) {
-        const long base = (long)(start + j) * H;
-        for (int i = threadIdx.x; i < H; i += blockDim.x) {
-            float v = x[base + i];
-            if (y != nullptr) v += to_f32(y[base + i]);
-            row[i] = v;
-        }
-        float mean, rstd;
-        row_stats(row, H, eps, scratch, mean, rstd);
-        const float wj = (float)(j + 1);
-        for (int i = threadIdx.x; i < H; i += blockDim.x)
-            acc[i] += wj * ((row[i] - mean) * rstd * w[i] + b[i]);
-    }
-    const float total = 0.5f * (float)n * (float)(n + 1);
-    float sq = 0.f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
-        acc[i] /= total;
-        sq += acc[i] * acc[i];
-    }
-    float scale = 1.f;
-    if (normalize) {
-        const float norm = sqrtf(block_sum(sq, scratch));
-        if (norm > 0.f) scale = 1.f / norm;
-    }
-    for (int i = threadIdx.x; i < H; i += blockDim.x) out[(long)s * H + i] = acc[i] * scale;
+__device__ __forceinline__ float residual_at(const float* x, const T* y, long k) {
+    return y != nullptr ? x[k] + to_f32(y[k]) : x[k];
 }
 
-extern "C" __global__ void final_norm_pool_f16(const float* x, const __half* y, const float* w,
-                                               const float* b, const int* cu_seqlens, float* out, int H,
-                                               float eps, int normalize) {
-    final_norm_pool(x, y, w, b, cu_seqlens, out, H, eps, normalize);
+template <typename T>
+__device__ void final_norm_stats(const float* __restrict__ x, const T* __restrict__ y,
+                                 float* __restrict__ stats, int H, float eps) {
+    extern __shared__ float row[];
+    __shared__ float scratch[32];
+    const long base = (long)blockIdx.x * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) row[i] = residual_at(x, y, base + i);
+    float mean, rstd;
+    row_stats(row, H, eps, scratch, mean, rstd);
+    if (threadIdx.x == 0) {
+        stats[2 * blockIdx.x] = mean;
+        stats[2 * blockIdx.x + 1] = rstd;
+    }
 }
-extern "C" __global__ void final_norm_pool_bf16(const float* x, const __nv_bfloat16* y, const float* w,
-                                                const float* b, const int* cu_seqlens, float* out, int H,
-                                                float eps, int normalize) {
-    final_norm_pool(x, y, w, b, cu_seqlens, out, H, eps, normalize);
+
+template <typename T>
+__device__ void final_pool(const float* __restrict__ x, const T* __restrict__ y,
+                           const float* __restrict__ w, const float* __restrict__ b,
+                           const int* __restrict__ cu_seqlens, const float* __restrict__ stats,
+                           float* __restrict__ out, int H) {
+    const int s = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= H) return;
+    const int start = cu_seqlens[s], n = cu_seqlens[s + 1] - start;
+    float acc = 0.f;
+#pragma unroll 4
+    for (int j = 0; j < n; ++j) {
+        const int t = start + j;
+        const float v = residual_at(x, y, (long)t * H + i);
+        acc += (float)(j + 1) * ((v - stats[2 * t]) * stats[2 * t + 1]);
+    }
+    const float total = 0.5f * (float)n * (float)(n + 1);
+    out[(long)s * H + i] = acc / total * w[i] + b[i];
 }
+
+#define FINAL_NORM_POOL(SUFFIX, T)                                                               \
+    extern "C" __global__ void final_norm_stats_##SUFFIX(const float* x, const T* y,             \
+                                                          float* stats, int H, float eps) {      \
+        final_norm_stats(x, y, stats, H, eps);                                                   \
+    }                                                                                            \
+    extern "C" __global__ void final_pool_##SUFFIX(const float* x, const T* y, const float* w,   \
+                                                    const float* b, const int* cu_seqlens,       \
+                                                    const float* stats, float* out, int H) {     \
+        final_pool(x, y, w, b, cu_seqlens, stats, out, H);                                       \
+    }
+FINAL_NORM_POOL(f16, __half)
+FINAL_NORM_POOL(bf16, __nv_bfloat16)

@@ -33,8 +33,11 @@ fn every_kernel_compiles_without_spills() {
             for f in k.functions {
                 let (_, regs, st, ld) = report.iter().find(|r| r.0 == *f).unwrap_or_else(|| {
                     panic!(
-                        "{} {arch}: no ptxas report for {f}; log:\n{}",
-                        k.file, c.log
+                        "{} {arch}: no ptxas report for {f}; NVRTC {:?}, log of {} bytes:\n{}",
+                        k.file,
+                        nvrtc::version(),
+                        c.log.len(),
+                        c.log
                     )
                 });
                 println!("{arch} {f}: {regs} registers, spills {st}/{ld} bytes");

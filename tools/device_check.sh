@@ -15,14 +15,18 @@
 #   7. sgpt serve under load on the GPU (tools/load_bench.py) and sgpt eval with the GPU search
 set -uo pipefail
 OUT=${OUT:-/tmp/sgpt-device-out}
-mkdir -p "$OUT"
+# Only a few files come back from $OUT: the report goes there as it grows (so it survives a
+# kill), every log and JSON into $LOGS, packed into $OUT/logs.tar.gz at the end.
+LOGS=/tmp/sgpt-device-logs
+rm -rf "$LOGS"; mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export SGPT_CUDA_INCLUDE=/usr/local/cuda/include SGPT_REPO_ROOT="$PWD"
 export SGPT_REQUIRE_GPU=1 SGPT_REQUIRE_NVRTC=1 SGPT_CACHE_DIR=/tmp/sgpt-kernels
 report="$OUT/report.md"
+rm -f "$report"
 status=0
-step() { echo "== $1 (at $(( $(date +%s) - T0 )) s)" | tee -a "$OUT/log.txt"; }
+step() { echo "== $1 (at $(( $(date +%s) - T0 )) s)" | tee -a "$LOGS/log.txt"; }
 # Device minutes are few: the whole script keeps inside SGPT_DEVICE_BUDGET seconds (default 420).
 # Steps run in order of importance; one that no longer fits is skipped and said so, and a step's
 # timeout never runs past the budget. SGPT_STEPS (default all) picks steps for a rerun:
@@ -49,29 +53,35 @@ fits() {
   echo "- CUDA (nvcc): $(/usr/local/cuda/bin/nvcc --version 2>/dev/null | tail -n 2 | head -n 1)"
   echo
 } > "$report"
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1
 
 run_tests() {  # name, binary, cap seconds, [test name filters]
   fits 20 "$3" "tests/$1" || return 0
   step "tests: $1"
-  timeout "$LIM" "$2" --test-threads=1 --nocapture ${4:-} > "$OUT/test-$1.txt" 2>&1
+  timeout "$LIM" "$2" --test-threads=1 --nocapture ${4:-} > "$LOGS/test-$1.txt" 2>&1
   local rc=$?
-  local summary; summary=$(grep -o 'test result: .*' "$OUT/test-$1.txt" | tail -n 1)
+  local summary; summary=$(grep -o 'test result: .*' "$LOGS/test-$1.txt" | tail -n 1)
   if [ $rc = 0 ]; then
     echo "- tests/$1: **passed** ($summary)" >> "$report"
   else
     status=1
     echo "- tests/$1: **FAILED** (exit $rc${summary:+; $summary}), see test-$1.txt:" >> "$report"
-    grep -E -A1 "panicked" "$OUT/test-$1.txt" | grep -v "^--$" | head -n 24 | sed 's/^/    /' >> "$report"
-    tail -n 4 "$OUT/test-$1.txt" | sed 's/^/    | /' >> "$report"
+    grep -E -A8 "panicked" "$LOGS/test-$1.txt" | grep -v "^--$" | head -n 40 | sed 's/^/    /' >> "$report"
+    tail -n 4 "$LOGS/test-$1.txt" | sed 's/^/    | /' >> "$report"
   fi
 }
 
 echo "## Tests" >> "$report"
 if want tests; then
   run_tests nvrtc .device/tests/nvrtc 60
+  echo "    toolkit NVRTC: $(ls /usr/local/cuda/lib64/libnvrtc.so.* 2>&1 | tr '\n' ' ')" >> "$report"
+  # The NVRTC build CI pins (13.0.88, the one in PyTorch's environment), for comparison.
+  pipnv=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null)
+  if [ -n "$pipnv" ] && ls "$pipnv"/libnvrtc.so.* > /dev/null 2>&1; then
+    LD_LIBRARY_PATH="$pipnv:$LD_LIBRARY_PATH" run_tests nvrtc-pip-wheel .device/tests/nvrtc 30
+  fi
   run_tests gpu .device/tests/gpu 150
-  grep -E "worst cosine|registers" "$OUT/test-gpu.txt" "$OUT/test-nvrtc.txt" 2>/dev/null | sed 's/^/    /' | head -n 12 >> "$report"
+  grep -E "worst cosine|registers" "$LOGS/test-gpu.txt" "$LOGS/test-nvrtc.txt" 2>/dev/null | sed 's/^/    /' | head -n 12 >> "$report"
 fi
 if want tc; then
   # The whole forward again with attention version 2 (tensor cores), still on trial ...
@@ -87,18 +97,18 @@ if want bench && fits 60 100 "speed table"; then
   # The PyTorch baseline first (same ids, best batch size), then sgpt on the same ids with its
   # ceilings measured in the same run.
   if timeout "$LIM" python3 tools/bench_torch_gpu.py --shape bloom-7b1 --texts 2048 --batch-sizes 16,64,128 \
-       --write-ids "$OUT/ids.jsonl" --json "$OUT/torch.json" > "$OUT/torch.txt" 2>&1; then
-    base="--baseline $OUT/torch.json"
+       --write-ids "$LOGS/ids.jsonl" --json "$LOGS/torch.json" > "$LOGS/torch.txt" 2>&1; then
+    base="--baseline $LOGS/torch.json"
   else
     status=1
-    echo "PyTorch baseline FAILED; tail of torch.txt:" >> "$report"; tail -n 8 "$OUT/torch.txt" | sed 's/^/    /' >> "$report"
+    echo "PyTorch baseline FAILED; tail of torch.txt:" >> "$report"; tail -n 8 "$LOGS/torch.txt" | sed 's/^/    /' >> "$report"
   fi
-  sed 's/^/    /' "$OUT/torch.txt" >> "$report"
-  [ -s "$OUT/ids.jsonl" ] && ids="--ids $OUT/ids.jsonl"
+  sed 's/^/    /' "$LOGS/torch.txt" >> "$report"
+  [ -s "$LOGS/ids.jsonl" ] && ids="--ids $LOGS/ids.jsonl"
   if fits 30 100 "sgpt bench"; then
     timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
-      --json "$OUT/bench-7b1.json" > "$OUT/bench.txt" 2>&1 || status=1
-    sed 's/^/    /' "$OUT/bench.txt" >> "$report"
+      --json "$LOGS/bench-7b1.json" > "$LOGS/bench.txt" 2>&1 || status=1
+    sed 's/^/    /' "$LOGS/bench.txt" >> "$report"
   fi
 fi
 
@@ -106,13 +116,13 @@ if want parity && fits 90 200 "parity vs PyTorch"; then
   step "parity vs PyTorch"
   echo -e "\n## Parity with transformers on this GPU (random weights)" >> "$report"
   if timeout "$LIM" python3 tools/parity_torch.py --sgpt .device/sgpt --shapes bloom-560m,bloom-7b1 \
-       --json "$OUT/parity.json" --markdown "$OUT/parity.md" > "$OUT/parity.txt" 2>&1; then
-    cat "$OUT/parity.md" >> "$report"
+       --json "$LOGS/parity.json" --markdown "$LOGS/parity.md" > "$LOGS/parity.txt" 2>&1; then
+    cat "$LOGS/parity.md" >> "$report"
   else
     status=1
-    [ -s "$OUT/parity.md" ] && cat "$OUT/parity.md" >> "$report"
+    [ -s "$LOGS/parity.md" ] && cat "$LOGS/parity.md" >> "$report"
     echo "**FAILED or timed out**; tail of parity.txt:" >> "$report"
-    tail -n 25 "$OUT/parity.txt" | sed 's/^/    /' >> "$report"
+    tail -n 25 "$LOGS/parity.txt" | sed 's/^/    /' >> "$report"
   fi
 fi
 
@@ -120,17 +130,25 @@ if want kernels && fits 20 45 "sgpt bench kernels"; then
   step "kernels"
   echo -e "\n## Kernels at bloom-7b1 shape against the ceilings" >> "$report"
   timeout "$LIM" .device/sgpt bench kernels --shape bloom-7b1 --device cuda \
-    --json "$OUT/kernels-7b1.json" > "$OUT/kernels.txt" 2>&1 || status=1
-  sed 's/^/    /' "$OUT/kernels.txt" >> "$report"
+    --json "$LOGS/kernels-7b1.json" > "$LOGS/kernels.txt" 2>&1 || status=1
+  sed 's/^/    /' "$LOGS/kernels.txt" >> "$report"
+  # The latency path (one 12-token query) and a corpus-like batch (64 texts of 80 tokens).
+  for shape in "1 12" "64 80"; do
+    set -- $shape
+    fits 15 30 "sgpt bench kernels $1×$2" || break
+    timeout "$LIM" .device/sgpt bench kernels --shape bloom-7b1 --device cuda --seqs $1 --seq-len $2 \
+      --json "$LOGS/kernels-7b1-$1x$2.json" > "$LOGS/kernels-$1x$2.txt" 2>&1 || status=1
+    sed 's/^/    /' "$LOGS/kernels-$1x$2.txt" | grep -v "random bloom-7b1 weights" >> "$report"
+  done
 fi
 if want tc && fits 40 80 "bench with attention v2 + graphs"; then
   step "bench tc"
   echo -e "\n## The same with attention version 2 and CUDA graphs (SGPT_ATTENTION=tc SGPT_CUDA_GRAPHS=1)" >> "$report"
   SGPT_ATTENTION=tc SGPT_CUDA_GRAPHS=1 timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
-    --json "$OUT/bench-7b1-tc.json" > "$OUT/bench-tc.txt" 2>&1 || status=1
-  grep -E "throughput|latency|MFU|floor|baseline|rror" "$OUT/bench-tc.txt" | sed 's/^/    /' >> "$report"
+    --json "$LOGS/bench-7b1-tc.json" > "$LOGS/bench-tc.txt" 2>&1 || status=1
+  grep -E "throughput|latency|MFU|floor|baseline|rror" "$LOGS/bench-tc.txt" | sed 's/^/    /' >> "$report"
 fi
-rm -f "$OUT/ids.jsonl"  # large and reproducible (seeded)
+rm -f "$LOGS/ids.jsonl"  # large and reproducible (seeded)
 
 if want golden; then
   echo -e "\n## The CPU path on this machine" >> "$report"
@@ -141,16 +159,17 @@ echo -e "\n## sgpt serve under load (bloom-7b1 shape, GPU) and sgpt eval on the 
 if want serve && [ -d /tmp/sgpt-parity/bloom-7b1 ] && fits 40 90 "serve load bench"; then
   step "serve"
   timeout "$LIM" python3 tools/load_bench.py --sgpt .device/sgpt --model /tmp/sgpt-parity/bloom-7b1 \
-    --concurrency 1,16,64 --duration 5 > "$OUT/load.txt" 2>&1 || status=1
-  tail -n 12 "$OUT/load.txt" | sed 's/^/    /' >> "$report"
+    --concurrency 1,16,64 --duration 5 > "$LOGS/load.txt" 2>&1 || status=1
+  tail -n 12 "$LOGS/load.txt" | sed 's/^/    /' >> "$report"
 fi
 # The synthetic BEIR set with the shipped model: search on the GPU, metrics to compare with CI's.
 if want eval && fits 15 60 "sgpt eval"; then
   step "eval"
   timeout "$LIM" .device/sgpt eval --model models/sgpt-tiny --data tests/fixtures/beir-synthetic --device cuda \
-    --cache-dir /tmp/sgpt-eval-cache --metrics "$OUT/eval-gpu.json" > "$OUT/eval.txt" 2>&1 || status=1
-  sed 's/^/    /' "$OUT/eval.txt" | tail -n 12 >> "$report"
+    --cache-dir /tmp/sgpt-eval-cache --metrics "$LOGS/eval-gpu.json" > "$LOGS/eval.txt" 2>&1 || status=1
+  sed 's/^/    /' "$LOGS/eval.txt" | tail -n 12 >> "$report"
 fi
 echo -e "\n## Result: $([ $status = 0 ] && echo 'all checks passed' || echo 'SOME CHECKS FAILED') (steps: ${STEPS:1:-1}; $(( $(date +%s) - T0 )) s)" >> "$report"
+tar czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
 cat "$report"
 exit $status

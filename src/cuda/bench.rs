@@ -127,6 +127,7 @@ pub struct KernelBench<'k, T: Act> {
     m: CudaSlice<T>,
     b_f: CudaSlice<f32>,
     cu: CudaSlice<i32>,
+    stats: CudaSlice<f32>,
     out: CudaSlice<f32>,
     emb: CudaSlice<T>,
     ids: CudaSlice<u32>,
@@ -169,6 +170,7 @@ impl<'k, T: Act> KernelBench<'k, T> {
             m: seeded(&s, t * f, 1.0, 8)?,
             b_f: seeded32(&s, f, 0.1, 9)?,
             cu: s.clone_htod(&cu).map_err(|e| err("upload", e))?,
+            stats: s.alloc_zeros(2 * t).map_err(|e| err("alloc", e))?,
             out: s.alloc_zeros(seqs * h).map_err(|e| err("alloc", e))?,
             emb: seeded(&s, rows * h, 1.0, 10)?,
             ids: s.clone_htod(&ids).map_err(|e| err("upload", e))?,
@@ -205,7 +207,7 @@ impl<'k, T: Act> KernelBench<'k, T> {
             "add_layernorm" => (t * h * (4.0 + a + 4.0 + a), 0.0),
             "alibi_attention" | "alibi_attention_tc" => (t * h * 4.0 * a, 4.0 * h * pairs),
             "bias_gelu" => (t * 4.0 * h * 2.0 * a, 0.0),
-            "final_norm_pool" => (t * h * (4.0 + a), 0.0),
+            "final_norm_pool" => (2.0 * t * h * (4.0 + a), 0.0), // two passes over x + y
             "gemm_qkv" => gemm(h, 3.0 * h),
             "gemm_dense" => gemm(h, h),
             "gemm_fc1" => gemm(h, 4.0 * h),
@@ -272,10 +274,10 @@ impl<'k, T: Act> KernelBench<'k, T> {
                 &self.cu,
                 self.seqs,
                 t,
+                &mut self.stats,
                 &mut self.out,
                 h,
                 eps,
-                true,
             ),
             "gemm_qkv" | "gemm_dense" | "gemm_fc1" | "gemm_fc2" => {
                 let i = ["gemm_qkv", "gemm_dense", "gemm_fc1", "gemm_fc2"]

@@ -40,7 +40,12 @@ pub const KERNELS: &[KernelSource] = &[
     KernelSource {
         file: "final_norm_pool.cu",
         source: include_str!("../../kernels/final_norm_pool.cu"),
-        functions: &["final_norm_pool_f16", "final_norm_pool_bf16"],
+        functions: &[
+            "final_norm_stats_f16",
+            "final_norm_stats_bf16",
+            "final_pool_f16",
+            "final_pool_bf16",
+        ],
     },
     KernelSource {
         file: "convert.cu",

@@ -168,17 +168,18 @@ struct Block<T> {
 /// Activation buffers and the GEMM plans: the mutable state of a forward.
 struct State<T> {
     gemm: Gemm,
-    ids: CudaSlice<u32>, // [T]
-    cu: CudaSlice<i32>,  // [S+1]
-    x: CudaSlice<f32>,   // [T, H] residual stream
-    a: CudaSlice<T>,     // [T, H] layernorm output
-    qkv: CudaSlice<T>,   // [T, 3H]
-    ctx: CudaSlice<T>,   // [T, H]
-    y: CudaSlice<T>,     // [T, H] projection outputs
-    m: CudaSlice<T>,     // [T, F]
-    out: CudaSlice<f32>, // [S, H]
-    /// Captured forwards of small batches, by (tokens, sequences, longest, normalize).
-    graphs: HashMap<(usize, usize, usize, bool), Graph>,
+    ids: CudaSlice<u32>,   // [T]
+    cu: CudaSlice<i32>,    // [S+1]
+    x: CudaSlice<f32>,     // [T, H] residual stream
+    a: CudaSlice<T>,       // [T, H] layernorm output
+    qkv: CudaSlice<T>,     // [T, 3H]
+    ctx: CudaSlice<T>,     // [T, H]
+    y: CudaSlice<T>,       // [T, H] projection outputs
+    m: CudaSlice<T>,       // [T, F]
+    stats: CudaSlice<f32>, // [T, 2] final layernorm statistics
+    out: CudaSlice<f32>,   // [S, H]
+    /// Captured forwards of small batches, by (tokens, sequences, longest).
+    graphs: HashMap<(usize, usize, usize), Graph>,
 }
 
 /// A captured forward. SAFETY of `Send`: a CUDA graph may be launched from any thread; this one
@@ -307,6 +308,7 @@ impl<T: Act> CudaModel<T> {
             ctx: z(tmax * h)?,
             y: z(tmax * h)?,
             m: z(tmax * f)?,
+            stats: z32(tmax * 2)?,
             out: z32(tmax * h)?,
             graphs: HashMap::new(),
         };
@@ -334,8 +336,9 @@ impl<T: Act> CudaModel<T> {
         })
     }
 
-    /// Embeddings [S, H] of a packed batch (`normalize`: unit length, in the pooling kernel).
-    pub fn forward(&self, batch: &PackedBatch, normalize: bool) -> Result<Vec<f32>> {
+    /// Embeddings [S, H] of a packed batch (unit-length scaling, when asked for, is the
+    /// caller's: `Embedder` does it on the host for every backend).
+    pub fn forward(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
         batch.validate(self.cfg.vocab)?;
         let (t, s_count) = (batch.num_tokens(), batch.num_seqs());
         if s_count == 0 {
@@ -365,8 +368,8 @@ impl<T: Act> CudaModel<T> {
         let max_len = batch.max_len();
         if self.graphs && t <= GRAPH_MAX_TOKENS {
             // The latency path: one graph launch instead of ≈ 9 launches per layer. Captured
-            // once per (tokens, sequences, longest, normalize); inputs live at fixed addresses.
-            let key = (t, s_count, max_len, normalize);
+            // once per (tokens, sequences, longest); inputs live at fixed addresses.
+            let key = (t, s_count, max_len);
             if !st.graphs.contains_key(&key) {
                 if st.graphs.len() >= MAX_GRAPHS {
                     s.synchronize().map_err(|e| err("graph eviction", e))?; // none still running
@@ -374,7 +377,7 @@ impl<T: Act> CudaModel<T> {
                 }
                 s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(|e| err("graph capture", e))?;
-                let enqueued = self.enqueue(st, t, s_count, max_len, normalize);
+                let enqueued = self.enqueue(st, t, s_count, max_len);
                 // End the capture whatever happened, so the stream is usable again.
                 let graph = s
                     .end_capture(
@@ -391,7 +394,7 @@ impl<T: Act> CudaModel<T> {
                 .launch()
                 .map_err(|e| err("graph launch", e))?;
         } else {
-            self.enqueue(st, t, s_count, max_len, normalize)?;
+            self.enqueue(st, t, s_count, max_len)?;
         }
         let mut host = vec![0f32; s_count * h];
         s.memcpy_dtoh(&st.out.slice(..s_count * h), &mut host)
@@ -403,14 +406,7 @@ impl<T: Act> CudaModel<T> {
 
     /// Enqueues the whole forward on the stream (no host synchronization, no host copies, so it
     /// can be captured into a graph): ids and cu_seqlens already uploaded; out [S, H] written.
-    fn enqueue(
-        &self,
-        st: &mut State<T>,
-        t: usize,
-        s_count: usize,
-        max_len: usize,
-        normalize: bool,
-    ) -> Result<()> {
+    fn enqueue(&self, st: &mut State<T>, t: usize, s_count: usize, max_len: usize) -> Result<()> {
         let (h, f, n, d, eps) = (
             self.cfg.hidden,
             4 * self.cfg.hidden,
@@ -498,10 +494,10 @@ impl<T: Act> CudaModel<T> {
             &st.cu,
             s_count,
             t,
+            &mut st.stats,
             &mut st.out,
             h,
             eps,
-            normalize,
         )?;
         Ok(())
     }
@@ -513,7 +509,7 @@ impl<T: Act> CudaModel<T> {
 
 impl<T: Act> crate::model::Backend for CudaModel<T> {
     fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
-        self.forward(batch, false)
+        self.forward(batch)
     }
     fn describe(&self) -> String {
         format!(

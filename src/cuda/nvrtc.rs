@@ -202,8 +202,12 @@ pub fn ptxas_report(log: &str) -> Vec<(String, u32, u32, u32)> {
     let mut current: Option<String> = None;
     let mut spills = (0, 0);
     for line in log.lines() {
+        // The entry's name comes first as "Compiling entry function 'f' for 'sm_XX'" and again
+        // as "Function properties for f"; take either, so a build that omits one still parses.
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             current = rest.split('\'').next().map(str::to_string);
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            current = rest.split_whitespace().next().map(str::to_string);
         } else if line.contains("bytes spill stores") {
             let nums: Vec<u32> = line
                 .split_whitespace()
@@ -222,4 +226,37 @@ pub fn ptxas_report(log: &str) -> Vec<(String, u32, u32, u32)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ptxas_report;
+
+    const LOG: &str = "ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'a_f16' for 'sm_90'
+ptxas info    : Function properties for a_f16
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 22 registers, used 1 barriers, 128 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function 'b_f16' for 'sm_90'
+ptxas info    : Function properties for b_f16
+    8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 400 bytes cmem[0]
+";
+
+    #[test]
+    fn reads_registers_and_spills_per_function() {
+        let want = vec![
+            ("a_f16".to_string(), 22, 0, 0),
+            ("b_f16".to_string(), 255, 12, 16),
+        ];
+        assert_eq!(ptxas_report(LOG), want);
+        // A log without the "Compiling entry function" lines still names each function.
+        let short: String = LOG
+            .lines()
+            .filter(|l| !l.contains("Compiling"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(ptxas_report(&short), want);
+        assert!(ptxas_report("").is_empty());
+    }
 }

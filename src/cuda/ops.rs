@@ -366,8 +366,10 @@ impl Kernels {
         .map_err(|e| err("bias_gelu", e))
     }
 
-    /// `final_norm_pool_<T>(const float* x, const T* y, const float* w, const float* b,
-    ///  const int* cu_seqlens, float* out, int H, float eps, int normalize)` — out[S, H].
+    /// `final_norm_stats_<T>(const float* x, const T* y, float* stats, int H, float eps)` then
+    /// `final_pool_<T>(const float* x, const T* y, const float* w, const float* b,
+    ///  const int* cu_seqlens, const float* stats, float* out, int H)` — out[S, H], the
+    /// weighted mean of LN_f(x + y) per sequence; `stats` [T, 2] is scratch.
     #[allow(clippy::too_many_arguments)]
     pub fn final_norm_pool<T: Act>(
         &self,
@@ -379,33 +381,51 @@ impl Kernels {
         cu_seqlens: &CudaSlice<i32>,
         seqs: usize,
         tokens: usize,
+        stats: &mut CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
         h: usize,
         eps: f32,
-        normalize: bool,
     ) -> Result<()> {
         check(
-            seqs > 0 && cu_seqlens.len() > seqs && out.len() >= seqs * h,
+            seqs > 0 && tokens > 0 && cu_seqlens.len() > seqs && out.len() >= seqs * h,
             || "final_norm_pool: buffers too small".into(),
         )?;
         check(
-            x.len() >= tokens * h && y.is_none_or(|y| y.len() >= tokens * h),
+            x.len() >= tokens * h
+                && y.is_none_or(|y| y.len() >= tokens * h)
+                && stats.len() >= 2 * tokens,
             || "final_norm_pool: inputs too small".into(),
         )?;
         check(w.len() == h && b.len() == h, || {
             "final_norm_pool: bad weight sizes".into()
         })?;
-        check(2 * h * 4 <= SMEM_LIMIT, || {
+        check(h * 4 <= SMEM_LIMIT, || {
             format!("hidden size {h} exceeds the pooling kernel's shared memory")
         })?;
-        let cfg = LaunchConfig {
-            grid_dim: (seqs as u32, 1, 1),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: (2 * h * 4) as u32,
-        };
-        let (hi, ni) = (h as i32, normalize as i32);
+        let hi = h as i32;
         let null: u64 = 0;
-        let f = self.get(&format!("final_norm_pool_{}", T::SUFFIX))?;
+        let stats_cfg = LaunchConfig {
+            grid_dim: (tokens as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: (h * 4) as u32,
+        };
+        let f = self.get(&format!("final_norm_stats_{}", T::SUFFIX))?;
+        let mut lb = s.launch_builder(f);
+        lb.arg(x);
+        match y {
+            Some(y) => lb.arg(y),
+            None => lb.arg(&null),
+        };
+        // SAFETY: sizes checked; order as in the signature.
+        unsafe { lb.arg(&mut *stats).arg(&hi).arg(&eps).launch(stats_cfg) }
+            .map_err(|e| err("final_norm_stats", e))?;
+
+        let pool_cfg = LaunchConfig {
+            grid_dim: (seqs as u32, h.div_ceil(ROW_THREADS as usize) as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = self.get(&format!("final_pool_{}", T::SUFFIX))?;
         let mut lb = s.launch_builder(f);
         lb.arg(x);
         match y {
@@ -417,14 +437,13 @@ impl Kernels {
             lb.arg(w)
                 .arg(b)
                 .arg(cu_seqlens)
+                .arg(&*stats)
                 .arg(out)
                 .arg(&hi)
-                .arg(&eps)
-                .arg(&ni)
-                .launch(cfg)
+                .launch(pool_cfg)
         }
         .map(drop)
-        .map_err(|e| err("final_norm_pool", e))
+        .map_err(|e| err("final_pool", e))
     }
 
     /// `convert_<src>_<dst>(const S* src, D* dst, long n)` — element type conversion of `n`
