@@ -254,23 +254,25 @@ fn attention_matches_cpu() {
 }
 
 fn gelu_and_pool<T: Act>(g: &Gpu) {
-    let (t, f) = (33, 4 * 260);
-    let m = round::<T>(&rand(t * f, 9, 4.0));
-    let b = rand(f, 10, 0.5);
-    let mut dm = up::<T>(g, &m);
-    g.k.bias_gelu(&g.s, &mut dm, &up32(g, &b), t).unwrap();
-    let want: Vec<f32> = m
-        .iter()
-        .enumerate()
-        .map(|(i, v)| cpu::gelu::gelu(v + b[i % f]))
-        .collect();
-    assert_close(
-        &format!("bias_gelu {}", T::SUFFIX),
-        &down(g, &dm),
-        &want,
-        tol::<T>(),
-        tol::<T>(),
-    );
+    // F % 8 == 0 takes the kernel's 16-byte path, F = 1044 its one-element path.
+    for (t, f) in [(33, 4 * 260), (7, 4 * 261)] {
+        let m = round::<T>(&rand(t * f, 9, 4.0));
+        let b = rand(f, 10, 0.5);
+        let mut dm = up::<T>(g, &m);
+        g.k.bias_gelu(&g.s, &mut dm, &up32(g, &b), t).unwrap();
+        let want: Vec<f32> = m
+            .iter()
+            .enumerate()
+            .map(|(i, v)| cpu::gelu::gelu(v + b[i % f]))
+            .collect();
+        assert_close(
+            &format!("bias_gelu {} F {f}", T::SUFFIX),
+            &down(g, &dm),
+            &want,
+            tol::<T>(),
+            tol::<T>(),
+        );
+    }
 
     for h in [64usize, 1025, 4096] {
         let cu = [0usize, 1, 34, 36, 336];

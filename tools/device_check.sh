@@ -6,7 +6,7 @@
 #   2. NVRTC compiles every kernel for this card's architecture and sm_80/sm_90, no spills
 #   3. GPU tests: each kernel vs its CPU twin, GEMMs, GPU forward vs CPU and fixtures, batch
 #      invariance (tests/gpu.rs, SGPT_REQUIRE_GPU=1 so nothing skips); the forward again with
-#      attention version 2 (SGPT_ATTENTION=tc)
+#      each attention kernel forced (SGPT_ATTENTION=tc, =v1) and with CUDA graphs
 #   4. the CPU path against the fixtures on this machine too (tests/golden.rs)
 #   5. parity against PyTorch/transformers on this GPU at bloom-560m and bloom-7b1 shapes with
 #      random weights, f16 and bf16 (tools/parity_torch.py)
@@ -84,8 +84,9 @@ if want tests; then
   grep -E "worst cosine|registers" "$LOGS/test-gpu.txt" "$LOGS/test-nvrtc.txt" 2>/dev/null | sed 's/^/    /' | head -n 12 >> "$report"
 fi
 if want tc; then
-  # The whole forward again with attention version 2 (tensor cores), still on trial ...
+  # The whole forward again with each attention kernel forced (the default picks by length) ...
   SGPT_ATTENTION=tc run_tests gpu-attention-tc .device/tests/gpu 45 forward_matches_cpu_and_reference
+  SGPT_ATTENTION=v1 run_tests gpu-attention-v1 .device/tests/gpu 45 forward_matches_cpu_and_reference
   # ... and with CUDA graphs for small batches (SGPT_CUDA_GRAPHS=1), also on trial: capture + replay.
   SGPT_CUDA_GRAPHS=1 run_tests gpu-graphs .device/tests/gpu 45 "forward_matches_cpu_and_reference repeated_batches_are_identical"
 fi
@@ -141,10 +142,10 @@ if want kernels && fits 20 45 "sgpt bench kernels"; then
     sed 's/^/    /' "$LOGS/kernels-$1x$2.txt" | grep -v "random bloom-7b1 weights" >> "$report"
   done
 fi
-if want tc && fits 40 80 "bench with attention v2 + graphs"; then
-  step "bench tc"
-  echo -e "\n## The same with attention version 2 and CUDA graphs (SGPT_ATTENTION=tc SGPT_CUDA_GRAPHS=1)" >> "$report"
-  SGPT_ATTENTION=tc SGPT_CUDA_GRAPHS=1 timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
+if want tc && fits 40 80 "bench with CUDA graphs"; then
+  step "bench graphs"
+  echo -e "\n## The same with CUDA graphs for small batches (SGPT_CUDA_GRAPHS=1, on trial)" >> "$report"
+  SGPT_CUDA_GRAPHS=1 timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
     --json "$LOGS/bench-7b1-tc.json" > "$LOGS/bench-tc.txt" 2>&1 || status=1
   grep -E "throughput|latency|MFU|floor|baseline|rror" "$LOGS/bench-tc.txt" | sed 's/^/    /' >> "$report"
 fi

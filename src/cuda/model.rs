@@ -187,6 +187,37 @@ struct State<T> {
 struct Graph(CudaGraph);
 unsafe impl Send for Graph {}
 
+/// The attention kernel: version 1 (one warp per query, CUDA cores) or version 2 (flash-style
+/// tiles on tensor cores). Measured on an H200 at bloom-7b1 shape (docs/device-runs/): v2 is
+/// 2.0× faster at 16 × 300 tokens (1.47 vs 3.00 ms), v1 1.2× faster at 64 × 80 tokens (0.93 vs
+/// 1.16 ms) and 2.3× at one 12-token query, so `Auto` picks v2 from 128 tokens on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attention {
+    V1,
+    Tc,
+    Auto,
+}
+
+impl Attention {
+    const TC_FROM_LEN: usize = 128;
+
+    fn from_env() -> Self {
+        match std::env::var("SGPT_ATTENTION").as_deref() {
+            Ok("v1") => Attention::V1,
+            Ok("tc") => Attention::Tc,
+            _ => Attention::Auto,
+        }
+    }
+
+    fn tensor_cores(self, longest: usize) -> bool {
+        match self {
+            Attention::V1 => false,
+            Attention::Tc => true,
+            Attention::Auto => longest >= Self::TC_FROM_LEN,
+        }
+    }
+}
+
 /// Batches up to this many tokens take the graph path (single queries, small service batches).
 const GRAPH_MAX_TOKENS: usize = 128;
 /// Most graphs kept at once.
@@ -196,10 +227,9 @@ pub struct CudaModel<T: Act> {
     pub cfg: BloomConfig,
     pub report: LoadReport,
     pub max_tokens: usize,
-    /// Attention version 2 (tensor cores) instead of version 1, while a device run decides
-    /// between them: `SGPT_ATTENTION=tc` (docs/perf-notes.md).
-    attention_tc: bool,
-    /// CUDA graphs for small batches (`SGPT_CUDA_GRAPHS=1`, on trial like `attention_tc`).
+    /// Which attention kernel a batch gets (`SGPT_ATTENTION=v1|tc|auto`, default auto).
+    attention: Attention,
+    /// CUDA graphs for small batches (`SGPT_CUDA_GRAPHS=1`, on trial).
     graphs: bool,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -323,7 +353,7 @@ impl<T: Act> CudaModel<T> {
                 kernels_from_cache: kernels.cached,
             },
             max_tokens: tmax,
-            attention_tc: std::env::var("SGPT_ATTENTION").as_deref() == Ok("tc"),
+            attention: Attention::from_env(),
             graphs,
             ctx,
             stream,
@@ -438,7 +468,7 @@ impl<T: Act> CudaModel<T> {
                 h,
                 3 * h,
             )?; // [T, 3H]
-            if self.attention_tc {
+            if self.attention.tensor_cores(max_len) {
                 k.alibi_attention_tc(s, &st.qkv, &st.cu, s_count, max_len, &mut st.ctx, t, n, d)?;
             // [T, H]
             } else {

@@ -103,6 +103,12 @@ fn compile_inner(
         "--std=c++17".to_string(),
         "--ptxas-options=-v".to_string(),
     ];
+    // NVRTC 12.9+ keeps its own compile cache and returns a cached result with an empty log,
+    // so no ptxas report (seen on the H200 machine; NVIDIA/Fuser#4694). We cache CUBINs
+    // ourselves, so NVRTC's cache only costs us the register and spill report.
+    if (major, minor) >= (12, 9) {
+        opts.push("--no-cache".to_string());
+    }
     opts.extend(
         includes
             .iter()

@@ -360,7 +360,7 @@ impl Kernels {
                 .arg(b)
                 .arg(&ni)
                 .arg(&fi)
-                .launch(grid_stride(n))
+                .launch(grid_stride(n.div_ceil(8))) // 8 elements per step (the kernel's header)
         }
         .map(drop)
         .map_err(|e| err("bias_gelu", e))
