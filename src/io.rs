@@ -3,7 +3,7 @@
 //! only when complete, so an interrupted run never leaves a plausible-looking partial file.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -39,79 +39,149 @@ struct JsonInput {
     title: Option<String>,
 }
 
-/// Parses `content` (from `source`, named in errors). Every line is one input: a blank line is
-/// an error in JSONL, and an empty text in plain lines (caught by [`check_empty`]).
+/// Inputs read one line at a time from any reader, so a corpus never has to fit in memory.
+/// Every line is one input: a blank line is an error in JSONL, and an empty text in plain lines
+/// (caught by [`EmptyTexts`]). Lines end in `\n` or `\r\n`; the input's line `i` is text `i`.
+pub struct InputReader<R> {
+    lines: std::io::Lines<R>,
+    /// Lines read ahead to detect the format (blank lines, then the first non-blank one).
+    ahead: std::collections::VecDeque<String>,
+    jsonl: bool,
+    source: String,
+    default_kind: Kind,
+    line: usize,
+}
+
+impl<R: BufRead> InputReader<R> {
+    /// `source` names the input in errors. With [`InputFormat::Auto`] the first non-blank line
+    /// decides: a JSON object means JSONL, anything else plain lines.
+    pub fn new(reader: R, source: &str, format: InputFormat, default_kind: Kind) -> Result<Self> {
+        let mut r = InputReader {
+            lines: reader.lines(),
+            ahead: Default::default(),
+            jsonl: format == InputFormat::Jsonl,
+            source: source.to_string(),
+            default_kind,
+            line: 0,
+        };
+        if format == InputFormat::Auto {
+            while let Some(l) = r.lines.next() {
+                let l = l.map_err(|e| r.read_error(r.ahead.len() + 1, e))?;
+                let blank = l.trim().is_empty();
+                r.ahead.push_back(l);
+                if !blank {
+                    let first = r.ahead.back().map(String::as_str).unwrap_or_default();
+                    r.jsonl =
+                        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(first)
+                            .is_ok();
+                    break;
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    fn read_error(&self, line: usize, e: std::io::Error) -> Error {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            Error::Input(format!("{}:{line}: not valid UTF-8", self.source))
+        } else {
+            Error::Input(format!("{}:{line}: {e}", self.source))
+        }
+    }
+
+    fn parse(&self, line: &str, line_no: usize) -> Result<InputText> {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if !self.jsonl {
+            return Ok(InputText {
+                text: line.to_string(),
+                kind: self.default_kind,
+                line: line_no,
+            });
+        }
+        let obj: JsonInput = serde_json::from_str(line).map_err(|e| {
+            Error::Input(format!(
+                "{}:{line_no}: expected a JSON object with a string \"text\" and optional \
+                 \"kind\" (\"query\"|\"document\") and \"title\": {e}",
+                self.source
+            ))
+        })?;
+        Ok(InputText {
+            text: join_title(obj.title.as_deref(), &obj.text),
+            kind: obj.kind.unwrap_or(self.default_kind),
+            line: line_no,
+        })
+    }
+}
+
+impl<R: BufRead> Iterator for InputReader<R> {
+    type Item = Result<InputText>;
+
+    fn next(&mut self) -> Option<Result<InputText>> {
+        let line = match self.ahead.pop_front() {
+            Some(l) => Ok(l),
+            None => self.lines.next()?,
+        };
+        self.line += 1;
+        Some(
+            line.map_err(|e| self.read_error(self.line, e))
+                .and_then(|l| self.parse(&l, self.line)),
+        )
+    }
+}
+
+/// Parses `content` (from `source`, named in errors): [`InputReader`] over a string.
 pub fn parse_inputs(
     content: &str,
     source: &str,
     format: InputFormat,
     default_kind: Kind,
 ) -> Result<Vec<InputText>> {
-    let jsonl = match format {
-        InputFormat::Jsonl => true,
-        InputFormat::Lines => false,
-        InputFormat::Auto => content
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .is_some_and(|l| {
-                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(l).is_ok()
-            }),
-    };
-    let mut out = Vec::new();
-    for (i, line) in content.lines().enumerate() {
-        let line_no = i + 1;
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if !jsonl {
-            out.push(InputText {
-                text: line.to_string(),
-                kind: default_kind,
-                line: line_no,
-            });
-            continue;
-        }
-        let obj: JsonInput = serde_json::from_str(line).map_err(|e| {
-            Error::Input(format!(
-                "{source}:{line_no}: expected a JSON object with a string \"text\" and optional \
-                 \"kind\" (\"query\"|\"document\") and \"title\": {e}"
-            ))
-        })?;
-        let kind = obj.kind.unwrap_or(default_kind);
-        out.push(InputText {
-            text: join_title(obj.title.as_deref(), &obj.text),
-            kind,
-            line: line_no,
-        });
-    }
-    Ok(out)
+    InputReader::new(content.as_bytes(), source, format, default_kind)?.collect()
 }
 
 /// Empty or whitespace-only texts embed as the bare brackets (the reference does the same), which
-/// is almost never what a user meant: refuse them unless allowed, naming every such line.
-pub fn check_empty(inputs: &[InputText], source: &str) -> Result<()> {
-    let empty: Vec<String> = inputs
-        .iter()
-        .filter(|t| crate::tokenize::py_rstrip(&t.text).is_empty())
-        .map(|t| t.line.to_string())
-        .collect();
-    if empty.is_empty() {
-        return Ok(());
+/// is almost never what a user meant: they are refused unless allowed, naming the first lines.
+/// Fed one input at a time, so a streamed corpus is checked without being held.
+#[derive(Default)]
+pub struct EmptyTexts {
+    count: usize,
+    first: Vec<usize>,
+}
+
+impl EmptyTexts {
+    pub fn add(&mut self, t: &InputText) {
+        if crate::tokenize::py_rstrip(&t.text).is_empty() {
+            self.count += 1;
+            if self.first.len() < 10 {
+                self.first.push(t.line);
+            }
+        }
     }
-    let shown = empty
-        .iter()
-        .take(10)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
-    let more = if empty.len() > 10 {
-        format!(" and {} more", empty.len() - 10)
-    } else {
-        String::new()
-    };
-    Err(Error::Input(format!(
-        "{source}: {} empty or whitespace-only text(s) at line/argument {shown}{more}; \
-         pass --allow-empty to embed them as the reference does (brackets only)",
-        empty.len()
-    )))
+
+    pub fn check(&self, source: &str) -> Result<()> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let shown: Vec<String> = self.first.iter().map(usize::to_string).collect();
+        let more = if self.count > shown.len() {
+            format!(" and {} more", self.count - shown.len())
+        } else {
+            String::new()
+        };
+        Err(Error::Input(format!(
+            "{source}: {} empty or whitespace-only text(s) at line/argument {}{more}; \
+             pass --allow-empty to embed them as the reference does (brackets only)",
+            self.count,
+            shown.join(", ")
+        )))
+    }
+}
+
+/// [`EmptyTexts`] over a slice.
+pub fn check_empty(inputs: &[InputText], source: &str) -> Result<()> {
+    let mut e = EmptyTexts::default();
+    inputs.iter().for_each(|t| e.add(t));
+    e.check(source)
 }
 
 /// Where embeddings go.
@@ -275,6 +345,36 @@ mod tests {
         let v = parse_inputs("a\n  \nb\n\n", "in.txt", InputFormat::Lines, Kind::Query).unwrap();
         let e = check_empty(&v, "in.txt").unwrap_err().to_string();
         assert!(e.contains("line/argument 2, 4"), "{e}");
+    }
+
+    #[test]
+    fn reads_crlf_and_names_bad_utf8_lines() {
+        let v = parse_inputs("a\r\nb\r\n", "x", InputFormat::Auto, Kind::Query).unwrap();
+        assert_eq!(
+            v.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        let bytes: &[u8] = b"ok\nfine\n\xff\xfe\n";
+        let r = InputReader::new(bytes, "in.txt", InputFormat::Lines, Kind::Query).unwrap();
+        let e = r.collect::<Result<Vec<_>>>().unwrap_err().to_string();
+        assert!(e.contains("in.txt:3: not valid UTF-8"), "{e}");
+        // Lines read ahead to detect the format are still returned, in order, with their numbers.
+        let v = parse_inputs(
+            "\n  \n{\"text\": \"a\"}",
+            "x",
+            InputFormat::Auto,
+            Kind::Query,
+        );
+        assert!(v.unwrap_err().to_string().contains("x:1"));
+        let v = parse_inputs("\n  \nplain", "x", InputFormat::Auto, Kind::Query).unwrap();
+        assert_eq!((v.len(), v[2].line, v[2].text.as_str()), (3, 3, "plain"));
+    }
+
+    #[test]
+    fn empty_texts_beyond_ten_are_counted() {
+        let v = parse_inputs(&"\n".repeat(12), "in.txt", InputFormat::Lines, Kind::Query).unwrap();
+        let e = check_empty(&v, "in.txt").unwrap_err().to_string();
+        assert!(e.contains("12 empty") && e.contains("10 and 2 more"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 mod cli_bench;
 
-use std::io::{IsTerminal, Read};
+use std::io::{IsTerminal, Seek};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use sgpt::cuda::device::GpuDtype;
-use sgpt::io::{check_empty, parse_inputs, EmbeddingWriter, InputFormat, InputText};
+use sgpt::io::{check_empty, EmbeddingWriter, EmptyTexts, InputFormat, InputReader, InputText};
 use sgpt::model::{Device, Embedder, EngineOptions, ModelDir};
 use sgpt::tokenize::Kind;
 use sgpt::weights::DType;
@@ -252,13 +252,14 @@ fn setup(c: &Common, quiet: bool) -> Result<Embedder> {
 
 fn embed(a: EmbedArgs) -> Result<()> {
     let default_kind = Kind::from(a.kind);
-    let (inputs, source): (Vec<InputText>, String) = match (&a.input, a.texts.is_empty()) {
+    match (&a.input, a.texts.is_empty()) {
         (Some(_), false) => bail!("give texts as arguments or with --input, not both"),
         (None, true) => {
             bail!("no texts: give them as arguments or with --input FILE (- for stdin)")
         }
-        (None, false) => (
-            a.texts
+        (None, false) => {
+            let inputs: Vec<InputText> = a
+                .texts
                 .iter()
                 .enumerate()
                 .map(|(i, t)| InputText {
@@ -266,39 +267,62 @@ fn embed(a: EmbedArgs) -> Result<()> {
                     kind: default_kind,
                     line: i + 1,
                 })
-                .collect(),
-            "arguments".into(),
-        ),
-        (Some(f), true) => {
-            let mut content = String::new();
-            if f == "-" {
-                std::io::stdin()
-                    .read_to_string(&mut content)
-                    .context("reading stdin")?;
-            } else {
-                content = std::fs::read_to_string(f).with_context(|| format!("reading {f}"))?;
+                .collect();
+            if !a.allow_empty {
+                check_empty(&inputs, "arguments")?;
             }
-            let name = if f == "-" {
-                "<stdin>".to_string()
-            } else {
-                f.clone()
-            };
-            (parse_inputs(&content, &name, a.format, default_kind)?, name)
+            let n = inputs.len();
+            let stream = inputs.into_iter().map(|t| Ok((t.text, t.kind)));
+            embed_inputs(&a, "arguments", n, stream)
         }
-    };
-    if inputs.is_empty() {
+        (Some(f), true) => {
+            // Streamed twice: once to check every line (bad JSON, empty texts) and count them
+            // before the model loads and anything is written, once to embed; neither pass holds
+            // more than a chunk. Standard input is spooled to an unnamed temporary file first.
+            let (mut file, name) = if f == "-" {
+                let mut tmp =
+                    tempfile::tempfile().context("creating a temporary file for stdin")?;
+                std::io::copy(&mut std::io::stdin().lock(), &mut tmp).context("reading stdin")?;
+                (tmp, "<stdin>".to_string())
+            } else {
+                let file = std::fs::File::open(f).with_context(|| format!("reading {f}"))?;
+                (file, f.clone())
+            };
+            let reader = |file: &mut std::fs::File| -> Result<_> {
+                file.rewind().with_context(|| format!("reading {name}"))?;
+                let r = std::io::BufReader::with_capacity(1 << 20, file.try_clone()?);
+                Ok(InputReader::new(r, &name, a.format, default_kind)?)
+            };
+            let mut empty = EmptyTexts::default();
+            let mut n = 0;
+            for t in reader(&mut file)? {
+                empty.add(&t?);
+                n += 1;
+            }
+            if !a.allow_empty {
+                empty.check(&name)?;
+            }
+            let stream = reader(&mut file)?.map(|t| t.map(|t| (t.text, t.kind)));
+            embed_inputs(&a, &name, n, stream)
+        }
+    }
+}
+
+/// Embeds `n` texts from `stream` (already checked) into the output; text `i` is line or
+/// argument `i + 1` of `source`.
+fn embed_inputs<I>(a: &EmbedArgs, source: &str, n: usize, stream: I) -> Result<()>
+where
+    I: Iterator<Item = sgpt::Result<(String, Kind)>> + Send,
+{
+    if n == 0 {
         bail!("{source}: no texts to embed");
     }
-    if !a.allow_empty {
-        check_empty(&inputs, &source)?;
-    }
     let embedder = setup(&a.common, a.quiet)?;
-    let texts: Vec<(String, Kind)> = inputs.iter().map(|t| (t.text.clone(), t.kind)).collect();
-    let mut writer = EmbeddingWriter::create(a.output.as_deref(), inputs.len(), embedder.hidden())?;
-    let bar = progress_bar(inputs.len() as u64, a.quiet);
+    let mut writer = EmbeddingWriter::create(a.output.as_deref(), n, embedder.hidden())?;
+    let bar = progress_bar(n as u64, a.quiet);
     let h = embedder.hidden();
     let mut cut = Vec::new();
-    embedder.embed_pipelined(&texts, a.normalize, &mut |i| cut.push(i), &mut |_, e| {
+    embedder.embed_stream(stream, a.normalize, &mut |i| cut.push(i), &mut |_, e| {
         writer.write(e)?;
         bar.inc((e.len() / h) as u64);
         Ok(())
@@ -306,21 +330,17 @@ fn embed(a: EmbedArgs) -> Result<()> {
     bar.finish_and_clear();
     writer.finish()?;
     if !a.quiet {
-        report_truncation(&inputs, &cut, embedder.model.tokenizer.max_text_tokens());
+        report_truncation(n, &cut, embedder.model.tokenizer.max_text_tokens());
     }
     Ok(())
 }
 
 /// Truncation follows the reference, but silently losing text would surprise: say so.
-fn report_truncation(inputs: &[InputText], cut: &[usize], max: usize) {
+fn report_truncation(n: usize, cut: &[usize], max: usize) {
     if cut.is_empty() {
         return;
     }
-    let lines: Vec<String> = cut
-        .iter()
-        .take(10)
-        .map(|&i| inputs[i].line.to_string())
-        .collect();
+    let lines: Vec<String> = cut.iter().take(10).map(|&i| (i + 1).to_string()).collect();
     let more = if cut.len() > 10 {
         format!(" and {} more", cut.len() - 10)
     } else {
@@ -330,7 +350,7 @@ fn report_truncation(inputs: &[InputText], cut: &[usize], max: usize) {
         "sgpt: note: {} of {} texts were longer than {max} tokens and were truncated on the right, \
          as the reference does (line/argument {}{more})",
         cut.len(),
-        inputs.len(),
+        n,
         lines.join(", ")
     );
 }

@@ -273,27 +273,40 @@ impl Embedder {
 
     /// Texts → embeddings in input order, tokenizing the next chunk of texts on another thread
     /// while the backend embeds the current one, so the engine never waits for the tokenizer and
-    /// only one chunk of token ids is held at a time. `truncated` gets the index of every text
-    /// cut to the length limit; `sink` gets (index of the first text, embeddings [S, H]).
-    pub fn embed_pipelined(
+    /// only one chunk of texts and token ids is held at a time: `texts` may be a stream larger
+    /// than memory (an error from it stops the run). `truncated` gets the index of every text cut
+    /// to the length limit; `sink` gets (index of the first text, embeddings [S, H]).
+    pub fn embed_stream<I>(
         &self,
-        texts: &[(String, Kind)],
+        texts: I,
         normalize: bool,
         truncated: &mut dyn FnMut(usize),
         sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        I: Iterator<Item = Result<(String, Kind)>> + Send,
+    {
         const CHUNK: usize = 4096;
         std::thread::scope(|scope| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<Encoded>)>>(1);
             scope.spawn(move || {
-                for start in (0..texts.len()).step_by(CHUNK) {
-                    let end = (start + CHUNK).min(texts.len());
-                    let r = self.encode(&texts[start..end]).map(|e| (start, e));
-                    let failed = r.is_err();
+                let mut texts = texts;
+                let mut start = 0;
+                loop {
+                    let chunk: Result<Vec<(String, Kind)>> = texts.by_ref().take(CHUNK).collect();
+                    let r = chunk.and_then(|c| self.encode(&c));
+                    let (n, failed) = match &r {
+                        Ok(enc) => (enc.len(), false),
+                        Err(_) => (0, true),
+                    };
+                    if n == 0 && !failed {
+                        break; // the stream is done
+                    }
                     // A closed channel means the consumer stopped on an error: stop too.
-                    if tx.send(r).is_err() || failed {
+                    if tx.send(r.map(|e| (start, e))).is_err() || failed {
                         break;
                     }
+                    start += n;
                 }
             });
             for msg in rx {
@@ -306,6 +319,18 @@ impl Embedder {
             }
             Ok(())
         })
+    }
+
+    /// [`Self::embed_stream`] over texts in memory.
+    pub fn embed_pipelined(
+        &self,
+        texts: &[(String, Kind)],
+        normalize: bool,
+        truncated: &mut dyn FnMut(usize),
+        sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let stream = texts.iter().map(|(t, k)| Ok((t.clone(), *k)));
+        self.embed_stream(stream, normalize, truncated, sink)
     }
 
     /// Convenience: texts → one vector each.

@@ -188,6 +188,75 @@ fn jsonl_file_to_npy_and_stdin_to_jsonl_agree() {
     }
 }
 
+/// A corpus of several tokenizer chunks (4096 texts each) is streamed from a file and from
+/// stdin: same rows, in order, equal to embedding in memory; truncation notes name the right
+/// lines; a line that is not UTF-8 is named and nothing is written.
+#[test]
+fn long_inputs_stream_in_order_from_file_and_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 9000;
+    let long = "word ".repeat(400);
+    let texts: Vec<String> = (0..n)
+        .map(|i| match i {
+            4999 | 8999 => long.clone(),
+            _ => format!(
+                "text number {i} about {}",
+                ["cats", "rivers", "maths"][i % 3]
+            ),
+        })
+        .collect();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, texts.join("\n") + "\n").unwrap();
+    let model = m(&tiny_model());
+    let (a, b) = (dir.path().join("a.npy"), dir.path().join("b.npy"));
+    let o = sgpt(&["embed", "-m", &model, "--input", &m(&input), "-o", &m(&a)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("2 of 9000 texts") && stderr(&o).contains("line/argument 5000, 9000"),
+        "{}",
+        stderr(&o)
+    );
+    let o = sgpt_stdin(
+        &["embed", "-m", &model, "--input", "-", "-o", &m(&b)],
+        &(texts.join("\n") + "\n"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ((sa, da), (sb, db)) = (read_npy(&a), read_npy(&b));
+    assert_eq!((sa.clone(), sb), (vec![n, 64], vec![n, 64]));
+    assert_close("file vs stdin", &da, &db, 0.0, 0.0);
+    let e = Embedder::open(&tiny_model(), Device::Cpu).unwrap();
+    let rows = [0, 4095, 4096, 4999, 8191, 8192, 8999];
+    let want = e
+        .embed_texts(
+            &rows
+                .iter()
+                .map(|&i| (texts[i].clone(), Kind::Query))
+                .collect::<Vec<_>>(),
+            false,
+        )
+        .unwrap();
+    for (w, &i) in want.iter().zip(&rows) {
+        // Batches differ from the in-memory call's; batching never changes an embedding beyond
+        // summation order (tests/golden.rs bounds it at 1e-6).
+        assert_close(
+            &format!("row {i}"),
+            &da[i * 64..(i + 1) * 64],
+            w,
+            1e-6,
+            1e-6,
+        );
+    }
+
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, b"fine\nalso fine\n\xff\xfe broken\n").unwrap();
+    let out = dir.path().join("bad.npy");
+    expect_error(
+        &["embed", "-m", &model, "--input", &m(&bad), "-o", &m(&out)],
+        "bad.txt:3: not valid UTF-8",
+    );
+    assert!(!out.exists());
+}
+
 #[test]
 fn normalize_and_truncation_notice() {
     let model = m(&tiny_model());
