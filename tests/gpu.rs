@@ -195,12 +195,14 @@ fn layernorms_match_cpu() {
 
 fn attention<T: Act>(g: &Gpu) {
     // ragged batches with sequences of length 1 and across warp/tile edges
-    let cases: [(&[usize], usize, usize); 5] = [
+    let cases: [(&[usize], usize, usize); 7] = [
         (&[1], 16, 64),
         (&[1, 33, 2, 300], 16, 64),
         (&[299, 5, 1, 64], 32, 128),
         (&[17, 130], 32, 80),
         (&[1, 40, 65], 112, 128),
+        (&[3, 77, 128], 8, 96),
+        (&[63, 1, 200], 4, 16),
     ];
     for (lens, heads, d) in cases {
         let mut cu = vec![0usize];
@@ -238,6 +240,17 @@ fn attention<T: Act>(g: &Gpu) {
             .unwrap();
         assert_close(
             &format!("alibi_attention_tc {label}"),
+            &down(g, &out),
+            &want,
+            tol::<T>(),
+            tol::<T>(),
+        );
+        // version 3 (register tiles, mma.sync), the same rounding as version 2
+        let mut out = poison::<T>(g, t * h);
+        g.k.alibi_attention_mma(&g.s, &dq, &dcu, lens.len(), max_len, &mut out, t, heads, d)
+            .unwrap();
+        assert_close(
+            &format!("alibi_attention_mma {label}"),
             &down(g, &out),
             &want,
             tol::<T>(),

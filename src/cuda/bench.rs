@@ -93,6 +93,7 @@ pub const OPS: &[&str] = &[
     "add_layernorm",
     "alibi_attention",
     "alibi_attention_tc",
+    "alibi_attention_mma",
     "bias_gelu",
     "final_norm_pool",
     "gemm_qkv",
@@ -205,7 +206,9 @@ impl<'k, T: Act> KernelBench<'k, T> {
         match op {
             "embedding_layernorm" => (t * h * (a + 4.0), 0.0),
             "add_layernorm" => (t * h * (4.0 + a + 4.0 + a), 0.0),
-            "alibi_attention" | "alibi_attention_tc" => (t * h * 4.0 * a, 4.0 * h * pairs),
+            "alibi_attention" | "alibi_attention_tc" | "alibi_attention_mma" => {
+                (t * h * 4.0 * a, 4.0 * h * pairs)
+            }
             "bias_gelu" => (t * 4.0 * h * 2.0 * a, 0.0),
             "final_norm_pool" => (2.0 * t * h * (4.0 + a), 0.0), // two passes over x + y
             "gemm_qkv" => gemm(h, 3.0 * h),
@@ -254,6 +257,17 @@ impl<'k, T: Act> KernelBench<'k, T> {
                 k.alibi_attention(s, &self.qkv, &self.cu, self.seqs, &mut self.ctx, t, n, d)
             }
             "alibi_attention_tc" => k.alibi_attention_tc(
+                s,
+                &self.qkv,
+                &self.cu,
+                self.seqs,
+                self.len,
+                &mut self.ctx,
+                t,
+                n,
+                d,
+            ),
+            "alibi_attention_mma" => k.alibi_attention_mma(
                 s,
                 &self.qkv,
                 &self.cu,

@@ -33,6 +33,22 @@ pub const KERNELS: &[KernelSource] = &[
         functions: &["alibi_attention_tc_f16", "alibi_attention_tc_bf16"],
     },
     KernelSource {
+        file: "alibi_attention_mma.cu",
+        source: include_str!("../../kernels/alibi_attention_mma.cu"),
+        functions: &[
+            "alibi_attention_mma_d16_f16",
+            "alibi_attention_mma_d16_bf16",
+            "alibi_attention_mma_d64_f16",
+            "alibi_attention_mma_d64_bf16",
+            "alibi_attention_mma_d80_f16",
+            "alibi_attention_mma_d80_bf16",
+            "alibi_attention_mma_d96_f16",
+            "alibi_attention_mma_d96_bf16",
+            "alibi_attention_mma_d128_f16",
+            "alibi_attention_mma_d128_bf16",
+        ],
+    },
+    KernelSource {
         file: "bias_gelu.cu",
         source: include_str!("../../kernels/bias_gelu.cu"),
         functions: &["bias_gelu_f16", "bias_gelu_bf16"],

@@ -17,7 +17,7 @@ use cudarc::driver::{
 use crate::batch::PackedBatch;
 use crate::config::BloomConfig;
 use crate::cuda::gemm::Gemm;
-use crate::cuda::ops::{Act, Kernels};
+use crate::cuda::ops::{Act, Kernels, ATTENTION_MMA_DIMS};
 use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, DType, TensorRef};
 
@@ -190,11 +190,15 @@ unsafe impl Send for Graph {}
 /// The attention kernel: version 1 (one warp per query, CUDA cores) or version 2 (flash-style
 /// tiles on tensor cores). Measured on an H200 at bloom-7b1 shape (docs/device-runs/): v2 is
 /// 2.0× faster at 16 × 300 tokens (1.47 vs 3.00 ms), v1 1.2× faster at 64 × 80 tokens (0.93 vs
-/// 1.16 ms) and 2.3× at one 12-token query, so `Auto` picks v2 from 128 tokens on.
+/// 1.16 ms) and 2.3× at one 12-token query, so `Auto` picks v2 from 128 tokens on. Version 3
+/// (`SGPT_ATTENTION=mma`: register tiles and mma.sync, kernels/alibi_attention_mma.cu) is
+/// compile-checked but has not run on a GPU yet: opt-in until a device run has tested and
+/// timed it; head dims it lacks fall back to `Auto`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Attention {
     V1,
     Tc,
+    Mma,
     Auto,
 }
 
@@ -205,15 +209,18 @@ impl Attention {
         match std::env::var("SGPT_ATTENTION").as_deref() {
             Ok("v1") => Attention::V1,
             Ok("tc") => Attention::Tc,
+            Ok("mma") => Attention::Mma,
             _ => Attention::Auto,
         }
     }
 
-    fn tensor_cores(self, longest: usize) -> bool {
+    /// The kernel a batch whose longest sequence is `longest` gets, at head dim `d`.
+    fn pick(self, longest: usize, d: usize) -> Attention {
         match self {
-            Attention::V1 => false,
-            Attention::Tc => true,
-            Attention::Auto => longest >= Self::TC_FROM_LEN,
+            Attention::Mma if ATTENTION_MMA_DIMS.contains(&d) => Attention::Mma,
+            Attention::V1 | Attention::Tc => self,
+            _ if longest >= Self::TC_FROM_LEN => Attention::Tc,
+            _ => Attention::V1,
         }
     }
 }
@@ -468,12 +475,31 @@ impl<T: Act> CudaModel<T> {
                 h,
                 3 * h,
             )?; // [T, 3H]
-            if self.attention.tensor_cores(max_len) {
-                k.alibi_attention_tc(s, &st.qkv, &st.cu, s_count, max_len, &mut st.ctx, t, n, d)?;
-            // [T, H]
-            } else {
-                k.alibi_attention(s, &st.qkv, &st.cu, s_count, &mut st.ctx, t, n, d)?;
                 // [T, H]
+            match self.attention.pick(max_len, d) {
+                Attention::Mma => k.alibi_attention_mma(
+                    s,
+                    &st.qkv,
+                    &st.cu,
+                    s_count,
+                    max_len,
+                    &mut st.ctx,
+                    t,
+                    n,
+                    d,
+                )?,
+                Attention::Tc => k.alibi_attention_tc(
+                    s,
+                    &st.qkv,
+                    &st.cu,
+                    s_count,
+                    max_len,
+                    &mut st.ctx,
+                    t,
+                    n,
+                    d,
+                )?,
+                _ => k.alibi_attention(s, &st.qkv, &st.cu, s_count, &mut st.ctx, t, n, d)?,
             }
             st.gemm.linear(
                 &st.ctx,
@@ -548,5 +574,23 @@ impl<T: Act> crate::model::Backend for CudaModel<T> {
             self.report.arch,
             T::SUFFIX
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Attention;
+
+    #[test]
+    fn attention_kernel_by_length_and_head_dim() {
+        // Auto: version 1 for short batches, version 2 from 128 tokens (the H200 timings).
+        assert_eq!(Attention::Auto.pick(127, 128), Attention::V1);
+        assert_eq!(Attention::Auto.pick(128, 128), Attention::Tc);
+        // Forced versions stay; version 3 only where it has an instantiation, else Auto.
+        assert_eq!(Attention::V1.pick(300, 128), Attention::V1);
+        assert_eq!(Attention::Tc.pick(1, 128), Attention::Tc);
+        assert_eq!(Attention::Mma.pick(12, 80), Attention::Mma);
+        assert_eq!(Attention::Mma.pick(12, 32), Attention::V1);
+        assert_eq!(Attention::Mma.pick(300, 32), Attention::Tc);
     }
 }

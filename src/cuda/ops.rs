@@ -73,6 +73,9 @@ fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
+/// Head dims with a version-3 attention kernel (one instantiation each, kernels/alibi_attention_mma.cu).
+pub const ATTENTION_MMA_DIMS: [usize; 5] = [16, 64, 80, 96, 128];
+
 /// Dynamic shared memory of `alibi_attention_tc` for head dim `d` (see the kernel's header):
 /// Q, K, V tiles of 64 rows, f32 scores, probabilities in T, f32 output rows, for 4 warps.
 pub fn attention_tc_smem(d: usize) -> usize {
@@ -336,6 +339,63 @@ impl Kernels {
         }
         .map(drop)
         .map_err(|e| err("alibi_attention_tc", e))
+    }
+
+    /// `alibi_attention_mma_d<D>_<T>(const T* qkv, const int* cu_seqlens, int S, int tiles,
+    ///  T* ctx, int heads)` — version 3 of the attention (registers, mma.sync); same contract as
+    ///  [`Self::alibi_attention_tc`], for the head dims in [`ATTENTION_MMA_DIMS`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn alibi_attention_mma<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        qkv: &CudaSlice<T>,
+        cu_seqlens: &CudaSlice<i32>,
+        seqs: usize,
+        max_len: usize,
+        ctx: &mut CudaSlice<T>,
+        tokens: usize,
+        heads: usize,
+        d: usize,
+    ) -> Result<()> {
+        let h = heads * d;
+        check(
+            tokens > 0 && seqs > 0 && max_len > 0 && cu_seqlens.len() > seqs,
+            || "alibi_attention_mma: empty batch or short cu_seqlens".into(),
+        )?;
+        check(
+            qkv.len() >= tokens * 3 * h && ctx.len() >= tokens * h,
+            || "alibi_attention_mma: buffers too small".into(),
+        )?;
+        check(ATTENTION_MMA_DIMS.contains(&d) && heads <= 65535, || {
+            format!(
+                "alibi_attention_mma: head dim {d} not in {ATTENTION_MMA_DIMS:?} or {heads} heads"
+            )
+        })?;
+        let tiles = max_len.div_ceil(64);
+        check(seqs * tiles < i32::MAX as usize, || {
+            "alibi_attention_mma: grid too large".into()
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: ((seqs * tiles) as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0, // static: the K and V tiles
+        };
+        let (si, ti, ni) = (seqs as i32, tiles as i32, heads as i32);
+        let f = self.get(&format!("alibi_attention_mma_d{d}_{}", T::SUFFIX))?;
+        // SAFETY: sizes checked; cu_seqlens consistent (PackedBatch::validate) with every
+        // sequence at most max_len long; order as in the signature.
+        unsafe {
+            s.launch_builder(f)
+                .arg(qkv)
+                .arg(cu_seqlens)
+                .arg(&si)
+                .arg(&ti)
+                .arg(ctx)
+                .arg(&ni)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(|e| err("alibi_attention_mma", e))
     }
 
     /// `bias_gelu_<T>(T* m, const float* b, long n, int F)` — m = gelu(m + b) over [tokens, F].
