@@ -476,30 +476,15 @@ impl<T: Act> CudaModel<T> {
                 3 * h,
             )?; // [T, 3H]
                 // [T, H]
+            let (qkv, cu, ctx) = (&st.qkv, &st.cu, &mut st.ctx);
             match self.attention.pick(max_len, d) {
-                Attention::Mma => k.alibi_attention_mma(
-                    s,
-                    &st.qkv,
-                    &st.cu,
-                    s_count,
-                    max_len,
-                    &mut st.ctx,
-                    t,
-                    n,
-                    d,
-                )?,
-                Attention::Tc => k.alibi_attention_tc(
-                    s,
-                    &st.qkv,
-                    &st.cu,
-                    s_count,
-                    max_len,
-                    &mut st.ctx,
-                    t,
-                    n,
-                    d,
-                )?,
-                _ => k.alibi_attention(s, &st.qkv, &st.cu, s_count, &mut st.ctx, t, n, d)?,
+                Attention::Mma => {
+                    k.alibi_attention_mma(s, qkv, cu, s_count, max_len, ctx, t, n, d)?
+                }
+                Attention::Tc => {
+                    k.alibi_attention_tc(s, qkv, cu, s_count, max_len, ctx, t, n, d)?
+                }
+                _ => k.alibi_attention(s, qkv, cu, s_count, ctx, t, n, d)?,
             }
             st.gemm.linear(
                 &st.ctx,

@@ -73,6 +73,15 @@ fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
+/// A packed batch's sizes, as the attention launchers need them.
+struct AttentionBatch {
+    seqs: usize,
+    max_len: usize,
+    tokens: usize,
+    heads: usize,
+    d: usize,
+}
+
 /// Head dims with a version-3 attention kernel (one instantiation each, kernels/alibi_attention_mma.cu).
 pub const ATTENTION_MMA_DIMS: [usize; 5] = [16, 64, 80, 96, 128];
 
@@ -301,44 +310,27 @@ impl Kernels {
         heads: usize,
         d: usize,
     ) -> Result<()> {
-        let h = heads * d;
-        check(
-            tokens > 0 && seqs > 0 && max_len > 0 && cu_seqlens.len() > seqs,
-            || "alibi_attention_tc: empty batch or short cu_seqlens".into(),
-        )?;
-        check(
-            qkv.len() >= tokens * 3 * h && ctx.len() >= tokens * h,
-            || "alibi_attention_tc: buffers too small".into(),
-        )?;
-        check(d <= 128 && heads <= 65535, || {
-            format!("alibi_attention_tc: head dim {d} > 128 or {heads} heads")
+        check(d <= 128, || {
+            format!("alibi_attention_tc: head dim {d} > 128")
         })?;
-        let tiles = max_len.div_ceil(64);
-        check(seqs * tiles < i32::MAX as usize, || {
-            "alibi_attention_tc: grid too large".into()
-        })?;
-        let cfg = LaunchConfig {
-            grid_dim: ((seqs * tiles) as u32, heads as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: attention_tc_smem(d) as u32,
+        let f = format!("alibi_attention_tc_{}", T::SUFFIX);
+        let b = AttentionBatch {
+            seqs,
+            max_len,
+            tokens,
+            heads,
+            d,
         };
-        let (si, ti, ni, di) = (seqs as i32, tiles as i32, heads as i32, d as i32);
-        let f = self.get(&format!("alibi_attention_tc_{}", T::SUFFIX))?;
-        // SAFETY: sizes checked; cu_seqlens consistent (PackedBatch::validate) with every
-        // sequence at most max_len long; order as in the signature.
-        unsafe {
-            s.launch_builder(f)
-                .arg(qkv)
-                .arg(cu_seqlens)
-                .arg(&si)
-                .arg(&ti)
-                .arg(ctx)
-                .arg(&ni)
-                .arg(&di)
-                .launch(cfg)
-        }
-        .map(drop)
-        .map_err(|e| err("alibi_attention_tc", e))
+        self.tiled_attention(
+            s,
+            &f,
+            attention_tc_smem(d),
+            Some(d),
+            qkv,
+            cu_seqlens,
+            ctx,
+            b,
+        )
     }
 
     /// `alibi_attention_mma_d<D>_<T>(const T* qkv, const int* cu_seqlens, int S, int tiles,
@@ -357,45 +349,72 @@ impl Kernels {
         heads: usize,
         d: usize,
     ) -> Result<()> {
-        let h = heads * d;
-        check(
-            tokens > 0 && seqs > 0 && max_len > 0 && cu_seqlens.len() > seqs,
-            || "alibi_attention_mma: empty batch or short cu_seqlens".into(),
-        )?;
-        check(
-            qkv.len() >= tokens * 3 * h && ctx.len() >= tokens * h,
-            || "alibi_attention_mma: buffers too small".into(),
-        )?;
-        check(ATTENTION_MMA_DIMS.contains(&d) && heads <= 65535, || {
-            format!(
-                "alibi_attention_mma: head dim {d} not in {ATTENTION_MMA_DIMS:?} or {heads} heads"
-            )
+        check(ATTENTION_MMA_DIMS.contains(&d), || {
+            format!("alibi_attention_mma: head dim {d} not in {ATTENTION_MMA_DIMS:?}")
         })?;
-        let tiles = max_len.div_ceil(64);
-        check(seqs * tiles < i32::MAX as usize, || {
-            "alibi_attention_mma: grid too large".into()
-        })?;
-        let cfg = LaunchConfig {
-            grid_dim: ((seqs * tiles) as u32, heads as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0, // static: the K and V tiles
+        let f = format!("alibi_attention_mma_d{d}_{}", T::SUFFIX);
+        let b = AttentionBatch {
+            seqs,
+            max_len,
+            tokens,
+            heads,
+            d,
         };
-        let (si, ti, ni) = (seqs as i32, tiles as i32, heads as i32);
-        let f = self.get(&format!("alibi_attention_mma_d{d}_{}", T::SUFFIX))?;
-        // SAFETY: sizes checked; cu_seqlens consistent (PackedBatch::validate) with every
-        // sequence at most max_len long; order as in the signature.
-        unsafe {
-            s.launch_builder(f)
-                .arg(qkv)
-                .arg(cu_seqlens)
-                .arg(&si)
-                .arg(&ti)
-                .arg(ctx)
-                .arg(&ni)
-                .launch(cfg)
+        // static shared memory (the K and V tiles); d is in the function's name
+        self.tiled_attention(s, &f, 0, None, qkv, cu_seqlens, ctx, b)
+    }
+
+    /// Versions 2 and 3: a block of 128 threads per (64 query rows of a sequence, head), with
+    /// arguments (qkv, cu_seqlens, S, tiles, ctx, heads[, d]).
+    #[allow(clippy::too_many_arguments)]
+    fn tiled_attention<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        name: &str,
+        smem: usize,
+        d_arg: Option<usize>,
+        qkv: &CudaSlice<T>,
+        cu_seqlens: &CudaSlice<i32>,
+        ctx: &mut CudaSlice<T>,
+        b: AttentionBatch,
+    ) -> Result<()> {
+        let h = b.heads * b.d;
+        check(
+            b.tokens > 0 && b.seqs > 0 && b.max_len > 0 && cu_seqlens.len() > b.seqs,
+            || format!("{name}: empty batch or short cu_seqlens"),
+        )?;
+        check(
+            qkv.len() >= b.tokens * 3 * h && ctx.len() >= b.tokens * h,
+            || format!("{name}: buffers too small"),
+        )?;
+        let tiles = b.max_len.div_ceil(64);
+        check(
+            b.heads <= 65535 && b.seqs * tiles < i32::MAX as usize,
+            || format!("{name}: grid too large ({} heads)", b.heads),
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: ((b.seqs * tiles) as u32, b.heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (si, ti, ni) = (b.seqs as i32, tiles as i32, b.heads as i32);
+        let di = d_arg.unwrap_or(0) as i32;
+        let f = self.get(name)?;
+        let mut lb = s.launch_builder(f);
+        lb.arg(qkv)
+            .arg(cu_seqlens)
+            .arg(&si)
+            .arg(&ti)
+            .arg(ctx)
+            .arg(&ni);
+        if d_arg.is_some() {
+            lb.arg(&di);
         }
-        .map(drop)
-        .map_err(|e| err("alibi_attention_mma", e))
+        // SAFETY: sizes checked; cu_seqlens consistent (PackedBatch::validate) with every
+        // sequence at most max_len long; order as in the signatures above.
+        unsafe { lb.launch(cfg) }
+            .map(drop)
+            .map_err(|e| err(name, e))
     }
 
     /// `bias_gelu_<T>(T* m, const float* b, long n, int F)` — m = gelu(m + b) over [tokens, F].
