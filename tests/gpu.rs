@@ -13,7 +13,7 @@ use sgpt::batch::PackedBatch;
 use sgpt::cpu;
 use sgpt::cuda::device::{unavailable_reason, GpuDtype};
 use sgpt::cuda::gemm::Gemm;
-use sgpt::cuda::ops::{Act, Kernels};
+use sgpt::cuda::ops::{skinny_fits, Act, Kernels};
 use sgpt::model::{Device, Embedder, EngineOptions, ModelDir};
 
 struct Gpu {
@@ -363,6 +363,8 @@ fn gemm<T: Act>(g: &Gpu) {
         (33, 1024, 4096),
         (260, 4096, 1024),
         (7, 96, 288),
+        (12, 4096, 1024),
+        (16, 256, 64),
     ] {
         for bias in [false, true] {
             let x = round::<T>(&rand(t * n_in, 31, 1.0));
@@ -394,6 +396,31 @@ fn gemm<T: Act>(g: &Gpu) {
                 tol::<T>(),
                 tol::<T>(),
             );
+            // the skinny tensor-core GEMM for ≤ 16 rows: the same contract and bound
+            if skinny_fits(t, n_in, n_out) {
+                let mut y = poison::<T>(g, t * n_out);
+                g.k.skinny_gemm(
+                    &g.s,
+                    &up::<T>(g, &x),
+                    &up::<T>(g, &w),
+                    bias.then_some(&db),
+                    &mut y,
+                    t,
+                    n_in,
+                    n_out,
+                )
+                .unwrap();
+                assert_close(
+                    &format!(
+                        "skinny_gemm {} [{t}×{n_in}]·[{n_out}×{n_in}]ᵀ bias {bias}",
+                        T::SUFFIX
+                    ),
+                    &down(g, &y),
+                    &want,
+                    tol::<T>(),
+                    tol::<T>(),
+                );
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 use crate::config::BloomConfig;
 use crate::cuda::gemm::Gemm;
-use crate::cuda::ops::{Act, Kernels};
+use crate::cuda::ops::{Act, Kernels, SKINNY_MAX_ROWS};
 use crate::error::{Error, Result};
 
 fn err(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -100,7 +100,14 @@ pub const OPS: &[&str] = &[
     "gemm_dense",
     "gemm_fc1",
     "gemm_fc2",
+    "skinny_qkv",
+    "skinny_dense",
+    "skinny_fc1",
+    "skinny_fc2",
 ];
+
+/// The GEMMs of one block, in the order of the `gemm_*` and `skinny_*` ops.
+const GEMMS: [&str; 4] = ["qkv", "dense", "fc1", "fc2"];
 
 /// One GEMM's input, weight, bias and output.
 struct Linear<T> {
@@ -211,12 +218,17 @@ impl<'k, T: Act> KernelBench<'k, T> {
             }
             "bias_gelu" => (t * 4.0 * h * 2.0 * a, 0.0),
             "final_norm_pool" => (2.0 * t * h * (4.0 + a), 0.0), // two passes over x + y
-            "gemm_qkv" => gemm(h, 3.0 * h),
-            "gemm_dense" => gemm(h, h),
-            "gemm_fc1" => gemm(h, 4.0 * h),
-            "gemm_fc2" => gemm(4.0 * h, h),
+            "gemm_qkv" | "skinny_qkv" => gemm(h, 3.0 * h),
+            "gemm_dense" | "skinny_dense" => gemm(h, h),
+            "gemm_fc1" | "skinny_fc1" => gemm(h, 4.0 * h),
+            "gemm_fc2" | "skinny_fc2" => gemm(4.0 * h, h),
             _ => (0.0, 0.0),
         }
+    }
+
+    /// Whether `op` runs at this batch's shape (the skinny GEMM takes at most 16 tokens).
+    pub fn applies(&self, op: &str) -> bool {
+        !op.starts_with("skinny_") || self.seqs * self.len <= SKINNY_MAX_ROWS
     }
 
     /// Enqueues one run of `op` (one of [`OPS`]).
@@ -293,14 +305,20 @@ impl<'k, T: Act> KernelBench<'k, T> {
                 h,
                 eps,
             ),
-            "gemm_qkv" | "gemm_dense" | "gemm_fc1" | "gemm_fc2" => {
-                let i = ["gemm_qkv", "gemm_dense", "gemm_fc1", "gemm_fc2"]
+            _ if op.starts_with("gemm_") || op.starts_with("skinny_") => {
+                let (kind, name) = op.split_once('_').unwrap_or_default();
+                let i = GEMMS
                     .iter()
-                    .position(|g| *g == op)
-                    .unwrap_or(0);
+                    .position(|g| *g == name)
+                    .ok_or_else(|| Error::Input(format!("unknown op {op}")))?;
                 let l = &mut self.lin[i];
-                self.gemm
-                    .linear(&l.x, &l.w, Some(&l.b), &mut l.y, t, dims[i].0, dims[i].1)
+                let (n_in, n_out) = dims[i];
+                if kind == "skinny" {
+                    k.skinny_gemm(s, &l.x, &l.w, Some(&l.b), &mut l.y, t, n_in, n_out)
+                } else {
+                    self.gemm
+                        .linear(&l.x, &l.w, Some(&l.b), &mut l.y, t, n_in, n_out)
+                }
             }
             other => Err(Error::Input(format!("unknown op {other}"))),
         }
@@ -317,8 +335,9 @@ pub fn kernel_times<T: Act>(
 ) -> Result<Vec<KernelTime>> {
     let mut bench = KernelBench::<T>::new(ctx, k, cfg, seqs, len)?;
     let s = bench.stream().clone();
-    OPS.iter()
-        .map(|&op| {
+    let ops: Vec<&str> = OPS.iter().copied().filter(|op| bench.applies(op)).collect();
+    ops.into_iter()
+        .map(|op| {
             let ms = time_ms(&s, 20, || bench.launch(op))?;
             let (bytes, flops) = bench.work(op);
             Ok(KernelTime {

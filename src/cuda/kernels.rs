@@ -64,6 +64,11 @@ pub const KERNELS: &[KernelSource] = &[
         ],
     },
     KernelSource {
+        file: "skinny_gemm.cu",
+        source: include_str!("../../kernels/skinny_gemm.cu"),
+        functions: &["skinny_gemm_f16", "skinny_gemm_bf16"],
+    },
+    KernelSource {
         file: "convert.cu",
         source: include_str!("../../kernels/convert.cu"),
         functions: &[

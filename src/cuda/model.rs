@@ -17,7 +17,7 @@ use cudarc::driver::{
 use crate::batch::PackedBatch;
 use crate::config::BloomConfig;
 use crate::cuda::gemm::Gemm;
-use crate::cuda::ops::{Act, Kernels, ATTENTION_MMA_DIMS};
+use crate::cuda::ops::{skinny_fits, Act, Kernels, ATTENTION_MMA_DIMS};
 use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, DType, TensorRef};
 
@@ -236,6 +236,9 @@ pub struct CudaModel<T: Act> {
     pub max_tokens: usize,
     /// Which attention kernel a batch gets (`SGPT_ATTENTION=v1|tc|auto`, default auto).
     attention: Attention,
+    /// The skinny tensor-core GEMM for batches of ≤ 16 tokens instead of cuBLASLt
+    /// (`SGPT_SKINNY_GEMM=1`; compile-checked, not yet run on a GPU: opt-in until a device run).
+    skinny: bool,
     /// CUDA graphs for small batches (`SGPT_CUDA_GRAPHS=1`, on trial).
     graphs: bool,
     ctx: Arc<CudaContext>,
@@ -361,6 +364,7 @@ impl<T: Act> CudaModel<T> {
             },
             max_tokens: tmax,
             attention: Attention::from_env(),
+            skinny: std::env::var("SGPT_SKINNY_GEMM").as_deref() == Ok("1"),
             graphs,
             ctx,
             stream,
@@ -441,6 +445,27 @@ impl<T: Act> CudaModel<T> {
         Ok(host)
     }
 
+    /// y[T, out] = x·Wᵀ (+ b): the skinny kernel for ≤ 16 tokens when enabled, else cuBLASLt.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        gemm: &mut Gemm,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        b: Option<&CudaSlice<T>>,
+        y: &mut CudaSlice<T>,
+        t: usize,
+        n_in: usize,
+        n_out: usize,
+    ) -> Result<()> {
+        if self.skinny && skinny_fits(t, n_in, n_out) {
+            return self
+                .kernels
+                .skinny_gemm(&self.stream, x, w, b, y, t, n_in, n_out);
+        }
+        gemm.linear(x, w, b, y, t, n_in, n_out)
+    }
+
     /// Enqueues the whole forward on the stream (no host synchronization, no host copies, so it
     /// can be captured into a graph): ids and cu_seqlens already uploaded; out [S, H] written.
     fn enqueue(&self, st: &mut State<T>, t: usize, s_count: usize, max_len: usize) -> Result<()> {
@@ -466,7 +491,8 @@ impl<T: Act> CudaModel<T> {
         let first = &self.blocks[0].ln1;
         k.add_layernorm::<T>(s, &mut st.x, None, &first.w, &first.b, &mut st.a, t, h, eps)?; // a = LN1(x)
         for (l, blk) in self.blocks.iter().enumerate() {
-            st.gemm.linear(
+            self.linear(
+                &mut st.gemm,
                 &st.a,
                 &blk.qkv_w,
                 Some(&blk.qkv_b),
@@ -475,7 +501,6 @@ impl<T: Act> CudaModel<T> {
                 h,
                 3 * h,
             )?; // [T, 3H]
-                // [T, H]
             let (qkv, cu, ctx) = (&st.qkv, &st.cu, &mut st.ctx);
             match self.attention.pick(max_len, d) {
                 Attention::Mma => {
@@ -485,8 +510,9 @@ impl<T: Act> CudaModel<T> {
                     k.alibi_attention_tc(s, qkv, cu, s_count, max_len, ctx, t, n, d)?
                 }
                 _ => k.alibi_attention(s, qkv, cu, s_count, ctx, t, n, d)?,
-            }
-            st.gemm.linear(
+            } // ctx [T, H]
+            self.linear(
+                &mut st.gemm,
                 &st.ctx,
                 &blk.dense_w,
                 Some(&blk.dense_b),
@@ -506,11 +532,18 @@ impl<T: Act> CudaModel<T> {
                 h,
                 eps,
             )?; // x += y; a = LN2(x)
-            st.gemm
-                .linear(&st.a, &blk.fc1_w, None, &mut st.m, t, h, f)?; // [T, F]
+            self.linear(&mut st.gemm, &st.a, &blk.fc1_w, None, &mut st.m, t, h, f)?; // [T, F]
             k.bias_gelu(s, &mut st.m, &blk.fc1_b, t)?; // m = gelu(m + b1)
-            st.gemm
-                .linear(&st.m, &blk.fc2_w, Some(&blk.fc2_b), &mut st.y, t, f, h)?; // [T, H]
+            self.linear(
+                &mut st.gemm,
+                &st.m,
+                &blk.fc2_w,
+                Some(&blk.fc2_b),
+                &mut st.y,
+                t,
+                f,
+                h,
+            )?; // [T, H]
             if let Some(next) = self.blocks.get(l + 1) {
                 k.add_layernorm(
                     s,

@@ -73,6 +73,17 @@ fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
+/// Most rows of x the skinny GEMM takes (one m16 tile).
+pub const SKINNY_MAX_ROWS: usize = 16;
+
+/// Whether [`Kernels::skinny_gemm`] takes [rows × n_in]·[n_out × n_in]ᵀ.
+pub fn skinny_fits(rows: usize, n_in: usize, n_out: usize) -> bool {
+    (1..=SKINNY_MAX_ROWS).contains(&rows)
+        && n_in.is_multiple_of(32)
+        && n_out.is_multiple_of(32)
+        && n_out > 0
+}
+
 /// A packed batch's sizes, as the attention launchers need them.
 struct AttentionBatch {
     seqs: usize,
@@ -415,6 +426,51 @@ impl Kernels {
         unsafe { lb.launch(cfg) }
             .map(drop)
             .map_err(|e| err(name, e))
+    }
+
+    /// `skinny_gemm_<T>(const T* x, const T* w, const T* bias, T* y, int M, int K, int N)` —
+    /// y[M, N] = x[M, K]·Wᵀ (+ b) for M ≤ [`SKINNY_MAX_ROWS`], K and N multiples of 32; the
+    /// same contract as `Gemm::linear` for those shapes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn skinny_gemm<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        bias: Option<&CudaSlice<T>>,
+        y: &mut CudaSlice<T>,
+        rows: usize,
+        n_in: usize,
+        n_out: usize,
+    ) -> Result<()> {
+        check(skinny_fits(rows, n_in, n_out), || {
+            format!("skinny_gemm: [{rows}×{n_in}]·[{n_out}×{n_in}]ᵀ needs ≤ {SKINNY_MAX_ROWS} rows and multiples of 32")
+        })?;
+        check(
+            x.len() >= rows * n_in
+                && w.len() >= n_in * n_out
+                && y.len() >= rows * n_out
+                && bias.is_none_or(|b| b.len() == n_out),
+            || format!("skinny_gemm: buffer sizes do not fit [{rows}×{n_in}]·[{n_out}×{n_in}]ᵀ"),
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: ((n_out / 32) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0, // static: the 8 warps' partial tiles
+        };
+        let (mi, ki, ni) = (rows as i32, n_in as i32, n_out as i32);
+        let null: u64 = 0;
+        let f = self.get(&format!("skinny_gemm_{}", T::SUFFIX))?;
+        let mut lb = s.launch_builder(f);
+        lb.arg(x).arg(w);
+        match bias {
+            Some(b) => lb.arg(b),
+            None => lb.arg(&null),
+        };
+        // SAFETY: sizes and shape rules checked; order as in the signature.
+        unsafe { lb.arg(y).arg(&mi).arg(&ki).arg(&ni).launch(cfg) }
+            .map(drop)
+            .map_err(|e| err("skinny_gemm", e))
     }
 
     /// `bias_gelu_<T>(T* m, const float* b, long n, int F)` — m = gelu(m + b) over [tokens, F].
