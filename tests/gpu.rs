@@ -223,39 +223,35 @@ fn attention<T: Act>(g: &Gpu) {
         );
         let cu32: Vec<i32> = cu.iter().map(|&c| c as i32).collect();
         let (dq, dcu) = (up::<T>(g, &qkv), g.s.clone_htod(&cu32).unwrap());
-        let mut out = poison::<T>(g, t * h);
-        g.k.alibi_attention(&g.s, &dq, &dcu, lens.len(), &mut out, t, heads, d)
+        let (n_seqs, max_len) = (lens.len(), *lens.iter().max().unwrap());
+        // versions 2 (tensor cores) and 3 (register tiles) round the probabilities to T once
+        // more than version 1, within the same bound
+        for version in [
+            "alibi_attention",
+            "alibi_attention_tc",
+            "alibi_attention_mma",
+        ] {
+            let mut out = poison::<T>(g, t * h);
+            match version {
+                "alibi_attention" => {
+                    g.k.alibi_attention(&g.s, &dq, &dcu, n_seqs, &mut out, t, heads, d)
+                }
+                "alibi_attention_tc" => {
+                    g.k.alibi_attention_tc(&g.s, &dq, &dcu, n_seqs, max_len, &mut out, t, heads, d)
+                }
+                _ => {
+                    g.k.alibi_attention_mma(&g.s, &dq, &dcu, n_seqs, max_len, &mut out, t, heads, d)
+                }
+            }
             .unwrap();
-        assert_close(
-            &format!("alibi_attention {label}"),
-            &down(g, &out),
-            &want,
-            tol::<T>(),
-            tol::<T>(),
-        );
-        // version 2 (tensor cores): probabilities rounded to T once more, within the same bound
-        let max_len = *lens.iter().max().unwrap();
-        let mut out = poison::<T>(g, t * h);
-        g.k.alibi_attention_tc(&g.s, &dq, &dcu, lens.len(), max_len, &mut out, t, heads, d)
-            .unwrap();
-        assert_close(
-            &format!("alibi_attention_tc {label}"),
-            &down(g, &out),
-            &want,
-            tol::<T>(),
-            tol::<T>(),
-        );
-        // version 3 (register tiles, mma.sync), the same rounding as version 2
-        let mut out = poison::<T>(g, t * h);
-        g.k.alibi_attention_mma(&g.s, &dq, &dcu, lens.len(), max_len, &mut out, t, heads, d)
-            .unwrap();
-        assert_close(
-            &format!("alibi_attention_mma {label}"),
-            &down(g, &out),
-            &want,
-            tol::<T>(),
-            tol::<T>(),
-        );
+            assert_close(
+                &format!("{version} {label}"),
+                &down(g, &out),
+                &want,
+                tol::<T>(),
+                tol::<T>(),
+            );
+        }
     }
 }
 
@@ -373,46 +369,24 @@ fn gemm<T: Act>(g: &Gpu) {
             let mut want = vec![0f32; t * n_out];
             let zero = vec![0f32; n_out];
             cpu::linear::linear(&x, &w, if bias { &b } else { &zero }, &mut want, false);
-            let mut y = poison::<T>(g, t * n_out);
-            let db = up::<T>(g, &b);
-            gm.linear(
-                &up::<T>(g, &x),
-                &up::<T>(g, &w),
-                bias.then_some(&db),
-                &mut y,
-                t,
-                n_in,
-                n_out,
-            )
-            .unwrap();
-            // f32 accumulation on both sides; one rounding of the output to T
-            assert_close(
-                &format!(
-                    "gemm {} [{t}×{n_in}]·[{n_out}×{n_in}]ᵀ bias {bias}",
-                    T::SUFFIX
-                ),
-                &down(g, &y),
-                &want,
-                tol::<T>(),
-                tol::<T>(),
-            );
-            // the skinny tensor-core GEMM for ≤ 16 rows: the same contract and bound
-            if skinny_fits(t, n_in, n_out) {
+            let (dx, dw, db) = (up::<T>(g, &x), up::<T>(g, &w), up::<T>(g, &b));
+            let bias_arg = bias.then_some(&db);
+            // cuBLASLt always; the skinny tensor-core GEMM where it applies (≤ 16 rows)
+            for engine in ["gemm", "skinny_gemm"] {
+                if engine == "skinny_gemm" && !skinny_fits(t, n_in, n_out) {
+                    continue;
+                }
                 let mut y = poison::<T>(g, t * n_out);
-                g.k.skinny_gemm(
-                    &g.s,
-                    &up::<T>(g, &x),
-                    &up::<T>(g, &w),
-                    bias.then_some(&db),
-                    &mut y,
-                    t,
-                    n_in,
-                    n_out,
-                )
+                if engine == "gemm" {
+                    gm.linear(&dx, &dw, bias_arg, &mut y, t, n_in, n_out)
+                } else {
+                    g.k.skinny_gemm(&g.s, &dx, &dw, bias_arg, &mut y, t, n_in, n_out)
+                }
                 .unwrap();
+                // f32 accumulation on both sides; one rounding of the output to T
                 assert_close(
                     &format!(
-                        "skinny_gemm {} [{t}×{n_in}]·[{n_out}×{n_in}]ᵀ bias {bias}",
+                        "{engine} {} [{t}×{n_in}]·[{n_out}×{n_in}]ᵀ bias {bias}",
                         T::SUFFIX
                     ),
                     &down(g, &y),

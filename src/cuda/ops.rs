@@ -93,6 +93,27 @@ struct AttentionBatch {
     d: usize,
 }
 
+/// The checks every attention launcher makes: a non-empty batch, cu_seqlens covering it,
+/// qkv [T, 3H] and ctx [T, H] long enough, at most 65535 heads (the grid's y).
+fn check_attention<T>(
+    name: &str,
+    qkv: &CudaSlice<T>,
+    cu_seqlens: &CudaSlice<i32>,
+    ctx: &CudaSlice<T>,
+    b: &AttentionBatch,
+) -> Result<()> {
+    let h = b.heads * b.d;
+    check(
+        b.tokens > 0 && b.seqs > 0 && b.max_len > 0 && cu_seqlens.len() > b.seqs,
+        || format!("{name}: empty batch or short cu_seqlens"),
+    )?;
+    check(
+        qkv.len() >= b.tokens * 3 * h && ctx.len() >= b.tokens * h,
+        || format!("{name}: buffers too small"),
+    )?;
+    check(b.heads <= 65535, || format!("{name}: {} heads", b.heads))
+}
+
 /// Head dims with a version-3 attention kernel (one instantiation each, kernels/alibi_attention_mma.cu).
 pub const ATTENTION_MMA_DIMS: [usize; 5] = [16, 64, 80, 96, 128];
 
@@ -271,17 +292,15 @@ impl Kernels {
         heads: usize,
         d: usize,
     ) -> Result<()> {
-        let h = heads * d;
-        check(tokens > 0 && seqs > 0 && cu_seqlens.len() > seqs, || {
-            "alibi_attention: empty batch or short cu_seqlens".into()
-        })?;
-        check(
-            qkv.len() >= tokens * 3 * h && ctx.len() >= tokens * h,
-            || "alibi_attention: buffers too small".into(),
-        )?;
-        check(d <= 128 && heads <= 65535, || {
-            format!("alibi_attention: head dim {d} > 128 or {heads} heads")
-        })?;
+        let b = AttentionBatch {
+            seqs,
+            max_len: 1, // not used by version 1
+            tokens,
+            heads,
+            d,
+        };
+        check_attention("alibi_attention", qkv, cu_seqlens, ctx, &b)?;
+        check(d <= 128, || format!("alibi_attention: head dim {d} > 128"))?;
         let cfg = LaunchConfig {
             grid_dim: ((tokens as u32).div_ceil(ATTN_WARPS), heads as u32, 1),
             block_dim: (32 * ATTN_WARPS, 1, 1),
@@ -389,20 +408,11 @@ impl Kernels {
         ctx: &mut CudaSlice<T>,
         b: AttentionBatch,
     ) -> Result<()> {
-        let h = b.heads * b.d;
-        check(
-            b.tokens > 0 && b.seqs > 0 && b.max_len > 0 && cu_seqlens.len() > b.seqs,
-            || format!("{name}: empty batch or short cu_seqlens"),
-        )?;
-        check(
-            qkv.len() >= b.tokens * 3 * h && ctx.len() >= b.tokens * h,
-            || format!("{name}: buffers too small"),
-        )?;
+        check_attention(name, qkv, cu_seqlens, ctx, &b)?;
         let tiles = b.max_len.div_ceil(64);
-        check(
-            b.heads <= 65535 && b.seqs * tiles < i32::MAX as usize,
-            || format!("{name}: grid too large ({} heads)", b.heads),
-        )?;
+        check(b.seqs * tiles < i32::MAX as usize, || {
+            format!("{name}: grid too large")
+        })?;
         let cfg = LaunchConfig {
             grid_dim: ((b.seqs * tiles) as u32, b.heads as u32, 1),
             block_dim: (128, 1, 1),
