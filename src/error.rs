@@ -44,12 +44,27 @@ pub enum Error {
     /// Bad user input (texts, flags, batch contents).
     #[error("{0}")]
     Input(String),
+    /// The backend produced NaN or Inf (e.g. a checkpoint with non-finite weights): never
+    /// returned as an embedding. `seqs` are the failing sequences' indices within the batch.
+    #[error("the model produced non-finite values (NaN or Inf) for {} of {batch} sequence(s) of a batch (sequence(s) {}); check the weights with `sgpt inspect`", seqs.len(), crate::error::list_some(seqs))]
+    NonFinite { seqs: Vec<usize>, batch: usize },
     /// A request the engine understands but does not (yet) support.
     #[error("{0}")]
     Unsupported(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// At most the first ten numbers, comma-separated, with "and N more".
+pub(crate) fn list_some(v: &[usize]) -> String {
+    let shown: Vec<String> = v.iter().take(10).map(usize::to_string).collect();
+    let more = v.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -184,6 +184,24 @@ pub fn build_backend(
     })
 }
 
+/// Fails with [`Error::NonFinite`] if any row of `out` ([S, hidden]) holds NaN or Inf.
+pub fn check_finite(out: &[f32], hidden: usize) -> Result<()> {
+    let bad: Vec<usize> = out
+        .chunks(hidden.max(1))
+        .enumerate()
+        .filter(|(_, row)| row.iter().any(|v| !v.is_finite()))
+        .map(|(s, _)| s)
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::NonFinite {
+            seqs: bad,
+            batch: out.len() / hidden.max(1),
+        })
+    }
+}
+
 /// Tokenizer + backend: texts in, embeddings out.
 pub struct Embedder {
     pub model: ModelDir,
@@ -246,6 +264,15 @@ impl Embedder {
             .collect()
     }
 
+    /// One packed batch through the backend: embeddings [S, H], never a non-finite value (a
+    /// batch with NaN/Inf fails with [`Error::NonFinite`] naming its sequences). Every caller
+    /// (CLI, eval, server) goes through here rather than calling the backend directly.
+    pub fn embed_batch(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
+        let out = self.backend.embed(batch)?;
+        check_finite(&out, self.hidden())?;
+        Ok(out)
+    }
+
     /// Embeds already tokenized sequences in token-budget batches, calling `sink` with each
     /// batch's first index and its embeddings [S, H], in input order.
     pub fn embed_encoded(
@@ -262,7 +289,14 @@ impl Embedder {
                     .map(|e| &e.ids[..])
                     .collect::<Vec<_>>(),
             );
-            let mut out = self.backend.embed(&batch)?;
+            let mut out = self.embed_batch(&batch).map_err(|e| match e {
+                // Name the inputs, not the positions within this batch.
+                Error::NonFinite { seqs, .. } => Error::NonFinite {
+                    seqs: seqs.iter().map(|s| range.start + s).collect(),
+                    batch: range.len(),
+                },
+                e => e,
+            })?;
             if normalize {
                 l2_normalize(&mut out, self.hidden());
             }

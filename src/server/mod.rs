@@ -256,7 +256,7 @@ where
     let info = routes::info_json(&embedder, &st.opts);
     let e = embedder.clone();
     let batcher = Batcher::start(
-        Box::new(move |b: &PackedBatch| e.backend.embed(b)),
+        Box::new(move |b: &PackedBatch| e.embed_batch(b)),
         embedder.hidden(),
         embedder.max_batch_tokens,
         st.opts.max_concurrent_requests,
