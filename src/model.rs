@@ -114,6 +114,7 @@ impl ModelDir {
             config.vocab,
         )?;
         let checkpoint = Checkpoint::open(dir)?;
+        crate::schema::check(&checkpoint, &config)?;
         Ok(ModelDir {
             dir: dir.to_path_buf(),
             config,
@@ -195,10 +196,17 @@ pub fn check_finite(out: &[f32], hidden: usize) -> Result<()> {
     if bad.is_empty() {
         Ok(())
     } else {
-        Err(Error::NonFinite {
-            seqs: bad,
-            batch: out.len() / hidden.max(1),
-        })
+        Err(Error::NonFinite { seqs: bad })
+    }
+}
+
+/// Shifts the sequence indices of an [`Error::NonFinite`] by `start`.
+fn offset_non_finite(e: Error, start: usize) -> Error {
+    match e {
+        Error::NonFinite { seqs } => Error::NonFinite {
+            seqs: seqs.iter().map(|s| start + s).collect(),
+        },
+        e => e,
     }
 }
 
@@ -289,14 +297,10 @@ impl Embedder {
                     .map(|e| &e.ids[..])
                     .collect::<Vec<_>>(),
             );
-            let mut out = self.embed_batch(&batch).map_err(|e| match e {
-                // Name the inputs, not the positions within this batch.
-                Error::NonFinite { seqs, .. } => Error::NonFinite {
-                    seqs: seqs.iter().map(|s| range.start + s).collect(),
-                    batch: range.len(),
-                },
-                e => e,
-            })?;
+            // Name the inputs, not the positions within this batch.
+            let mut out = self
+                .embed_batch(&batch)
+                .map_err(|e| offset_non_finite(e, range.start))?;
             if normalize {
                 l2_normalize(&mut out, self.hidden());
             }
@@ -349,7 +353,8 @@ impl Embedder {
                     .enumerate()
                     .filter(|(_, e)| e.truncated)
                     .for_each(|(i, _)| truncated(start + i));
-                self.embed_encoded(&enc, normalize, &mut |first, out| sink(start + first, out))?;
+                self.embed_encoded(&enc, normalize, &mut |first, out| sink(start + first, out))
+                    .map_err(|e| offset_non_finite(e, start))?;
             }
             Ok(())
         })

@@ -260,6 +260,7 @@ impl<T: Act> CudaModel<T> {
         cfg: &BloomConfig,
         max_tokens: usize,
     ) -> Result<Self> {
+        crate::schema::check(ckpt, cfg)?;
         // Graphs cannot be captured on the legacy default stream: they need a stream of our own,
         // and cudarc's per-launch event tracking (for several streams) off — the model uses
         // exactly one stream.
