@@ -1,5 +1,6 @@
 //! sgpt: an inference engine for SGPT-BLOOM sentence embeddings.
 //!
+//! - [`backend`]: the engine seam (`Backend`, its typed info, the GPU kernel choices).
 //! - [`weights`]: memory-mapped safetensors checkpoints (sharded or not, f32/f16/bf16).
 //! - [`schema`]: every tensor of a BLOOM checkpoint and the checks it must pass.
 //! - [`tokenize`]: BLOOM's tokenizer with SGPT's special brackets.
@@ -10,6 +11,7 @@
 //! - [`eval`]: retrieval quality on BEIR-format data (`sgpt eval`).
 //! - [`server`]: `sgpt serve`, the HTTP server with dynamic batching.
 
+pub mod backend;
 pub mod batch;
 pub mod bench;
 pub mod config;

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use sgpt::backend::{AttentionKernel, GemmKernel, KernelChoices};
 use sgpt::cuda::device::GpuDtype;
 use sgpt::io::{check_empty, EmbeddingWriter, EmptyTexts, InputFormat, InputReader, InputText};
 use sgpt::model::{Device, Embedder, EngineOptions, ModelDir};
@@ -65,6 +66,17 @@ pub(crate) struct EngineArgs {
     /// Most tokens in one packed batch [default: 2048 on the CPU, 16384 on the GPU].
     #[arg(long)]
     max_batch_tokens: Option<usize>,
+    /// GPU attention kernel: auto (measured rule: v1 below 128 tokens, tc from 128), v1, tc,
+    /// or mma (on trial: never run on a GPU yet).
+    #[arg(long, value_enum, default_value = "auto")]
+    attention: AttentionKernel,
+    /// GPU GEMM path: cublaslt, or skinny for batches of at most 16 tokens (on trial: never run
+    /// on a GPU yet).
+    #[arg(long, value_enum, default_value = "cublaslt")]
+    gemm: GemmKernel,
+    /// Capture and replay CUDA graphs for batches of up to 128 tokens (on trial).
+    #[arg(long)]
+    cuda_graphs: bool,
 }
 
 impl EngineArgs {
@@ -89,6 +101,11 @@ impl EngineArgs {
             device: self.device,
             dtype: self.dtype,
             max_batch_tokens: self.max_batch_tokens,
+            kernels: KernelChoices {
+                attention: self.attention,
+                gemm: self.gemm,
+                cuda_graphs: self.cuda_graphs,
+            },
         })
     }
 }

@@ -12,25 +12,7 @@ use crate::error::{Error, Result};
 use crate::tokenize::{Encoded, Kind, SpecbTokenizer};
 use crate::weights::Checkpoint;
 
-/// The seam between the front end and an engine: a packed batch in, embeddings [S, H] out.
-pub trait Backend: Send + Sync {
-    fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>>;
-    /// e.g. "cpu (2 threads)".
-    fn describe(&self) -> String;
-    /// What loading cost (bytes, seconds, GB/s), when worth telling the operator.
-    fn load_summary(&self) -> Option<String> {
-        None
-    }
-}
-
-impl Backend for CpuModel {
-    fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
-        CpuModel::embed(self, batch)
-    }
-    fn describe(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
-    }
-}
+pub use crate::backend::{Backend, BackendInfo, KernelChoices};
 
 /// Which engine runs the forward: `auto`, `cpu`, `cuda` or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +59,8 @@ pub struct EngineOptions {
     pub dtype: GpuDtype,
     /// Most tokens in one packed batch; None: the backend's default.
     pub max_batch_tokens: Option<usize>,
+    /// GPU kernel choices (the CPU has one implementation of each op).
+    pub kernels: KernelChoices,
 }
 
 impl Default for EngineOptions {
@@ -85,6 +69,7 @@ impl Default for EngineOptions {
             device: Device::Auto,
             dtype: GpuDtype::F16,
             max_batch_tokens: None,
+            kernels: KernelChoices::default(),
         }
     }
 }
@@ -149,10 +134,23 @@ pub fn build_backend(
             .is_none()
             .then_some(0),
     };
+    let gpu_only = opts.kernels != KernelChoices::default();
+    if opts.device == Device::Cpu && gpu_only {
+        return Err(Error::Input(format!(
+            "GPU kernel choices ({}) were given with --device cpu: the CPU backend has one \
+             implementation of each op",
+            opts.kernels
+        )));
+    }
     let notice = match opts.device {
-        Device::Auto if gpu.is_none() => {
-            crate::cuda::device::unavailable_reason(0).map(|why| format!("using the CPU: {why}"))
-        }
+        Device::Auto if gpu.is_none() => crate::cuda::device::unavailable_reason(0).map(|why| {
+            let ignored = if gpu_only {
+                "; the GPU kernel choices do not apply"
+            } else {
+                ""
+            };
+            format!("using the CPU: {why}{ignored}")
+        }),
         _ => None,
     };
     let Some(ordinal) = gpu else {
@@ -171,10 +169,18 @@ pub fn build_backend(
     let ctx = crate::cuda::device::open(ordinal)?;
     let backend: Box<dyn Backend> = match opts.dtype {
         GpuDtype::F16 => Box::new(crate::cuda::model::CudaModel::<half::f16>::load(
-            ctx, ckpt, cfg, budget,
+            ctx,
+            ckpt,
+            cfg,
+            budget,
+            opts.kernels,
         )?),
         GpuDtype::Bf16 => Box::new(crate::cuda::model::CudaModel::<half::bf16>::load(
-            ctx, ckpt, cfg, budget,
+            ctx,
+            ckpt,
+            cfg,
+            budget,
+            opts.kernels,
         )?),
     };
     Ok(BuiltBackend {

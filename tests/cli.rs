@@ -496,6 +496,44 @@ fn sharded_index_problems() {
     expect_embed_error(d.path(), "missing object `weight_map`");
 }
 
+/// Kernel choices are typed flags: an unknown value is a usage error, a GPU choice with
+/// `--device cpu` is refused, and the eval metrics name the engine.
+#[test]
+fn kernel_choices_are_typed_flags() {
+    let model = m(&tiny_model());
+    let o = sgpt(&["embed", "-m", &model, "--attention", "v9", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("auto, v1, tc, mma"), "{}", stderr(&o));
+    let o = sgpt(&["embed", "-m", &model, "--gemm", "cutlass", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    for flags in [
+        &["--attention", "mma"][..],
+        &["--gemm", "skinny"][..],
+        &["--cuda-graphs"][..],
+    ] {
+        let mut args = vec!["embed", "-m", &model, "--device", "cpu"];
+        args.extend_from_slice(flags);
+        args.push("x");
+        expect_error(&args, "GPU kernel choices");
+    }
+    // The defaults run on the CPU as before.
+    let o = sgpt(&[
+        "embed",
+        "-m",
+        &model,
+        "--device",
+        "cpu",
+        "--attention",
+        "auto",
+        "x",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let help = String::from_utf8_lossy(&sgpt(&["embed", "--help"]).stdout).into_owned();
+    for flag in ["--attention", "--gemm", "--cuda-graphs", "--dtype"] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+}
+
 #[test]
 fn bad_texts_and_flags() {
     let model = m(&tiny_model());
@@ -630,6 +668,10 @@ fn bench_reports_throughput_ceilings_and_refuses_bad_requests() {
     assert!(v["ceilings"]["copy_bandwidth_gb_s"].as_f64().unwrap() > 0.0);
     assert_eq!(v["texts"], 8);
     assert!(v["latency"]["batch_16"]["p50_ms"].as_f64().is_some());
+    // The engine, typed: what ran, in what precision (kernel choices only on the GPU).
+    assert_eq!(v["engine"]["kind"], "cpu");
+    assert_eq!(v["engine"]["dtype"], "f32");
+    assert!(v["engine"].get("kernels").is_none(), "{}", v["engine"]);
     // a baseline file gives a ratio
     let base = dir.path().join("base.json");
     std::fs::write(&base, r#"{"tokens_per_s": 10.0, "query_p50_ms": 1.0}"#).unwrap();

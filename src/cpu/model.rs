@@ -134,3 +134,18 @@ impl CpuModel {
         Ok(out)
     }
 }
+
+impl crate::backend::Backend for CpuModel {
+    fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
+        CpuModel::embed(self, batch)
+    }
+    fn info(&self) -> crate::backend::BackendInfo {
+        crate::backend::BackendInfo {
+            kind: "cpu",
+            device: "cpu".into(),
+            dtype: "f32",
+            threads: Some(rayon::current_num_threads()),
+            kernels: None,
+        }
+    }
+}

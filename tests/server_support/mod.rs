@@ -386,8 +386,8 @@ impl Backend for GatedBackend {
         drop(closed);
         self.inner.embed(batch)
     }
-    fn describe(&self) -> String {
-        "cpu (gated, for tests)".into()
+    fn info(&self) -> sgpt::backend::BackendInfo {
+        self.inner.info()
     }
 }
 
