@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::schema::Role;
 use crate::weights::{Checkpoint, DType, MappedFile};
 
-/// (name, hidden, layers, heads) of the BLOOM sizes in SPEC.md; 250880 embedding rows.
+/// (name, hidden, layers, heads) of the BLOOM sizes in docs/semantics.md; 250880 embedding rows.
 pub const SHAPES: &[(&str, usize, usize, usize)] = &[
     ("bloom-560m", 1024, 24, 16),
     ("bloom-1b1", 1536, 24, 16),

@@ -28,7 +28,7 @@ impl BloomConfig {
     }
 
     /// Parameters besides the embedding matrix: what a forward streams from memory (6.04 G for
-    /// bloom-7b1, SPEC.md).
+    /// bloom-7b1, docs/semantics.md).
     pub fn non_embedding_params(&self) -> usize {
         let h = self.hidden;
         // per block: 2 layernorms, QKV, dense, two MLP matrices, with biases
@@ -119,7 +119,7 @@ impl BloomConfig {
 /// `sentence_bert_config.json` + `1_Pooling/config.json`: how texts become one vector.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SentenceConfig {
-    /// Longest sequence in tokens, brackets included minus one (see SPEC.md: 300 → 297 text tokens).
+    /// Longest sequence in tokens, brackets included minus one (see docs/semantics.md: 300 → 297 text tokens).
     pub max_seq_length: usize,
 }
 

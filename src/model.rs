@@ -232,7 +232,7 @@ pub struct Embedder {
 /// small enough that activations stay in a few tens of MB at bloom-560m size.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
 /// On the GPU: enough rows to keep the tensor cores busy (GEMMs are compute-bound above
-/// ≈ 270 tokens, SPEC.md) while activations stay ≈ 1.5 GB at bloom-7b1 size.
+/// ≈ 270 tokens, docs/semantics.md) while activations stay ≈ 1.5 GB at bloom-7b1 size.
 pub const DEFAULT_GPU_MAX_BATCH_TOKENS: usize = 16384;
 
 impl Embedder {

@@ -1,4 +1,4 @@
-//! Tokenization with SGPT's "special brackets" (SPEC.md): a query is `[` + tokens + `]`, a
+//! Tokenization with SGPT's "special brackets" (docs/semantics.md): a query is `[` + tokens + `]`, a
 //! document `{` + tokens + `}`; no BOS/EOS; trailing whitespace removed first (Python's
 //! `str.rstrip()`); the text is cut on the right to `max_seq_length - 3` tokens.
 //!
