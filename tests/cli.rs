@@ -4,11 +4,10 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{assert_close, tiny_b_model, tiny_model};
-use safetensors::tensor::TensorView;
+use common::{assert_close, copy_model, edit_json, rewrite_weights, tiny_b_model, tiny_model};
 use safetensors::Dtype;
 use sgpt::model::{Device, Embedder};
 use sgpt::tokenize::Kind;
@@ -306,51 +305,6 @@ fn inspect_describes_both_layouts() {
 }
 
 // ---- bad input ------------------------------------------------------------------------------
-
-/// A writable copy of a model directory.
-fn copy_model(src: &Path) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    copy_dir(src, dir.path());
-    dir
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
-
-/// Rewrites model.safetensors through `edit`, which gets (name, dtype, shape, bytes) records.
-fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut recs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
-    edit(&mut recs);
-    let views: Vec<(String, TensorView)> = recs
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
-}
-
-fn edit_json(path: PathBuf, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(&mut v);
-    std::fs::write(path, v.to_string()).unwrap();
-}
 
 fn embed_with(dir: &Path) -> Vec<String> {
     [

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cosine, root, tiny_model};
+use common::{copy_dir, cosine, root, tiny_model};
 use sgpt::eval::beir::Dataset;
 use sgpt::model::{Device, Embedder};
 use sgpt::tokenize::Kind;
@@ -831,18 +831,5 @@ impl sgpt::backend::Backend for NoBackend {
     }
     fn info(&self) -> sgpt::backend::BackendInfo {
         unreachable!("replaced before use")
-    }
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
     }
 }

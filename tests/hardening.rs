@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::tiny_model;
-use safetensors::tensor::TensorView;
+use common::{edit_json, rewrite_weights, tiny_model};
 use safetensors::Dtype;
 
 fn bin() -> Command {
@@ -34,48 +33,7 @@ fn expect_fail(o: &Output, needle: &str) {
 }
 
 fn copy_model() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    copy_dir(&tiny_model(), d.path());
-    d
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
-
-type Records = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
-
-fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Records)) {
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut recs: Records = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
-    edit(&mut recs);
-    let views: Vec<(String, TensorView)> = recs
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
-}
-
-fn edit_json(path: PathBuf, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(&mut v);
-    std::fs::write(path, v.to_string()).unwrap();
+    common::copy_model(&tiny_model())
 }
 
 /// Waits for `child` at most `limit`; kills it and fails if it is still running (a hang).
