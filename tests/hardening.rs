@@ -452,3 +452,73 @@ fn a_fifo_in_place_of_a_model_file_is_refused_not_waited_on() {
         expect_fail(&o, "not a regular file");
     }
 }
+
+// ---- eval ------------------------------------------------------------------------------------
+
+fn eval_fixture() -> String {
+    common::root()
+        .join("tests/fixtures/beir-synthetic")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `sgpt eval` with non-finite weights fails instead of ranking by NaN scores, and writes
+/// neither its run nor its metrics file.
+#[test]
+fn eval_refuses_non_finite_embeddings() {
+    let d = copy_model();
+    rewrite_weights(d.path(), |r| {
+        let t = r.iter_mut().find(|t| t.0 == "ln_f.bias").unwrap();
+        t.3[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    });
+    let (run_file, metrics) = (d.path().join("run.trec"), d.path().join("m.json"));
+    let cache = d.path().join("cache");
+    let o = run(&[
+        "eval",
+        "-m",
+        d.path().to_str().unwrap(),
+        "--data",
+        &eval_fixture(),
+        "--device",
+        "cpu",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--run",
+        run_file.to_str().unwrap(),
+        "--metrics",
+        metrics.to_str().unwrap(),
+        "-q",
+    ]);
+    expect_fail(&o, "NaN or Inf");
+    assert!(!run_file.exists() && !metrics.exists());
+    assert!(partials(d.path()).is_empty());
+}
+
+/// A run or metrics path that cannot be written fails before any embedding (it used to fail
+/// after the whole evaluation).
+#[test]
+fn eval_output_paths_are_checked_first() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("missing/run.trec");
+    let o = run(&[
+        "eval",
+        "-m",
+        "/nonexistent",
+        "--data",
+        &eval_fixture(),
+        "--run",
+        bad.to_str().unwrap(),
+    ]);
+    expect_fail(&o, "does not exist");
+    let o = run(&[
+        "eval",
+        "-m",
+        "/nonexistent",
+        "--data",
+        &eval_fixture(),
+        "--metrics",
+        d.path().to_str().unwrap(),
+    ]);
+    expect_fail(&o, "is a directory");
+}
