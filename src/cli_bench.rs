@@ -156,7 +156,7 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         Some(ordinal) => {
             let ctx = sgpt::cuda::device::open(ordinal)?;
             let s = ctx.default_stream();
-            let gemm = match a.engine.dtype {
+            let gemm = match a.engine.gpu_dtype() {
                 GpuDtype::F16 => sgpt::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
                 GpuDtype::Bf16 => sgpt::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
             };
@@ -280,7 +280,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let s = ctx.default_stream();
     let h = st.cfg.hidden;
     let copy_bw = sgpt::cuda::bench::copy_bandwidth(&s)?;
-    let (gemm_rate, times) = match a.engine.dtype {
+    let (gemm_rate, times) = match a.engine.gpu_dtype() {
         GpuDtype::F16 => (
             sgpt::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
             sgpt::cuda::bench::kernel_times::<half::f16>(&ctx, &k, &st.cfg, a.seqs, a.seq_len)?,
@@ -296,7 +296,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         st.label,
         a.seqs,
         a.seq_len,
-        a.engine.dtype.name()
+        a.engine.gpu_dtype().name()
     );
     println!(
         "ceilings: copy {:.1} GB/s, GEMM {:.1} TFLOP/s (measured now)",
@@ -326,7 +326,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         );
         rows.push(json!({"op": t.name, "ms": t.ms, "gb_s": gbs, "tflop_s": tfs, "fraction_of_ceiling": frac}));
     }
-    let report = json!({"device": ctx.name().unwrap_or_default(), "model": st.label, "dtype": a.engine.dtype.name(),
+    let report = json!({"device": ctx.name().unwrap_or_default(), "model": st.label, "dtype": a.engine.gpu_dtype().name(),
         "seqs": a.seqs, "seq_len": a.seq_len, "copy_bandwidth_gb_s": copy_bw / 1e9, "gemm_tflop_s": gemm_rate / 1e12, "ops": rows});
     write_json(a, &report)
 }

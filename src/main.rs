@@ -57,9 +57,10 @@ pub(crate) struct EngineArgs {
     /// Where to run: auto (the GPU when usable, else the CPU, saying why), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: Device,
-    /// Activation and weight type on the GPU; the CPU always computes in f32.
-    #[arg(long, value_enum, default_value = "f16")]
-    dtype: GpuDtype,
+    /// Activation and weight type on the GPU [default: f16]; the CPU always computes in f32,
+    /// so giving it with --device cpu is an error.
+    #[arg(long, value_enum)]
+    dtype: Option<GpuDtype>,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -80,6 +81,11 @@ pub(crate) struct EngineArgs {
 }
 
 impl EngineArgs {
+    /// The GPU type asked for, f16 when none was.
+    pub(crate) fn gpu_dtype(&self) -> GpuDtype {
+        self.dtype.unwrap_or(GpuDtype::F16)
+    }
+
     /// Applies --threads (once per process) and checks the budget; the engine options.
     fn apply(&self) -> Result<EngineOptions> {
         if let Some(n) = self.threads {
@@ -97,9 +103,12 @@ impl EngineArgs {
         if self.max_batch_tokens == Some(0) {
             bail!("--max-batch-tokens must be positive");
         }
+        if self.device == Device::Cpu && self.dtype.is_some() {
+            bail!("--dtype chooses the GPU's type; the CPU backend always computes in f32");
+        }
         Ok(EngineOptions {
             device: self.device,
-            dtype: self.dtype,
+            dtype: self.gpu_dtype(),
             max_batch_tokens: self.max_batch_tokens,
             kernels: KernelChoices {
                 attention: self.attention,
