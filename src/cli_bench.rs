@@ -76,6 +76,31 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let opts = a.engine.apply()?; // the thread pool first: building random weights uses it
+                                  // Requests that cannot run fail before gigabytes of random weights are built.
+    use sgpt::model::Device;
+    let no_gpu = match opts.device {
+        Device::Cpu => true,
+        Device::Auto => sgpt::cuda::device::unavailable_reason(0).is_some(),
+        Device::Cuda(_) => false,
+    };
+    if a.what == BenchWhat::Kernels && no_gpu {
+        bail!("`sgpt bench kernels` times the GPU kernels and needs --device cuda; `cargo bench` measures the CPU ops");
+    }
+    if let Device::Cuda(n) = opts.device {
+        if let Some(why) = sgpt::cuda::device::unavailable_reason(n) {
+            bail!("--device cuda:{n}: {why}");
+        }
+    }
+    if let Some(p) = &a.json {
+        sgpt::output::check(p)?; // written at the end
+    }
+    if a.shape.is_some() && !a.quiet {
+        eprintln!(
+            "sgpt: building random {} weights in memory, then timing {} texts (this takes a while on a CPU)…",
+            a.shape.as_deref().unwrap_or_default(),
+            a.texts
+        );
+    }
     let st = setup(&a)?;
     let built = build_backend(&st.ckpt, &st.cfg, opts, st.max_text_tokens + 3)?;
     for line in built
@@ -333,8 +358,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
 
 fn write_json(a: &BenchArgs, v: &serde_json::Value) -> Result<()> {
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(v)?)
-            .with_context(|| format!("writing {}", p.display()))?;
+        sgpt::output::write_file(p, serde_json::to_string_pretty(v)?.as_bytes())?;
     }
     Ok(())
 }

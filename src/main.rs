@@ -167,8 +167,16 @@ impl From<KindArg> for Kind {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// Model directory.
-    model: PathBuf,
+    /// Model directory (or -m/--model DIR, as every other command takes it).
+    #[arg(value_name = "DIR", required_unless_present = "model_flag")]
+    dir: Option<PathBuf>,
+    #[arg(
+        long = "model",
+        short = 'm',
+        value_name = "DIR",
+        conflicts_with = "dir"
+    )]
+    model_flag: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -209,6 +217,9 @@ pub(crate) struct BenchArgs {
     /// Also write the results as JSON to FILE.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// No progress messages on stderr.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -406,7 +417,8 @@ fn progress_bar(n: u64, quiet: bool) -> ProgressBar {
 /// Every check `embed` runs (config, tokenizer, schema: names, shapes, dtypes, layer count,
 /// duplicates) via `ModelDir::open`, then a scan of every weight for NaN/Inf; exit 1 on any.
 fn inspect(a: InspectArgs) -> Result<()> {
-    let m = ModelDir::open(&a.model)?;
+    let dir = a.dir.or(a.model_flag).context("give the model directory")?;
+    let m = ModelDir::open(&dir)?;
     let mut bad = Vec::new();
     for n in m.checkpoint.names() {
         let k = m.checkpoint.get(n)?.count_non_finite();

@@ -504,6 +504,46 @@ fn messages_floats_and_trailing_blank_lines() {
     assert_eq!(parse_jsonl(&o.stdout).len(), 2);
 }
 
+/// Requests that cannot run fail at once, before any weights are built; inspect takes -m too.
+#[test]
+fn bench_and_inspect_fail_fast_and_share_flags() {
+    let t = std::time::Instant::now();
+    expect_error(
+        &[
+            "bench",
+            "kernels",
+            "--shape",
+            "bloom-7b1",
+            "--device",
+            "cpu",
+        ],
+        "needs --device cuda",
+    );
+    expect_error(
+        &["bench", "--shape", "bloom-7b1", "--device", "cuda"],
+        "--device cuda:0: no NVIDIA driver",
+    );
+    expect_error(
+        &[
+            "bench",
+            "--shape",
+            "bloom-7b1",
+            "--device",
+            "cpu",
+            "--json",
+            "/nonexistent/dir/b.json",
+        ],
+        "does not exist",
+    );
+    // Building bloom-7b1's 28 GB of f32 weights would take minutes: these took none of that.
+    assert!(t.elapsed().as_secs() < 20, "{:?}", t.elapsed());
+    let model = m(&tiny_model());
+    let a = sgpt(&["inspect", &model]);
+    let b = sgpt(&["inspect", "-m", &model]);
+    assert!(a.status.success() && b.status.success(), "{}", stderr(&b));
+    assert_eq!(a.stdout, b.stdout);
+}
+
 /// Kernel choices are typed flags: an unknown value is a usage error, a GPU choice with
 /// `--device cpu` is refused, and the eval metrics name the engine.
 #[test]
@@ -703,7 +743,7 @@ fn bench_reports_throughput_ceilings_and_refuses_bad_requests() {
     );
     expect_error(
         &["bench", "kernels", "-m", &model, "--device", "cpu"],
-        "needs a GPU",
+        "needs --device cuda",
     );
     expect_error(
         &["bench", "--shape", "bloom-9z", "--device", "cpu"],
