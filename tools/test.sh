@@ -31,6 +31,23 @@ export SGPT_REQUIRE_NVRTC=1
 echo "== cargo test"
 cargo test --all-targets
 
+# ---- python/: the sgpt Python package (PyO3 + maturin; python/README.md) ------------------
+# Installed into .venv when its sources or the library's change (a stamp keyed by their hash),
+# before the Python tests below, which include tests/python/test_package.py. pip fetches maturin
+# from PyPI into an isolated build env and builds in python/target (release profile; a cold
+# build takes ~7 minutes on 2 cores, later ones are incremental).
+pkg_stamp=$venv/.sgpt-package
+pkg_hash=$(find python src kernels Cargo.toml \( -path python/target -o -name __pycache__ \) -prune \
+  -o -type f ! -name '*.so' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$pkg_stamp" 2>/dev/null)" != "$pkg_hash" ]; then
+  echo "== installing the sgpt Python package (python/) into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check ./python
+  echo "$pkg_hash" > "$pkg_stamp"
+fi
+# Fail (not skip) test_package.py if the package is not importable.
+export SGPT_REQUIRE_PACKAGE=1
+# ---- end of the python/ section ---------------------------------------------------------------
+
 echo "== python tests (tools/)"
 # tests/python/test_server.py runs the binary that cargo test just built.
 export SGPT_BIN="${SGPT_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/sgpt}"

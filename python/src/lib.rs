@@ -1,0 +1,310 @@
+//! `sgpt._sgpt`: the native half of the `sgpt` Python package (python/sgpt/__init__.py is the
+//! public face). One class, `Engine`: a model directory opened with the library's
+//! `Embedder::open_with`, texts in, a float32 numpy array out through `Embedder::embed_stream`,
+//! the same call `sgpt embed` makes, so the vectors are the CLI's bit for bit on the same device.
+//!
+//! The GIL is released while a model loads and while texts are embedded. Library errors become
+//! Python exceptions carrying the library's message (see `to_py`); a panic is caught before it
+//! reaches Python and raised as a RuntimeError.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray2};
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyNotADirectoryError, PyOSError, PyPermissionError, PyRuntimeError,
+    PyValueError,
+};
+use pyo3::prelude::*;
+
+use sgpt::cuda::device::GpuDtype;
+use sgpt::model::{Device, Embedder, EngineOptions};
+use sgpt::tokenize::{py_rstrip, Kind};
+use sgpt::Error;
+
+/// A library error as the Python exception a caller would catch for it.
+fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match &e {
+        Error::Io { path, err } => {
+            if err.kind() == std::io::ErrorKind::NotFound || !path.exists() {
+                PyFileNotFoundError::new_err(msg)
+            } else if err.kind() == std::io::ErrorKind::PermissionDenied {
+                PyPermissionError::new_err(msg)
+            } else if path.is_file() && msg.contains("not a directory") {
+                PyNotADirectoryError::new_err(msg)
+            } else {
+                PyOSError::new_err(msg)
+            }
+        }
+        // No usable GPU, a driver, NVRTC or cuBLASLt failure; NaN/Inf out of the model.
+        Error::Cuda(_) | Error::NonFinite { .. } => PyRuntimeError::new_err(msg),
+        // Bad input or options, and model files that parse but cannot be used.
+        Error::Json { .. }
+        | Error::Config { .. }
+        | Error::Safetensors { .. }
+        | Error::MissingTensor { .. }
+        | Error::Shape { .. }
+        | Error::Dtype { .. }
+        | Error::Tokenizer { .. }
+        | Error::Input(_)
+        | Error::Unsupported(_) => PyValueError::new_err(msg),
+    }
+}
+
+/// Runs `f`, turning a panic into a RuntimeError instead of letting PyO3 raise a
+/// `PanicException` (a BaseException that `except Exception` does not catch).
+fn no_panic<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(PyRuntimeError::new_err(format!(
+            "sgpt: internal error (a bug, please report it): {what}"
+        )))
+    })
+}
+
+/// Most threads a model may ask for, as the CLI's --threads: 4 × the cores, at least 4.
+fn max_threads() -> (usize, usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    ((4 * cores).max(4), cores)
+}
+
+/// The options the CLI's engine flags would give, with its checks and messages.
+fn engine_options(
+    device: &str,
+    dtype: Option<&str>,
+    max_batch_tokens: Option<usize>,
+) -> PyResult<EngineOptions> {
+    let device = Device::from_str(device).map_err(PyValueError::new_err)?;
+    let dtype = match dtype {
+        None => None,
+        Some("f16") => Some(GpuDtype::F16),
+        Some("bf16") => Some(GpuDtype::Bf16),
+        Some(other) => {
+            return Err(PyValueError::new_err(format!(
+                "unknown dtype {other:?}: expected \"f16\" or \"bf16\""
+            )))
+        }
+    };
+    if device == Device::Cpu && dtype.is_some() {
+        return Err(PyValueError::new_err(
+            "dtype chooses the GPU's type; the CPU backend always computes in f32",
+        ));
+    }
+    if max_batch_tokens == Some(0) {
+        return Err(PyValueError::new_err("max_batch_tokens must be positive"));
+    }
+    Ok(EngineOptions {
+        device,
+        dtype: dtype.unwrap_or(GpuDtype::F16),
+        max_batch_tokens,
+        ..EngineOptions::default()
+    })
+}
+
+/// The 0-based indices of empty or whitespace-only texts (after Python's `str.rstrip()`, as the
+/// tokenizer sees them), as a ValueError; Ok when there are none.
+fn check_empty(texts: &[String]) -> PyResult<()> {
+    let empty: Vec<usize> = texts
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| py_rstrip(t).is_empty())
+        .map(|(i, _)| i)
+        .collect();
+    if empty.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> = empty.iter().take(10).map(usize::to_string).collect();
+    let more = match empty.len() - shown.len() {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    Err(PyValueError::new_err(format!(
+        "{} empty or whitespace-only text(s) at index {}{more} (0-based); pass allow_empty=True \
+         to embed them as the reference does (brackets only)",
+        empty.len(),
+        shown.join(", ")
+    )))
+}
+
+fn progress_bar(n: usize, show: bool) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(n as u64), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} texts  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// A model directory opened for embedding. Use `sgpt.Model`, which wraps this.
+#[pyclass(frozen, module = "sgpt._sgpt")]
+struct Engine {
+    embedder: Embedder,
+    /// Set when `threads` was given: every embedding of this model runs in it.
+    pool: Option<rayon::ThreadPool>,
+    /// The backend's description as JSON, taken inside the model's pool (so `threads` is its).
+    info: String,
+}
+
+impl Engine {
+    /// Runs `f` in the model's thread pool, or the global one.
+    fn in_pool<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (path, device="auto", dtype=None, max_batch_tokens=None, threads=None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        device: &str,
+        dtype: Option<&str>,
+        max_batch_tokens: Option<usize>,
+        threads: Option<usize>,
+    ) -> PyResult<Self> {
+        let opts = engine_options(device, dtype, max_batch_tokens)?;
+        if let Some(n) = threads {
+            let (max, cores) = max_threads();
+            if n == 0 || n > max {
+                return Err(PyValueError::new_err(format!(
+                    "threads must be between 1 and {max} (4 × the {cores} cores here)"
+                )));
+            }
+        }
+        py.detach(move || {
+            no_panic(|| {
+                let pool = threads
+                    .map(|n| {
+                        rayon::ThreadPoolBuilder::new()
+                            .num_threads(n)
+                            .thread_name(|i| format!("sgpt-{i}"))
+                            .build()
+                            .map_err(|e| {
+                                PyRuntimeError::new_err(format!(
+                                    "setting up a pool of {n} threads: {e}"
+                                ))
+                            })
+                    })
+                    .transpose()?;
+                let open = || Embedder::open_with(Path::new(&path), opts);
+                let embedder = match &pool {
+                    Some(p) => p.install(open),
+                    None => open(),
+                }
+                .map_err(to_py)?;
+                let describe = || {
+                    let mut info = serde_json::to_value(embedder.backend.info())
+                        .unwrap_or_else(|_| serde_json::json!({}));
+                    info["max_batch_tokens"] = embedder.max_batch_tokens.into();
+                    info["notice"] = embedder.notice.clone().into();
+                    info.to_string()
+                };
+                let info = match &pool {
+                    Some(p) => p.install(describe),
+                    None => describe(),
+                };
+                Ok(Engine {
+                    embedder,
+                    pool,
+                    info,
+                })
+            })
+        })
+    }
+
+    /// Width of an embedding.
+    #[getter]
+    fn hidden_size(&self) -> usize {
+        self.embedder.hidden()
+    }
+
+    /// Longest sequence in tokens, brackets included (texts are cut to 3 fewer text tokens).
+    #[getter]
+    fn max_seq_length(&self) -> usize {
+        self.embedder.model.sentence.max_seq_length
+    }
+
+    /// The backend's description (kind, device, dtype, threads, kernels, max_batch_tokens,
+    /// notice) as JSON.
+    #[getter]
+    fn info_json(&self) -> String {
+        self.info.clone()
+    }
+
+    /// Embeds `texts` (all of one kind) with the library's `embed_stream`, the GIL released:
+    /// (float32 array [len(texts), hidden], 0-based indices of the texts cut to the limit).
+    #[pyo3(signature = (texts, kind="query", normalize=false, show_progress=false, allow_empty=false))]
+    fn embed<'py>(
+        &self,
+        py: Python<'py>,
+        texts: Vec<String>,
+        kind: &str,
+        normalize: bool,
+        show_progress: bool,
+        allow_empty: bool,
+    ) -> PyResult<(Bound<'py, PyArray2<f32>>, Vec<usize>)> {
+        let kind = Kind::from_str(kind).map_err(to_py)?;
+        if !allow_empty {
+            check_empty(&texts)?;
+        }
+        let n = texts.len();
+        let h = self.embedder.hidden();
+        let (out, cut) = py.detach(move || {
+            no_panic(|| {
+                let mut out = Vec::with_capacity(n * h);
+                let mut cut = Vec::new();
+                if n > 0 {
+                    let bar = progress_bar(n, show_progress);
+                    let stream = texts.into_iter().map(|t| Ok((t, kind)));
+                    self.in_pool(|| {
+                        self.embedder.embed_stream(
+                            stream,
+                            normalize,
+                            &mut |i| cut.push(i),
+                            &mut |_, e| {
+                                out.extend_from_slice(e);
+                                bar.inc((e.len() / h.max(1)) as u64);
+                                Ok(())
+                            },
+                        )
+                    })
+                    .map_err(to_py)?;
+                    bar.finish_and_clear();
+                }
+                if out.len() != n * h {
+                    return Err(PyRuntimeError::new_err(format!(
+                        "sgpt: internal error: {} values for {n} texts of width {h}",
+                        out.len()
+                    )));
+                }
+                Ok((out, cut))
+            })
+        })?;
+        let array = Array2::from_shape_vec((n, h), out)
+            .map_err(|e| PyRuntimeError::new_err(format!("sgpt: internal error: {e}")))?;
+        Ok((array.into_pyarray(py), cut))
+    }
+}
+
+#[pymodule]
+fn _sgpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Engine>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
