@@ -5,11 +5,13 @@
 //!
 //! The GIL is released while a model loads and while texts are embedded. Library errors become
 //! Python exceptions carrying the library's message (see `to_py`); a panic is caught before it
-//! reaches Python and raised as a RuntimeError.
+//! reaches Python and raised as a RuntimeError; Ctrl-C stops a long `embed` between batches.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray2};
@@ -54,18 +56,53 @@ fn to_py(e: Error) -> PyErr {
     }
 }
 
-/// Runs `f`, turning a panic into a RuntimeError instead of letting PyO3 raise a
-/// `PanicException` (a BaseException that `except Exception` does not catch).
+/// A caught panic as a RuntimeError, instead of the `PanicException` PyO3 would raise (a
+/// BaseException that `except Exception` does not catch).
+fn panic_err(p: Box<dyn std::any::Any + Send>) -> PyErr {
+    let what = p
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| p.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    PyRuntimeError::new_err(format!(
+        "sgpt: internal error (a bug, please report it): {what}"
+    ))
+}
+
+/// Runs `f`, turning a panic into a RuntimeError.
 fn no_panic<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let what = p
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| p.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown panic");
-        Err(PyRuntimeError::new_err(format!(
-            "sgpt: internal error (a bug, please report it): {what}"
-        )))
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panic_err(p)))
+}
+
+/// Runs `work` on a worker thread while this thread (the Python caller, GIL released) checks
+/// for signals every 50 ms, so Ctrl-C stops a long call: the signal handler's exception
+/// (KeyboardInterrupt) sets the flag `work` polls between batches, and is raised once `work`
+/// has stopped. Python runs signal handlers in its main thread only, so a call from another
+/// thread is not interrupted (as with any blocking call).
+fn interruptible<T: Send>(work: impl FnOnce(&AtomicBool) -> PyResult<T> + Send) -> PyResult<T> {
+    let cancel = AtomicBool::new(false);
+    let caller = std::thread::current();
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| {
+            let r = no_panic(|| work(&cancel));
+            caller.unpark();
+            r
+        });
+        let mut raised = None;
+        while !worker.is_finished() {
+            std::thread::park_timeout(Duration::from_millis(50));
+            if raised.is_none() && !worker.is_finished() {
+                if let Err(e) = Python::attach(|py| py.check_signals()) {
+                    cancel.store(true, Ordering::Relaxed);
+                    raised = Some(e);
+                }
+            }
+        }
+        let r = worker.join().unwrap_or_else(|p| Err(panic_err(p)));
+        match raised {
+            Some(e) => Err(e),
+            None => r,
+        }
     })
 }
 
@@ -266,7 +303,7 @@ impl Engine {
         let n = texts.len();
         let h = self.embedder.hidden();
         let (out, cut) = py.detach(move || {
-            no_panic(|| {
+            interruptible(|cancel| {
                 let mut out = Vec::with_capacity(n * h);
                 let mut cut = Vec::new();
                 if n > 0 {
@@ -278,6 +315,10 @@ impl Engine {
                             normalize,
                             &mut |i| cut.push(i),
                             &mut |_, e| {
+                                if cancel.load(Ordering::Relaxed) {
+                                    // Replaced by the KeyboardInterrupt that set `cancel`.
+                                    return Err(Error::Input("interrupted".into()));
+                                }
                                 out.extend_from_slice(e);
                                 bar.inc((e.len() / h.max(1)) as u64);
                                 Ok(())

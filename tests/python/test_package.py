@@ -302,6 +302,33 @@ print(m.encode("still alive").shape, len(errors))
     assert r.stdout.strip() == "(64,) 5"
 
 
+def test_ctrl_c_stops_a_long_encode():
+    """SIGINT during a long call raises KeyboardInterrupt soon, and the model still works."""
+    code = f"""
+import os, signal, threading, time, sgpt
+m = sgpt.Model({str(MODEL)!r}, device="cpu")
+texts = [f"{{i}} " + "lorem ipsum dolor sit amet " * 80 for i in range(2000)]
+t = time.perf_counter()
+m.encode(texts[:200])
+full = (time.perf_counter() - t) * 10
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+t = time.perf_counter()
+try:
+    m.encode(texts)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted", time.perf_counter() - t, full)
+print(m.encode("still works").shape)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert lines[0].startswith("interrupted"), r.stdout
+    took, full = map(float, lines[0].split()[1:])
+    assert took < full / 2, (took, full)
+    assert lines[1] == "(64,)"
+
+
 # -- the GIL is released while embedding -----------------------------------------------------------
 
 def test_concurrent_threads_and_gil_released(model):
