@@ -1,8 +1,10 @@
-//! `sgpt serve`: an HTTP embedding server (axum/tokio) with dynamic batching.
+//! `sgpt serve`: an HTTP embedding server (axum routes on hyper's HTTP/1, tokio) with dynamic
+//! batching.
 //!
 //! - [`routes`]: the HTTP surface: `POST /v1/embeddings` (OpenAI), `POST /embed`
-//!   (text-embeddings-inference), `GET /health`, `/info`, `/metrics`; API key and concurrency
-//!   limit as middleware.
+//!   (text-embeddings-inference), `GET /health`, `/info`, `/metrics`; the API key as
+//!   middleware, the body limits and the concurrency permit in the handlers.
+//! - this module: the accept loop (connection bound, timeouts, shutdown deadline).
 //! - [`api`]: both request/response dialects and the input checks.
 //! - [`batcher`]: the bounded queue and the one engine worker thread that packs batches.
 //! - [`metrics`]: Prometheus counters and histograms.
