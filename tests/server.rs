@@ -581,7 +581,7 @@ fn slowloris_and_idle_connections_are_closed() {
         "kept-alive connection closed after {idle:?}"
     );
     assert_eq!(
-        metric(addr, "sgpt_open_connections"),
+        wait_metric(addr, "sgpt_open_connections", 1.0),
         1.0,
         "only /metrics' own"
     );
@@ -611,7 +611,7 @@ fn connections_over_the_limit_are_closed_and_counted() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(metric(addr, "sgpt_refused_connections_total"), 1.0);
     assert_eq!(
-        metric(addr, "sgpt_open_connections"),
+        wait_metric(addr, "sgpt_open_connections", 3.0),
         3.0,
         "2 held and /metrics"
     );
@@ -666,7 +666,7 @@ fn the_body_byte_budget_bounds_bytes_in_flight() {
     let mut stalled: Vec<_> = (0..2)
         .map(|_| partial_post(addr, "/embed", 4096, text.as_bytes()))
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(500));
     let body = json!({"inputs": "y".repeat(500)});
     let r = post(addr, "/embed", &body, None);
     assert_eq!(r.status, 429, "{}", r.text());
