@@ -226,7 +226,8 @@ struct ServeArgs {
     /// Seconds a new connection has to send its first request's headers; then it is closed.
     #[arg(long, default_value_t = sgpt::server::DEFAULT_HEADER_TIMEOUT.as_secs())]
     header_timeout_secs: u64,
-    /// Seconds a request has to send its whole body once its headers are in (else 408).
+    /// Seconds a request has to send its whole body once its headers are in (else 408); a
+    /// client that reads nothing of its response for as long is disconnected.
     #[arg(long, default_value_t = sgpt::server::DEFAULT_BODY_TIMEOUT.as_secs())]
     body_timeout_secs: u64,
     /// Seconds a kept-alive connection may wait for its next request's headers; then it is

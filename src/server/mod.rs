@@ -13,8 +13,9 @@
 //! Life of a connection: accepted while fewer than `--max-connections` are open (else closed
 //! at once and counted); its first request's headers must be in within `--header-timeout-secs`,
 //! each later one's within `--idle-timeout-secs` of the previous response (hyper's header
-//! timer, which starts when it begins waiting for a request); on shutdown it is closed once
-//! its request in flight is answered, or at the `--shutdown-timeout-secs` deadline.
+//! timer, which starts when it begins waiting for a request); a response the client reads
+//! nothing of for `--body-timeout-secs` closes it; on shutdown it is closed once its request
+//! in flight is answered, or at the `--shutdown-timeout-secs` deadline.
 //!
 //! Life of a request: middleware (metrics, API key) → `Content-Type` checked → a declared
 //! `Content-Length` over the payload limit is 413 at once → body read within
@@ -40,12 +41,15 @@ pub mod metrics;
 pub mod routes;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::JoinSet;
@@ -100,7 +104,8 @@ pub struct ServeOptions {
     pub default_kind: Kind,
     /// A new connection's first request headers must arrive within this.
     pub header_timeout: Duration,
-    /// A request body must arrive within this of the handler starting to read it (else 408).
+    /// A request body must arrive within this of the handler starting to read it (else 408);
+    /// a response write that makes no progress for this long closes the connection.
     pub body_timeout: Duration,
     /// A kept-alive connection's next request headers must arrive within this.
     pub idle_timeout: Duration,
@@ -351,6 +356,7 @@ async fn accept_loop(
             s.notify_one();
             app.clone().oneshot(req)
         });
+        let stream = WriteStall::new(stream, st.opts.body_timeout);
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         let first_head = st.opts.header_timeout;
         let metrics = st.metrics.clone();
@@ -458,4 +464,126 @@ where
         batcher,
         info,
     }))
+}
+
+/// A socket whose writes fail once they have made no progress for `limit`: a client that stops
+/// reading its response cannot hold its connection (and a `--max-connections` slot) forever.
+struct WriteStall<S> {
+    inner: S,
+    limit: Duration,
+    /// Armed when a write first finds the socket full; cleared by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteStall<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        WriteStall {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {limit:?} (--body-timeout-secs)"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteStall<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.check(cx, r)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.check(cx, r)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.check(cx, r)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.check(cx, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client that reads nothing fails the write after the limit; one that reads slowly,
+    /// but within the limit each time, gets everything.
+    #[tokio::test]
+    async fn writes_fail_only_after_a_stall_of_the_limit() {
+        let limit = Duration::from_millis(300);
+        let (server, _client) = tokio::io::duplex(64);
+        let mut w = WriteStall::new(server, limit);
+        w.write_all(&[1; 64]).await.unwrap();
+        let t0 = Instant::now();
+        let e = w.write_all(&[1; 8]).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t0.elapsed() >= limit, "{:?}", t0.elapsed());
+
+        let (server, mut client) = tokio::io::duplex(64);
+        let mut w = WriteStall::new(server, limit);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 32];
+            while got.len() < 512 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let n = client.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            got.len()
+        });
+        w.write_all(&[2; 512])
+            .await
+            .expect("a slow reader is not cut off");
+        assert_eq!(reader.await.unwrap(), 512);
+    }
 }
