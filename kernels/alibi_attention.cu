@@ -1,6 +1,6 @@
 // alibi_attention.cu — causal ALiBi self-attention over packed variable-length sequences
 //
-// Math (SPEC.md): for query i and key j <= i of the same sequence (positions local to it),
+// Math (docs/semantics.md): for query i and key j <= i of the same sequence (positions local to it),
 //   s_ij = (q_i · k_j) / sqrt(d) + slope_h · j;  p_ij = softmax_j(s_ij);  ctx_i = Σ_j p_ij v_j.
 //   The slope is computed here from (h, n) (common.cuh); no [n, T, T] bias is materialized.
 // Layout: qkv [T, 3H] T, BLOOM's fused output interleaved per head: head h, part p (0 q, 1 k,

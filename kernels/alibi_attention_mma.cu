@@ -1,6 +1,6 @@
 // alibi_attention_mma.cu — version 3 of alibi_attention: tensor cores with register tiles
 //
-// Math: as alibi_attention.cu (SPEC.md): for query i and key j <= i of one sequence,
+// Math: as alibi_attention.cu (docs/semantics.md): for query i and key j <= i of one sequence,
 //   s_ij = (q_i · k_j) / sqrt(d) + slope_h · j;  p = softmax_j(s) in f32;  ctx_i = Σ_j p_ij v_j.
 // Layout: qkv [T, 3H] T, interleaved per head (column h·3d + part·d + e); cu_seqlens [S+1] i32;
 //   ctx [T, H] T, head h in columns h·d ..; the same contract as versions 1 and 2.

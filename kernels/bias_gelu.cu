@@ -1,7 +1,7 @@
 // bias_gelu.cu — m = gelu(m + b), BLOOM's tanh GELU, in place
 //
 // Math: v = m[t, i] + b[i]; m[t, i] = 0.5·v·(1 + tanh(0.79788456·v·(1 + 0.044715·v²)))
-//   (BLOOM's truncated constant, SPEC.md).
+//   (BLOOM's truncated constant, docs/semantics.md).
 // Layout: m [T, F] T, F = 4H, row-major, in place (the dense_h_to_4h GEMM output, no bias);
 //   b [F] f32.
 // Launch: grid-stride, block 256, grid = min(ceil(T·F / 8 / 256), 65535·4); no shared memory.

@@ -62,7 +62,7 @@ __device__ __forceinline__ void row_stats(const float* row, int H, float eps, fl
     rstd = rsqrtf(block_sum(q, scratch) / H + eps);
 }
 
-// ALiBi slope of head h out of n (SPEC.md): p = largest power of two <= n;
+// ALiBi slope of head h out of n (docs/semantics.md): p = largest power of two <= n;
 // h < p: 2^(-8(h+1)/p); else the interleaved extra slopes 2^(-4(2(h-p)+1)/p).
 __device__ __forceinline__ float alibi_slope(int h, int n) {
     int p = 1;

@@ -1,6 +1,6 @@
 // final_norm_pool.cu — h = LayerNorm_f(x + y); e = Σ_j j·h_j / Σ_j j, per sequence
 //
-// Math: per sequence s of n tokens (positions j = 1..n inside the sequence, SPEC.md):
+// Math: per sequence s of n tokens (positions j = 1..n inside the sequence, docs/semantics.md):
 //   h_j = LN_f(x_j + y_j) (biased variance), e = Σ_j j·h_j / (n(n+1)/2). Since LN_f's affine
 //   part is the same for every token, e = w ⊙ (Σ_j j·ĥ_j / Σ_j j) + b with ĥ_j the standardized
 //   row. Weights never depend on the batch. Unit-length scaling, when asked for, is done on the

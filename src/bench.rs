@@ -10,9 +10,10 @@ use rayon::prelude::*;
 
 use crate::config::BloomConfig;
 use crate::error::{Error, Result};
+use crate::schema::Role;
 use crate::weights::{Checkpoint, DType, MappedFile};
 
-/// (name, hidden, layers, heads) of the BLOOM sizes in SPEC.md; 250880 embedding rows.
+/// (name, hidden, layers, heads) of the BLOOM sizes in docs/semantics.md; 250880 embedding rows.
 pub const SHAPES: &[(&str, usize, usize, usize)] = &[
     ("bloom-560m", 1024, 24, 16),
     ("bloom-1b1", 1536, 24, 16),
@@ -41,39 +42,6 @@ pub fn shape(name: &str) -> Result<BloomConfig> {
         })
 }
 
-/// Every tensor of a BloomModel checkpoint: (name, shape, kind) with kind 0 matrix/embedding,
-/// 1 layernorm weight, 2 bias.
-fn tensor_list(c: &BloomConfig) -> Vec<(String, Vec<usize>, u8)> {
-    let (h, f) = (c.hidden, 4 * c.hidden);
-    let mut v = vec![
-        ("word_embeddings.weight".to_string(), vec![c.vocab, h], 0),
-        ("word_embeddings_layernorm.weight".into(), vec![h], 1),
-        ("word_embeddings_layernorm.bias".into(), vec![h], 2),
-    ];
-    for i in 0..c.layers {
-        let p = format!("h.{i}");
-        for (n, s, k) in [
-            ("input_layernorm.weight", vec![h], 1),
-            ("input_layernorm.bias", vec![h], 2),
-            ("self_attention.query_key_value.weight", vec![3 * h, h], 0),
-            ("self_attention.query_key_value.bias", vec![3 * h], 2),
-            ("self_attention.dense.weight", vec![h, h], 0),
-            ("self_attention.dense.bias", vec![h], 2),
-            ("post_attention_layernorm.weight", vec![h], 1),
-            ("post_attention_layernorm.bias", vec![h], 2),
-            ("mlp.dense_h_to_4h.weight", vec![f, h], 0),
-            ("mlp.dense_h_to_4h.bias", vec![f], 2),
-            ("mlp.dense_4h_to_h.weight", vec![h, f], 0),
-            ("mlp.dense_4h_to_h.bias", vec![h], 2),
-        ] {
-            v.push((format!("{p}.{n}"), s, k));
-        }
-    }
-    v.push(("ln_f.weight".into(), vec![h], 1));
-    v.push(("ln_f.bias".into(), vec![h], 2));
-    v
-}
-
 /// splitmix64: seeds independent streams per (tensor, chunk), so values do not depend on threads.
 fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -100,14 +68,14 @@ pub fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 /// model so activations neither vanish nor overflow f16: matrices and embeddings uniform with
 /// std 0.02 (BLOOM's initializer), layernorm weights 1 ± 0.1, biases std 0.02.
 pub fn random_checkpoint(cfg: &BloomConfig, dtype: DType, seed: u64) -> Result<Checkpoint> {
-    let tensors = tensor_list(cfg);
+    let tensors = crate::schema::tensors(cfg);
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
-    for (name, shape, _) in &tensors {
-        let bytes = shape.iter().product::<usize>() * dtype.size();
+    for t in &tensors {
+        let bytes = t.shape.iter().product::<usize>() * dtype.size();
         header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + bytes]}),
+            t.name.clone(),
+            serde_json::json!({"dtype": dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + bytes]}),
         );
         offset += bytes;
     }
@@ -120,10 +88,10 @@ pub fn random_checkpoint(cfg: &BloomConfig, dtype: DType, seed: u64) -> Result<C
     map[8..start].copy_from_slice(&header);
     let mut rest = &mut map[start..];
     let mut jobs = Vec::new();
-    for (i, (_, shape, kind)) in tensors.iter().enumerate() {
-        let (this, tail) = rest.split_at_mut(shape.iter().product::<usize>() * dtype.size());
+    for (i, t) in tensors.iter().enumerate() {
+        let (this, tail) = rest.split_at_mut(t.shape.iter().product::<usize>() * dtype.size());
         rest = tail;
-        jobs.push((i, *kind, this));
+        jobs.push((i, t.role, this));
     }
     const CHUNK: usize = 1 << 20; // elements per independently seeded chunk
     let sqrt3 = 3f32.sqrt();
@@ -137,9 +105,8 @@ pub fn random_checkpoint(cfg: &BloomConfig, dtype: DType, seed: u64) -> Result<C
                     state = splitmix(state);
                     let u = ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * sqrt3; // std 1
                     let v = match kind {
-                        0 => 0.02 * u,
-                        1 => 1.0 + 0.1 * u,
-                        _ => 0.02 * u,
+                        Role::NormWeight => 1.0 + 0.1 * u,
+                        Role::Matrix | Role::Bias => 0.02 * u,
                     };
                     match dtype {
                         DType::F32 => e.copy_from_slice(&v.to_le_bytes()),
@@ -153,10 +120,9 @@ pub fn random_checkpoint(cfg: &BloomConfig, dtype: DType, seed: u64) -> Result<C
         .make_read_only()
         .map_err(|e| Error::io("<random weights>", e))?;
     let label = Path::new("<random weights>");
-    Ok(Checkpoint::from_file(
-        label,
-        MappedFile::from_mmap(label, map)?,
-    ))
+    let ckpt = Checkpoint::from_file(label, MappedFile::from_mmap(label, map)?);
+    crate::schema::check(&ckpt, cfg)?;
+    Ok(ckpt)
 }
 
 /// Deterministic synthetic corpus: ~30% short queries (8–14 tokens), the rest passages averaging

@@ -181,6 +181,7 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
 
     let mut report = json!({
         "backend": backend.describe(),
+        "engine": backend.info(),
         "model": st.label,
         "hidden": h, "layers": st.cfg.layers, "heads": st.cfg.heads,
         "texts": seqs.len(), "tokens": tokens, "max_batch_tokens": b.max_batch_tokens,

@@ -28,7 +28,7 @@ impl BloomConfig {
     }
 
     /// Parameters besides the embedding matrix: what a forward streams from memory (6.04 G for
-    /// bloom-7b1, SPEC.md).
+    /// bloom-7b1, docs/semantics.md).
     pub fn non_embedding_params(&self) -> usize {
         let h = self.hidden;
         // per block: 2 layernorms, QKV, dense, two MLP matrices, with biases
@@ -90,6 +90,16 @@ impl BloomConfig {
                 .ok_or_else(|| Error::config(path, format!("bad layer_norm_epsilon {x}")))?
                 as f32,
         };
+        // Flags that change the forward and that the engine does not implement: refused, never
+        // silently ignored. (Dropout, caching and tensor-parallel flags do not change inference.)
+        if v.get("apply_residual_connection_post_layernorm") == Some(&Value::Bool(true)) {
+            return Err(Error::Unsupported(format!(
+                "{}: apply_residual_connection_post_layernorm = true is not supported (no \
+                 published BLOOM checkpoint uses it; the engine takes the residual before the \
+                 layernorm)",
+                path.display()
+            )));
+        }
         if hidden % heads != 0 {
             return Err(Error::config(
                 path,
@@ -109,7 +119,7 @@ impl BloomConfig {
 /// `sentence_bert_config.json` + `1_Pooling/config.json`: how texts become one vector.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SentenceConfig {
-    /// Longest sequence in tokens, brackets included minus one (see SPEC.md: 300 → 297 text tokens).
+    /// Longest sequence in tokens, brackets included minus one (see docs/semantics.md: 300 → 297 text tokens).
     pub max_seq_length: usize,
 }
 
@@ -132,11 +142,48 @@ impl SentenceConfig {
         } else {
             DEFAULT_MAX_SEQ_LENGTH
         };
+        let modules = dir.join("modules.json");
+        if modules.exists() {
+            check_modules(&read_json(&modules)?, &modules)?;
+        }
         let pooling = dir.join("1_Pooling").join("config.json");
         if pooling.exists() {
             check_pooling(&read_json(&pooling)?, &pooling, hidden)?;
         }
         Ok(SentenceConfig { max_seq_length })
+    }
+}
+
+/// sentence-transformers' module list: SGPT is a Transformer followed by Pooling. Any other
+/// module (Normalize, Dense, …) would change the vectors the reference returns, so it is refused
+/// rather than skipped.
+fn check_modules(v: &Value, path: &Path) -> Result<()> {
+    let list = v
+        .as_array()
+        .ok_or_else(|| Error::config(path, "expected a JSON array of modules"))?;
+    let types: Vec<&str> = list
+        .iter()
+        .map(|m| m.get("type").and_then(Value::as_str).unwrap_or("<no type>"))
+        .collect();
+    let short: Vec<&str> = types
+        .iter()
+        .map(|t| t.rsplit('.').next().unwrap_or(t))
+        .collect();
+    match short.as_slice() {
+        ["Transformer", "Pooling"] => Ok(()),
+        [.., "Normalize"] if short.len() == 3 && short[..2] == ["Transformer", "Pooling"] => {
+            Err(Error::Unsupported(format!(
+                "{}: the model ends in a Normalize module, which sgpt does not apply implicitly; \
+                 remove it from modules.json and ask for unit vectors explicitly (`--normalize`, \
+                 or `normalize: true` on the server's /embed)",
+                path.display()
+            )))
+        }
+        _ => Err(Error::Unsupported(format!(
+            "{}: modules {types:?} are not supported; SGPT models are a Transformer followed \
+             by weighted-mean Pooling",
+            path.display()
+        ))),
     }
 }
 
@@ -181,7 +228,9 @@ fn check_pooling(v: &Value, path: &Path, hidden: usize) -> Result<()> {
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut crate::weights::open_regular(path)?, &mut text)
+        .map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|source| Error::Json {
         path: PathBuf::from(path),
         source,
@@ -216,6 +265,37 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("n_layer"));
+    }
+
+    #[test]
+    fn unsupported_flags_and_modules_are_refused() {
+        let p = Path::new("config.json");
+        let post = json!({"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": 10,
+                          "apply_residual_connection_post_layernorm": true});
+        let e = BloomConfig::from_json(&post, p).unwrap_err().to_string();
+        assert!(
+            e.contains("apply_residual_connection_post_layernorm"),
+            "{e}"
+        );
+        let off = json!({"hidden_size": 64, "n_layer": 2, "n_head": 4, "vocab_size": 10,
+                         "apply_residual_connection_post_layernorm": false});
+        BloomConfig::from_json(&off, p).unwrap();
+
+        let m = Path::new("modules.json");
+        let st = |t: &str| json!({"type": format!("sentence_transformers.models.{t}")});
+        check_modules(&json!([st("Transformer"), st("Pooling")]), m).unwrap();
+        let e = check_modules(
+            &json!([st("Transformer"), st("Pooling"), st("Normalize")]),
+            m,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("Normalize") && e.contains("--normalize"), "{e}");
+        let e = check_modules(&json!([st("Transformer"), st("Pooling"), st("Dense")]), m)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Dense"), "{e}");
+        assert!(check_modules(&json!({"type": "x"}), m).is_err());
     }
 
     #[test]

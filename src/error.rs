@@ -52,9 +52,9 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
     /// The backend produced NaN or Inf (e.g. a checkpoint with non-finite weights): never
-    /// returned as an embedding. `seqs` are the failing sequences' indices within the batch.
-    #[error("the model produced non-finite values (NaN or Inf) for {} of {batch} sequence(s) of a batch (sequence(s) {}); check the weights with `sgpt inspect`", seqs.len(), crate::error::list_some(seqs))]
-    NonFinite { seqs: Vec<usize>, batch: usize },
+    /// returned as an embedding. `seqs`: the failing texts, 0-based, in the caller's order.
+    #[error("the model produced NaN or Inf for {} text(s) (0-based: {}); no embedding is returned for them. Check the weights with `sgpt inspect`", seqs.len(), crate::error::list_some(seqs))]
+    NonFinite { seqs: Vec<usize> },
     /// A request the engine understands but does not (yet) support.
     #[error("{0}")]
     Unsupported(String),

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use sgpt::eval::beir::Dataset;
 use sgpt::eval::{evaluate, report, EvalOptions, Event};
+use sgpt::output::OutputFile;
 
 use crate::{setup, Common};
 
@@ -72,6 +73,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         Ok(v) => Duration::from_millis(v.parse().with_context(|| format!("{PAUSE_ENV}={v}"))?),
         Err(_) => Duration::ZERO,
     };
+    // Output files are checked and opened before any work, so a bad path fails at once; each
+    // is put in place only when complete (sgpt::output).
+    sgpt::output::remove_temps_on_signal()?;
+    let run_out = a.run.as_deref().map(OutputFile::create).transpose()?;
+    let metrics_out = a.metrics.as_deref().map(OutputFile::create).transpose()?;
     let data = Dataset::load(&a.data, &a.split)?;
     if a.run.is_some() {
         data.check_ids_for_run_file()?;
@@ -94,13 +100,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let outcome = evaluate(&embedder, &data, &opts, &mut |e| progress.event(e))?;
     progress.clear();
 
-    if let Some(p) = &a.run {
-        report::write_run(p, &data, &outcome, a.top_k)?;
+    if let Some(out) = run_out {
+        report::write_run(out, &data, &outcome, a.top_k)?;
     }
-    if let Some(p) = &a.metrics {
+    if let Some(out) = metrics_out {
         let json = report::metrics_json(&data, &outcome, &a.common.model, &opts);
-        std::fs::write(p, serde_json::to_string_pretty(&json)? + "\n")
-            .with_context(|| format!("writing {}", p.display()))?;
+        out.write_all_and_commit((serde_json::to_string_pretty(&json)? + "\n").as_bytes())?;
     }
     print!("{}", report::table(&data, &outcome));
     Ok(())

@@ -1,14 +1,14 @@
 //! Inputs and outputs of `sgpt embed`: texts from plain lines or JSONL, embeddings to JSONL or a
-//! float32 `.npy` matrix. Output files are written beside the target and renamed into place
-//! only when complete, so an interrupted run never leaves a plausible-looking partial file.
+//! float32 `.npy` matrix. Output files go through [`crate::output::OutputFile`]: complete or
+//! not at all, symlinks followed, streams (FIFOs, devices) written in place.
 
-use std::fs::File;
 use std::io::{BufRead, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::output::OutputFile;
 use crate::tokenize::{join_title, Kind};
 
 /// One text to embed, with where it came from (for error messages).
@@ -22,7 +22,8 @@ pub struct InputText {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum InputFormat {
-    /// JSONL if the first non-blank line is a JSON object, else plain lines.
+    /// JSONL if the first non-blank character is `{`, else plain lines. A JSONL input whose lines
+    /// are malformed is then reported line by line, never read as plain text.
     Auto,
     /// One text per line.
     Lines,
@@ -53,8 +54,8 @@ pub struct InputReader<R> {
 }
 
 impl<R: BufRead> InputReader<R> {
-    /// `source` names the input in errors. With [`InputFormat::Auto`] the first non-blank line
-    /// decides: a JSON object means JSONL, anything else plain lines.
+    /// `source` names the input in errors. With [`InputFormat::Auto`] the first non-blank
+    /// character decides: `{` means JSONL, anything else plain lines.
     pub fn new(reader: R, source: &str, format: InputFormat, default_kind: Kind) -> Result<Self> {
         let mut r = InputReader {
             lines: reader.lines(),
@@ -71,9 +72,7 @@ impl<R: BufRead> InputReader<R> {
                 r.ahead.push_back(l);
                 if !blank {
                     let first = r.ahead.back().map(String::as_str).unwrap_or_default();
-                    r.jsonl =
-                        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(first)
-                            .is_ok();
+                    r.jsonl = first.trim_start().starts_with('{');
                     break;
                 }
             }
@@ -193,41 +192,34 @@ pub enum Sink {
 /// Writes embeddings in order; finishes into `path` (if any) by atomic rename.
 pub struct EmbeddingWriter {
     sink: Sink,
-    tmp: Option<(PathBuf, PathBuf)>,
+    out: Option<OutputFile>,
     expected_rows: usize,
     rows: usize,
     hidden: usize,
 }
 
 impl EmbeddingWriter {
-    /// `path` None → JSONL to stdout. A path ending in `.npy` → float32 matrix [rows, hidden].
-    pub fn create(path: Option<&Path>, rows: usize, hidden: usize) -> Result<Self> {
-        let (sink, tmp) = match path {
-            None => (
-                Sink::Jsonl(Box::new(BufWriter::new(std::io::stdout()))),
-                None,
-            ),
-            Some(p) => {
-                let tmp = p.with_file_name(format!(
-                    ".{}.partial",
-                    p.file_name()
-                        .map(|s| s.to_string_lossy())
-                        .unwrap_or_default()
-                ));
-                let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-                let w: Box<dyn Write> = Box::new(BufWriter::with_capacity(1 << 20, f));
+    /// `out` None → JSONL to stdout. An output path ending in `.npy` → float32 matrix
+    /// [rows, hidden], else JSONL. The output is opened (and checked) by the caller before any
+    /// work, so a bad path fails at once.
+    pub fn create(out: Option<OutputFile>, rows: usize, hidden: usize) -> Result<Self> {
+        let sink = match &out {
+            None => Sink::Jsonl(Box::new(BufWriter::new(std::io::stdout()))),
+            Some(o) => {
+                let p = o.path();
+                let w: Box<dyn Write> = Box::new(o.writer()?);
                 let npy = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
                 let mut sink = if npy { Sink::Npy(w) } else { Sink::Jsonl(w) };
                 if let Sink::Npy(w) = &mut sink {
                     w.write_all(&npy_header(rows, hidden))
-                        .map_err(|e| Error::io(&tmp, e))?;
+                        .map_err(|e| Error::io(p, e))?;
                 }
-                (sink, Some((tmp, p.to_path_buf())))
+                sink
             }
         };
         Ok(EmbeddingWriter {
             sink,
-            tmp,
+            out,
             expected_rows: rows,
             rows: 0,
             hidden,
@@ -235,9 +227,9 @@ impl EmbeddingWriter {
     }
 
     fn target(&self) -> PathBuf {
-        self.tmp
+        self.out
             .as_ref()
-            .map(|t| t.1.clone())
+            .map(|o| o.path().to_path_buf())
             .unwrap_or_else(|| PathBuf::from("<stdout>"))
     }
 
@@ -273,18 +265,9 @@ impl EmbeddingWriter {
         match &mut self.sink {
             Sink::Jsonl(w) | Sink::Npy(w) => w.flush().map_err(|e| Error::io(&target, e))?,
         }
-        if let Some((tmp, dst)) = self.tmp.take() {
-            std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for EmbeddingWriter {
-    fn drop(&mut self) {
-        // Not finished (an error on the way): remove the partial file.
-        if let Some((tmp, _)) = self.tmp.take() {
-            let _ = std::fs::remove_file(tmp);
+        match self.out.take() {
+            Some(out) => out.commit(),
+            None => Ok(()),
         }
     }
 }
@@ -338,6 +321,21 @@ mod tests {
             Kind::Query,
         );
         assert!(kind.is_err());
+    }
+
+    #[test]
+    fn a_malformed_first_json_line_is_an_error_not_plain_text() {
+        let bad = "{\"text\": \"a\",}\n{\"text\": \"b\"}\n";
+        let e = parse_inputs(bad, "in.jsonl", InputFormat::Auto, Kind::Query)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("in.jsonl:1"), "{e}");
+        let indented = "\n   {\"text\": \"a\"}\n";
+        let v = parse_inputs(indented, "x", InputFormat::Auto, Kind::Query);
+        assert!(
+            v.unwrap_err().to_string().contains("x:1"),
+            "blank line in JSONL"
+        );
     }
 
     #[test]

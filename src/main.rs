@@ -9,9 +9,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use sgpt::backend::{AttentionKernel, GemmKernel, KernelChoices};
 use sgpt::cuda::device::GpuDtype;
 use sgpt::io::{check_empty, EmbeddingWriter, EmptyTexts, InputFormat, InputReader, InputText};
 use sgpt::model::{Device, Embedder, EngineOptions, ModelDir};
+use sgpt::output::OutputFile;
 use sgpt::tokenize::Kind;
 use sgpt::weights::DType;
 
@@ -64,12 +66,29 @@ pub(crate) struct EngineArgs {
     /// Most tokens in one packed batch [default: 2048 on the CPU, 16384 on the GPU].
     #[arg(long)]
     max_batch_tokens: Option<usize>,
+    /// GPU attention kernel: auto (measured rule: v1 below 128 tokens, tc from 128), v1, tc,
+    /// or mma (on trial: never run on a GPU yet).
+    #[arg(long, value_enum, default_value = "auto")]
+    attention: AttentionKernel,
+    /// GPU GEMM path: cublaslt, or skinny for batches of at most 16 tokens (on trial: never run
+    /// on a GPU yet).
+    #[arg(long, value_enum, default_value = "cublaslt")]
+    gemm: GemmKernel,
+    /// Capture and replay CUDA graphs for batches of up to 128 tokens (on trial).
+    #[arg(long)]
+    cuda_graphs: bool,
 }
 
 impl EngineArgs {
     /// Applies --threads (once per process) and checks the budget; the engine options.
     fn apply(&self) -> Result<EngineOptions> {
         if let Some(n) = self.threads {
+            // Thousands of threads take minutes to start and only slow the GEMMs down.
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            let max = (4 * cores).max(4);
+            if n == 0 || n > max {
+                bail!("--threads must be between 1 and {max} (4 × the {cores} cores here)");
+            }
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
                 .build_global()
@@ -82,6 +101,11 @@ impl EngineArgs {
             device: self.device,
             dtype: self.dtype,
             max_batch_tokens: self.max_batch_tokens,
+            kernels: KernelChoices {
+                attention: self.attention,
+                gemm: self.gemm,
+                cuda_graphs: self.cuda_graphs,
+            },
         })
     }
 }
@@ -340,8 +364,11 @@ where
     if n == 0 {
         bail!("{source}: no texts to embed");
     }
+    // Checked and opened before the model loads; complete or absent (sgpt::output).
+    sgpt::output::remove_temps_on_signal()?;
+    let out = a.output.as_deref().map(OutputFile::create).transpose()?;
     let embedder = setup(&a.common, a.quiet)?;
-    let mut writer = EmbeddingWriter::create(a.output.as_deref(), n, embedder.hidden())?;
+    let mut writer = EmbeddingWriter::create(out, n, embedder.hidden())?;
     let bar = progress_bar(n as u64, a.quiet);
     let h = embedder.hidden();
     let mut cut = Vec::new();
@@ -390,8 +417,31 @@ fn progress_bar(n: u64, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// Every check `embed` runs (config, tokenizer, schema: names, shapes, dtypes, layer count,
+/// duplicates) via `ModelDir::open`, then a scan of every weight for NaN/Inf; exit 1 on any.
 fn inspect(a: InspectArgs) -> Result<()> {
     let m = ModelDir::open(&a.model)?;
+    let mut bad = Vec::new();
+    for n in m.checkpoint.names() {
+        let k = m.checkpoint.get(n)?.count_non_finite();
+        if k > 0 {
+            bad.push(format!("`{n}` ({k} values)"));
+        }
+    }
+    if !bad.is_empty() {
+        let more = bad.len().saturating_sub(10);
+        bail!(
+            "{}: {} tensor(s) hold NaN or Inf: {}{}; every embedding would be garbage",
+            m.dir.display(),
+            bad.len(),
+            bad[..bad.len().min(10)].join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
     let c = &m.config;
     let names = m.checkpoint.names();
     let mut params = 0usize;

@@ -12,25 +12,7 @@ use crate::error::{Error, Result};
 use crate::tokenize::{Encoded, Kind, SpecbTokenizer};
 use crate::weights::Checkpoint;
 
-/// The seam between the front end and an engine: a packed batch in, embeddings [S, H] out.
-pub trait Backend: Send + Sync {
-    fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>>;
-    /// e.g. "cpu (2 threads)".
-    fn describe(&self) -> String;
-    /// What loading cost (bytes, seconds, GB/s), when worth telling the operator.
-    fn load_summary(&self) -> Option<String> {
-        None
-    }
-}
-
-impl Backend for CpuModel {
-    fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
-        CpuModel::embed(self, batch)
-    }
-    fn describe(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
-    }
-}
+pub use crate::backend::{Backend, BackendInfo, KernelChoices};
 
 /// Which engine runs the forward: `auto`, `cpu`, `cuda` or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +59,8 @@ pub struct EngineOptions {
     pub dtype: GpuDtype,
     /// Most tokens in one packed batch; None: the backend's default.
     pub max_batch_tokens: Option<usize>,
+    /// GPU kernel choices (the CPU has one implementation of each op).
+    pub kernels: KernelChoices,
 }
 
 impl Default for EngineOptions {
@@ -85,6 +69,7 @@ impl Default for EngineOptions {
             device: Device::Auto,
             dtype: GpuDtype::F16,
             max_batch_tokens: None,
+            kernels: KernelChoices::default(),
         }
     }
 }
@@ -114,6 +99,7 @@ impl ModelDir {
             config.vocab,
         )?;
         let checkpoint = Checkpoint::open(dir)?;
+        crate::schema::check(&checkpoint, &config)?;
         Ok(ModelDir {
             dir: dir.to_path_buf(),
             config,
@@ -148,10 +134,23 @@ pub fn build_backend(
             .is_none()
             .then_some(0),
     };
+    let gpu_only = opts.kernels != KernelChoices::default();
+    if opts.device == Device::Cpu && gpu_only {
+        return Err(Error::Input(format!(
+            "GPU kernel choices ({}) were given with --device cpu: the CPU backend has one \
+             implementation of each op",
+            opts.kernels
+        )));
+    }
     let notice = match opts.device {
-        Device::Auto if gpu.is_none() => {
-            crate::cuda::device::unavailable_reason(0).map(|why| format!("using the CPU: {why}"))
-        }
+        Device::Auto if gpu.is_none() => crate::cuda::device::unavailable_reason(0).map(|why| {
+            let ignored = if gpu_only {
+                "; the GPU kernel choices do not apply"
+            } else {
+                ""
+            };
+            format!("using the CPU: {why}{ignored}")
+        }),
         _ => None,
     };
     let Some(ordinal) = gpu else {
@@ -170,10 +169,18 @@ pub fn build_backend(
     let ctx = crate::cuda::device::open(ordinal)?;
     let backend: Box<dyn Backend> = match opts.dtype {
         GpuDtype::F16 => Box::new(crate::cuda::model::CudaModel::<half::f16>::load(
-            ctx, ckpt, cfg, budget,
+            ctx,
+            ckpt,
+            cfg,
+            budget,
+            opts.kernels,
         )?),
         GpuDtype::Bf16 => Box::new(crate::cuda::model::CudaModel::<half::bf16>::load(
-            ctx, ckpt, cfg, budget,
+            ctx,
+            ckpt,
+            cfg,
+            budget,
+            opts.kernels,
         )?),
     };
     Ok(BuiltBackend {
@@ -195,10 +202,17 @@ pub fn check_finite(out: &[f32], hidden: usize) -> Result<()> {
     if bad.is_empty() {
         Ok(())
     } else {
-        Err(Error::NonFinite {
-            seqs: bad,
-            batch: out.len() / hidden.max(1),
-        })
+        Err(Error::NonFinite { seqs: bad })
+    }
+}
+
+/// Shifts the sequence indices of an [`Error::NonFinite`] by `start`.
+fn offset_non_finite(e: Error, start: usize) -> Error {
+    match e {
+        Error::NonFinite { seqs } => Error::NonFinite {
+            seqs: seqs.iter().map(|s| start + s).collect(),
+        },
+        e => e,
     }
 }
 
@@ -218,7 +232,7 @@ pub struct Embedder {
 /// small enough that activations stay in a few tens of MB at bloom-560m size.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
 /// On the GPU: enough rows to keep the tensor cores busy (GEMMs are compute-bound above
-/// ≈ 270 tokens, SPEC.md) while activations stay ≈ 1.5 GB at bloom-7b1 size.
+/// ≈ 270 tokens, docs/semantics.md) while activations stay ≈ 1.5 GB at bloom-7b1 size.
 pub const DEFAULT_GPU_MAX_BATCH_TOKENS: usize = 16384;
 
 impl Embedder {
@@ -289,14 +303,10 @@ impl Embedder {
                     .map(|e| &e.ids[..])
                     .collect::<Vec<_>>(),
             );
-            let mut out = self.embed_batch(&batch).map_err(|e| match e {
-                // Name the inputs, not the positions within this batch.
-                Error::NonFinite { seqs, .. } => Error::NonFinite {
-                    seqs: seqs.iter().map(|s| range.start + s).collect(),
-                    batch: range.len(),
-                },
-                e => e,
-            })?;
+            // Name the inputs, not the positions within this batch.
+            let mut out = self
+                .embed_batch(&batch)
+                .map_err(|e| offset_non_finite(e, range.start))?;
             if normalize {
                 l2_normalize(&mut out, self.hidden());
             }
@@ -349,7 +359,8 @@ impl Embedder {
                     .enumerate()
                     .filter(|(_, e)| e.truncated)
                     .for_each(|(i, _)| truncated(start + i));
-                self.embed_encoded(&enc, normalize, &mut |first, out| sink(start + first, out))?;
+                self.embed_encoded(&enc, normalize, &mut |first, out| sink(start + first, out))
+                    .map_err(|e| offset_non_finite(e, start))?;
             }
             Ok(())
         })

@@ -57,7 +57,7 @@ impl MappedFile {
     /// The file must not be modified or truncated while it is mapped: that is undefined
     /// behaviour for any mmap reader. Model files are treated as read-only inputs.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = open_regular(path)?;
         // SAFETY: read-only mapping of a file we do not write; see the `# Safety` note above.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         Self::from_mmap(path, mmap)
@@ -190,6 +190,16 @@ impl Checkpoint {
         })
     }
 
+    /// Whether `name` is stored exactly so (no prefix lookup).
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// Every stored name, as stored (unsorted, `lm_head.*` included).
+    pub fn stored_names(&self) -> impl Iterator<Item = &str> {
+        self.location.keys().map(String::as_str)
+    }
+
     /// Stored tensor names, sorted, `lm_head.*` left out.
     pub fn names(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self
@@ -254,6 +264,19 @@ impl Checkpoint {
     }
 }
 
+/// Opens a model file for reading, refusing anything but a regular file (after symlinks): a FIFO
+/// would block the open forever, a device would be read as weights.
+pub fn open_regular(path: &Path) -> Result<File> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::io(
+            path,
+            std::io::Error::other("not a regular file (a directory, FIFO or device?)"),
+        ));
+    }
+    File::open(path).map_err(|e| Error::io(path, e))
+}
+
 fn is_ignored(name: &str) -> bool {
     name.starts_with("lm_head.")
 }
@@ -277,6 +300,34 @@ impl TensorRef {
             });
         }
         Ok(())
+    }
+
+    /// Elements that are NaN or ±Inf, read from the stored bits (no conversion), in parallel.
+    pub fn count_non_finite(&self) -> usize {
+        use rayon::prelude::*;
+        let sz = self.dtype.size();
+        // Chunks of whole elements; an element is non-finite iff its exponent bits are all ones.
+        let chunk = (1 << 20) * sz;
+        let dtype = self.dtype;
+        self.bytes()
+            .par_chunks(chunk)
+            .map(|c| match dtype {
+                DType::F32 => c
+                    .chunks_exact(4)
+                    .filter(|e| {
+                        u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & 0x7f80_0000 == 0x7f80_0000
+                    })
+                    .count(),
+                DType::F16 => c
+                    .chunks_exact(2)
+                    .filter(|e| u16::from_le_bytes([e[0], e[1]]) & 0x7c00 == 0x7c00)
+                    .count(),
+                DType::BF16 => c
+                    .chunks_exact(2)
+                    .filter(|e| u16::from_le_bytes([e[0], e[1]]) & 0x7f80 == 0x7f80)
+                    .count(),
+            })
+            .sum()
     }
 
     /// The tensor as f32: borrowed from the mapping when stored as aligned f32, else converted.

@@ -4,11 +4,10 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{assert_close, tiny_b_model, tiny_model};
-use safetensors::tensor::TensorView;
+use common::{assert_close, copy_model, edit_json, rewrite_weights, tiny_b_model, tiny_model};
 use safetensors::Dtype;
 use sgpt::model::{Device, Embedder};
 use sgpt::tokenize::Kind;
@@ -153,7 +152,17 @@ fn jsonl_file_to_npy_and_stdin_to_jsonl_agree() {
     assert!(o.status.success(), "{}", stderr(&o));
     let (shape, data) = read_npy(&npy);
     assert_eq!(shape, vec![3, 64]);
-    assert!(!dir.path().join(".out.npy.partial").exists());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".partial")
+        })
+        .collect();
+    assert!(left.is_empty(), "temp files left: {left:?}");
 
     let o = sgpt_stdin(
         &["embed", "-m", &model, "--input", "-", "--kind", "document"],
@@ -297,51 +306,6 @@ fn inspect_describes_both_layouts() {
 
 // ---- bad input ------------------------------------------------------------------------------
 
-/// A writable copy of a model directory.
-fn copy_model(src: &Path) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    copy_dir(src, dir.path());
-    dir
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
-
-/// Rewrites model.safetensors through `edit`, which gets (name, dtype, shape, bytes) records.
-fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut recs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
-    edit(&mut recs);
-    let views: Vec<(String, TensorView)> = recs
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
-}
-
-fn edit_json(path: PathBuf, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(&mut v);
-    std::fs::write(path, v.to_string()).unwrap();
-}
-
 fn embed_with(dir: &Path) -> Vec<String> {
     [
         "embed",
@@ -441,10 +405,7 @@ fn missing_misshaped_or_mistyped_tensors() {
     // config with fewer layers than the checkpoint
     let d = copy_model(&tiny_model());
     edit_json(d.path().join("config.json"), |v| v["n_layer"] = 1.into());
-    expect_embed_error(
-        d.path(),
-        "config says 1 layers but the checkpoint has `h.1.input_layernorm.weight`",
-    );
+    expect_embed_error(d.path(), "it has block 1 but config.json says n_layer = 1");
 }
 
 #[test]
@@ -487,6 +448,44 @@ fn sharded_index_problems() {
     let d = copy_model(&tiny_b_model());
     std::fs::write(d.path().join("model.safetensors.index.json"), "[]").unwrap();
     expect_embed_error(d.path(), "missing object `weight_map`");
+}
+
+/// Kernel choices are typed flags: an unknown value is a usage error, a GPU choice with
+/// `--device cpu` is refused, and the eval metrics name the engine.
+#[test]
+fn kernel_choices_are_typed_flags() {
+    let model = m(&tiny_model());
+    let o = sgpt(&["embed", "-m", &model, "--attention", "v9", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("auto, v1, tc, mma"), "{}", stderr(&o));
+    let o = sgpt(&["embed", "-m", &model, "--gemm", "cutlass", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    for flags in [
+        &["--attention", "mma"][..],
+        &["--gemm", "skinny"][..],
+        &["--cuda-graphs"][..],
+    ] {
+        let mut args = vec!["embed", "-m", &model, "--device", "cpu"];
+        args.extend_from_slice(flags);
+        args.push("x");
+        expect_error(&args, "GPU kernel choices");
+    }
+    // The defaults run on the CPU as before.
+    let o = sgpt(&[
+        "embed",
+        "-m",
+        &model,
+        "--device",
+        "cpu",
+        "--attention",
+        "auto",
+        "x",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let help = String::from_utf8_lossy(&sgpt(&["embed", "--help"]).stdout).into_owned();
+    for flag in ["--attention", "--gemm", "--cuda-graphs", "--dtype"] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
 }
 
 #[test]
@@ -623,6 +622,10 @@ fn bench_reports_throughput_ceilings_and_refuses_bad_requests() {
     assert!(v["ceilings"]["copy_bandwidth_gb_s"].as_f64().unwrap() > 0.0);
     assert_eq!(v["texts"], 8);
     assert!(v["latency"]["batch_16"]["p50_ms"].as_f64().is_some());
+    // The engine, typed: what ran, in what precision (kernel choices only on the GPU).
+    assert_eq!(v["engine"]["kind"], "cpu");
+    assert_eq!(v["engine"]["dtype"], "f32");
+    assert!(v["engine"].get("kernels").is_none(), "{}", v["engine"]);
     // a baseline file gives a ratio
     let base = dir.path().join("base.json");
     std::fs::write(&base, r#"{"tokens_per_s": 10.0, "query_p50_ms": 1.0}"#).unwrap();

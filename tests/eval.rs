@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cosine, root, tiny_model};
+use common::{copy_dir, cosine, root, tiny_model};
 use sgpt::eval::beir::Dataset;
 use sgpt::model::{Device, Embedder};
 use sgpt::tokenize::Kind;
@@ -179,6 +179,10 @@ fn run_file_is_well_formed_and_a_rerun_embeds_nothing() {
         let v = m[k].as_f64().unwrap();
         assert!(v > 0.0 && v < 1.0, "{k} = {v}");
     }
+    assert_eq!(
+        (m["engine"]["kind"].as_str(), m["engine"]["dtype"].as_str()),
+        (Some("cpu"), Some("f32"))
+    );
     let c = &m["counts"];
     assert_eq!(c["documents"], 200);
     assert_eq!(c["queries_in_file"], 36);
@@ -649,4 +653,183 @@ fn search_speed() {
         flop / gemm_s / 1e9,
         rayon::current_num_threads()
     );
+}
+
+/// The eval cache never returns vectors of another engine or model: a rerun with everything the
+/// same reads every row back, and changing any one part of the key — backend kind, device,
+/// dtype, each kernel choice, max_seq_length, config, tokenizer, a weight file — embeds every
+/// row again. (Before: the key held only the first word of the backend's description, so a
+/// `--dtype bf16` run reused f16 vectors.) The GPU variants are a CPU backend that reports
+/// another identity: the cache sees only what the backend says it is.
+#[test]
+fn the_cache_misses_whenever_the_engine_or_model_changes() {
+    use sgpt::backend::{AttentionKernel, Backend, BackendInfo, GemmKernel, KernelChoices};
+    use sgpt::eval::{evaluate, EvalOptions};
+
+    struct Relabeled {
+        inner: Box<dyn Backend>,
+        info: BackendInfo,
+    }
+    impl Backend for Relabeled {
+        fn embed(&self, b: &sgpt::batch::PackedBatch) -> sgpt::Result<Vec<f32>> {
+            self.inner.embed(b)
+        }
+        fn info(&self) -> BackendInfo {
+            self.info.clone()
+        }
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Dataset::load(&fixture(), "test").unwrap();
+    let opts = EvalOptions {
+        top_k: 10,
+        cache_root: tmp.path().join("cache"),
+        shard_rows: 1 << 20,
+        shard_seconds: 1e9,
+        pause_after_shard: Duration::ZERO,
+    };
+    // Returns the documents read back from the cache by one run.
+    let run = |model: &Path, info: Option<BackendInfo>| -> usize {
+        let mut e = Embedder::open(model, Device::Cpu).unwrap();
+        if let Some(info) = info {
+            let inner = std::mem::replace(&mut e.backend, Box::new(NoBackend));
+            e.backend = Box::new(Relabeled { inner, info });
+        }
+        let out = evaluate(&e, &data, &opts, &mut |_| {}).unwrap();
+        assert_eq!(out.documents.total, data.corpus.ids.len());
+        out.documents.from_cache
+    };
+    let all = data.corpus.ids.len();
+    let model = tmp.path().join("model");
+    copy_dir(&tiny_model(), &model);
+
+    assert_eq!(run(&model, None), 0, "first run");
+    assert_eq!(
+        run(&model, None),
+        all,
+        "same engine and model: every row cached"
+    );
+
+    let gpu = |dtype, kernels| BackendInfo {
+        kind: "cuda",
+        device: "NVIDIA H200 (sm_90)".into(),
+        dtype,
+        threads: None,
+        kernels: Some(kernels),
+    };
+    let k = KernelChoices::default();
+    let engines = [
+        ("cuda f16", gpu("f16", k)),
+        ("cuda bf16", gpu("bf16", k)),
+        (
+            "another GPU",
+            BackendInfo {
+                device: "NVIDIA A100 (sm_80)".into(),
+                ..gpu("f16", k)
+            },
+        ),
+        (
+            "attention mma",
+            gpu(
+                "f16",
+                KernelChoices {
+                    attention: AttentionKernel::Mma,
+                    ..k
+                },
+            ),
+        ),
+        (
+            "skinny gemm",
+            gpu(
+                "f16",
+                KernelChoices {
+                    gemm: GemmKernel::Skinny,
+                    ..k
+                },
+            ),
+        ),
+        (
+            "cuda graphs",
+            gpu(
+                "f16",
+                KernelChoices {
+                    cuda_graphs: true,
+                    ..k
+                },
+            ),
+        ),
+    ];
+    for (what, info) in &engines {
+        assert_eq!(run(&model, Some(info.clone())), 0, "{what}: must miss");
+        assert_eq!(
+            run(&model, Some(info.clone())),
+            all,
+            "{what}: rerun must hit"
+        );
+    }
+    // Threads do not change the CPU's vectors, so they do not split the cache.
+    let cpu_info = Embedder::open(&model, Device::Cpu).unwrap().backend.info();
+    let more_threads = BackendInfo {
+        threads: Some(64),
+        ..cpu_info
+    };
+    assert_eq!(run(&model, Some(more_threads)), all, "thread count");
+
+    type Edit = Box<dyn Fn(&Path)>;
+    let edits: [(&str, Edit); 4] = [
+        (
+            "max_seq_length",
+            Box::new(|m: &Path| {
+                std::fs::write(
+                    m.join("sentence_bert_config.json"),
+                    r#"{"max_seq_length": 64}"#,
+                )
+                .unwrap()
+            }),
+        ),
+        (
+            "config.json",
+            Box::new(|m: &Path| {
+                let p = m.join("config.json");
+                let t = std::fs::read_to_string(&p).unwrap();
+                std::fs::write(&p, format!("{t}\n")).unwrap();
+            }),
+        ),
+        (
+            "tokenizer.json",
+            Box::new(|m: &Path| {
+                let p = m.join("tokenizer.json");
+                let t = std::fs::read_to_string(&p).unwrap();
+                std::fs::write(&p, format!("{t}\n")).unwrap();
+            }),
+        ),
+        (
+            "weights",
+            Box::new(|m: &Path| {
+                let p = m.join("model.safetensors");
+                let b = std::fs::read(&p).unwrap();
+                std::fs::remove_file(&p).unwrap();
+                std::fs::write(&p, b).unwrap();
+                let f = std::fs::File::options().write(true).open(&p).unwrap();
+                f.set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
+                    .unwrap();
+            }),
+        ),
+    ];
+    for (what, edit) in &edits {
+        edit(&model);
+        assert_eq!(run(&model, None), 0, "{what} changed: must miss");
+        assert_eq!(run(&model, None), all, "{what}: rerun must hit");
+    }
+}
+
+/// Stands in for a backend moved out of an `Embedder` for a moment.
+struct NoBackend;
+impl sgpt::backend::Backend for NoBackend {
+    fn embed(&self, _: &sgpt::batch::PackedBatch) -> sgpt::Result<Vec<f32>> {
+        unreachable!("replaced before use")
+    }
+    fn info(&self) -> sgpt::backend::BackendInfo {
+        unreachable!("replaced before use")
+    }
 }

@@ -14,7 +14,7 @@ use sgpt::cpu;
 use sgpt::cuda::device::{unavailable_reason, GpuDtype};
 use sgpt::cuda::gemm::Gemm;
 use sgpt::cuda::ops::{skinny_fits, Act, Kernels};
-use sgpt::model::{Device, Embedder, EngineOptions, ModelDir};
+use sgpt::model::{Device, Embedder, EngineOptions, KernelChoices, ModelDir};
 
 struct Gpu {
     s: Arc<CudaStream>,
@@ -407,7 +407,8 @@ fn gemms_match_cpu() {
 }
 
 /// The whole GPU forward against the CPU forward and the transformers fixtures, by cosine:
-/// f16 ≥ 0.9999 and bf16 ≥ 0.999 (the [cuda] issue's bars for the big shapes, applied here too).
+/// f16 ≥ 0.9999 and bf16 ≥ 0.999 (the [cuda] issue's bars for the big shapes, applied here too),
+/// for every forward configuration the engine can select: each kernel choice × each dtype.
 #[test]
 fn forward_matches_cpu_and_reference() {
     let Some(_g) = gpu() else { return };
@@ -415,26 +416,45 @@ fn forward_matches_cpu_and_reference() {
         let golden = load_golden(name);
         let m = ModelDir::open(&golden.model_dir).unwrap();
         let cpu_model = cpu::CpuModel::load(&m.checkpoint, &m.config).unwrap();
-        for (dtype, bar) in [(GpuDtype::F16, 0.9999), (GpuDtype::Bf16, 0.999)] {
-            let e = Embedder::open_with(
-                &golden.model_dir,
-                EngineOptions {
-                    device: Device::Cuda(0),
-                    dtype,
-                    max_batch_tokens: None,
-                },
-            )
-            .unwrap();
-            let mut worst = 1.0f64;
-            for (k, t) in golden.texts.iter().enumerate() {
-                let batch = PackedBatch::from_seqs(&[&t.ids[..]]);
-                let got = e.backend.embed(&batch).unwrap();
-                let c_ref = cosine(&got, &t.embedding);
-                let c_cpu = cosine(&got, &cpu_model.embed(&batch).unwrap());
-                worst = worst.min(c_ref).min(c_cpu);
-                assert!(c_ref >= bar && c_cpu >= bar, "{name} {dtype:?} text {k}: cosine vs reference {c_ref:.6}, vs CPU {c_cpu:.6} (bar {bar})");
+        for kernels in KernelChoices::all() {
+            for (dtype, bar) in [(GpuDtype::F16, 0.9999), (GpuDtype::Bf16, 0.999)] {
+                let e = Embedder::open_with(
+                    &golden.model_dir,
+                    EngineOptions {
+                        device: Device::Cuda(0),
+                        dtype,
+                        max_batch_tokens: None,
+                        kernels,
+                    },
+                )
+                .unwrap();
+                let mut worst = 1.0f64;
+                // One text at a time (the latency path, graphs and skinny GEMM included), then
+                // all at once (the corpus path).
+                let mut batches: Vec<Vec<usize>> =
+                    (0..golden.texts.len()).map(|k| vec![k]).collect();
+                batches.push((0..golden.texts.len()).collect());
+                for ks in batches {
+                    let seqs: Vec<&[u32]> = ks.iter().map(|&k| &golden.texts[k].ids[..]).collect();
+                    let batch = PackedBatch::from_seqs(&seqs);
+                    let got = e.embed_batch(&batch).unwrap();
+                    let want_cpu = cpu_model.embed(&batch).unwrap();
+                    let h = golden.hidden;
+                    for (i, &k) in ks.iter().enumerate() {
+                        let row = &got[i * h..(i + 1) * h];
+                        let c_ref = cosine(row, &golden.texts[k].embedding);
+                        let c_cpu = cosine(row, &want_cpu[i * h..(i + 1) * h]);
+                        worst = worst.min(c_ref).min(c_cpu);
+                        assert!(
+                            c_ref >= bar && c_cpu >= bar,
+                            "{name} {dtype:?} [{kernels}] text {k} in a batch of {}: cosine vs \
+                             reference {c_ref:.6}, vs CPU {c_cpu:.6} (bar {bar})",
+                            ks.len()
+                        );
+                    }
+                }
+                println!("{name} {dtype:?} [{kernels}]: worst cosine {worst:.7}");
             }
-            println!("{name} {dtype:?}: worst cosine {worst:.7}");
         }
     }
 }
@@ -449,6 +469,7 @@ fn batch_invariance_on_gpu() {
             device: Device::Cuda(0),
             dtype: GpuDtype::F16,
             max_batch_tokens: None,
+            kernels: KernelChoices::default(),
         },
     )
     .unwrap();
@@ -528,43 +549,46 @@ fn gpu_search_matches_cpu_search() {
     }
 }
 
-/// The same batch three times gives bit-identical embeddings: the forward is deterministic, and
-/// with `SGPT_CUDA_GRAPHS=1` (the device script runs this test so) the second and third runs
-/// replay the graph captured by the first.
+/// The same batch three times gives bit-identical embeddings under every kernel choice: the
+/// forward is deterministic, and with CUDA graphs the second and third runs replay the graph
+/// captured by the first.
 #[test]
 fn repeated_batches_are_identical() {
     let Some(_g) = gpu() else { return };
     let golden = load_golden("tiny-b");
-    let e = Embedder::open_with(
-        &golden.model_dir,
-        EngineOptions {
-            device: Device::Cuda(0),
-            dtype: GpuDtype::F16,
-            max_batch_tokens: None,
-        },
-    )
-    .unwrap();
-    for seqs in [
-        vec![&golden.texts[3].ids[..]],
-        golden.texts[..4]
-            .iter()
-            .map(|t| &t.ids[..])
-            .collect::<Vec<_>>(),
-    ] {
-        let batch = PackedBatch::from_seqs(&seqs);
-        let first = e.backend.embed(&batch).unwrap();
-        for _ in 0..2 {
-            assert_eq!(
-                e.backend.embed(&batch).unwrap(),
-                first,
-                "a repeated batch of {} tokens changed",
-                batch.num_tokens()
+    for kernels in KernelChoices::all() {
+        let e = Embedder::open_with(
+            &golden.model_dir,
+            EngineOptions {
+                device: Device::Cuda(0),
+                dtype: GpuDtype::F16,
+                max_batch_tokens: None,
+                kernels,
+            },
+        )
+        .unwrap();
+        for seqs in [
+            vec![&golden.texts[3].ids[..]],
+            golden.texts[..4]
+                .iter()
+                .map(|t| &t.ids[..])
+                .collect::<Vec<_>>(),
+        ] {
+            let batch = PackedBatch::from_seqs(&seqs);
+            let first = e.backend.embed(&batch).unwrap();
+            for _ in 0..2 {
+                assert_eq!(
+                    e.backend.embed(&batch).unwrap(),
+                    first,
+                    "[{kernels}] a repeated batch of {} tokens changed",
+                    batch.num_tokens()
+                );
+            }
+            let c = cosine(
+                &first[..golden.hidden],
+                &golden.texts[if seqs.len() == 1 { 3 } else { 0 }].embedding,
             );
+            assert!(c >= 0.9999, "[{kernels}] cosine {c} against the reference");
         }
-        let c = cosine(
-            &first[..golden.hidden],
-            &golden.texts[if seqs.len() == 1 { 3 } else { 0 }].embedding,
-        );
-        assert!(c >= 0.9999, "cosine {c} against the reference");
     }
 }

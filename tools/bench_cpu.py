@@ -17,7 +17,7 @@ What it does:
      modules.json. Nothing is downloaded.
   2. Corpus: --texts token-id sequences (seeded): ~30% short queries (~10 tokens in [ ]), ~70%
      passages (~80 tokens on average, a tail up to 297 + 2 brackets, in { }); ids drawn from the
-     tokenizer's vocabulary; bracket ids from the tokenizer (SPEC.md). Written as JSONL ids.
+     tokenizer's vocabulary; bracket ids from the tokenizer (docs/semantics.md). Written as JSONL ids.
   3. sgpt: `target/release/sgpt bench --device cpu --ids FILE --json OUT --threads N`
      (packed batches, no padding). The binary is (re)built first unless --no-build.
   4. PyTorch: BloomModel.from_pretrained(fp32), torch.set_num_threads(N), inference_mode, the way
@@ -25,7 +25,7 @@ What it does:
      (left padding with <pad> and an attention mask, as BLOOM's tokenizer and the SGPT reference do),
      weighted-mean pooling over the mask; one warm-up batch per B; throughput counts real tokens
      only. Plus single-short-query latency (a batch of one 12-token query).
-  5. Sanity: a few query texts tokenized per SPEC.md in Python and embedded by PyTorch (one at a
+  5. Sanity: a few query texts tokenized per docs/semantics.md in Python and embedded by PyTorch (one at a
      time, no padding) vs `sgpt embed --kind query --output F.npy`: max |diff| and cosine.
   6. Prints a table; writes docs/bench/cpu-<shape>-<date>.md and .json (every number in them is
      measured in this run).
@@ -63,7 +63,7 @@ TINY = ROOT / "models" / "sgpt-tiny"
 PAD_ID = 3
 MAX_SEQ_LENGTH = 300
 
-# From SPEC.md (vocab rows 250880 for the base checkpoints; 7b1-msmarco has 250682).
+# From docs/semantics.md (vocab rows 250880 for the base checkpoints; 7b1-msmarco has 250682).
 SHAPES = {
     "bloom-560m": dict(hidden=1024, layers=24, heads=16, vocab=250880),
     "bloom-1b1": dict(hidden=1536, layers=24, heads=16, vocab=250880),
@@ -570,7 +570,7 @@ def render_markdown(r: dict) -> str:
     ]
     san = r["sanity"]
     lines += [
-        f"{len(san['texts'])} query texts tokenized per SPEC.md in Python, embedded by PyTorch one at a "
+        f"{len(san['texts'])} query texts tokenized per docs/semantics.md in Python, embedded by PyTorch one at a "
         f"time (no padding) and by `sgpt embed --kind query`: max |diff| {san['max_abs_diff']:.3e} "
         f"(embedding max |value| {san['max_abs_value']:.3f}), min cosine {san['min_cosine']:.8f} "
         f"-> **{'OK' if san['ok'] else 'MISMATCH'}**.",

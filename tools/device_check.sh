@@ -6,8 +6,8 @@
 #   2. NVRTC compiles every kernel for this card's architecture and sm_80/sm_90, no spills
 #   3. GPU tests: each kernel vs its CPU twin, GEMMs, GPU forward vs CPU and fixtures, batch
 #      invariance (tests/gpu.rs, SGPT_REQUIRE_GPU=1 so nothing skips); the forward again with
-#      each attention kernel forced (SGPT_ATTENTION=tc, =v1, =mma), with the skinny GEMM
-#      (SGPT_SKINNY_GEMM=1) and with CUDA graphs
+#      every kernel choice (--attention auto|v1|tc|mma × --gemm cublaslt|skinny × --cuda-graphs)
+#      inside tests/gpu.rs itself
 #   4. the CPU path against the fixtures on this machine too (tests/golden.rs)
 #   5. parity against PyTorch/transformers on this GPU at bloom-560m and bloom-7b1 shapes with
 #      random weights, f16 and bf16 (tools/parity_torch.py)
@@ -84,15 +84,6 @@ if want tests; then
   run_tests gpu .device/tests/gpu 150
   grep -E "worst cosine|registers" "$LOGS/test-gpu.txt" "$LOGS/test-nvrtc.txt" 2>/dev/null | sed 's/^/    /' | head -n 12 >> "$report"
 fi
-if want tc; then
-  # The whole forward again with each attention kernel forced (the default picks by length) ...
-  SGPT_ATTENTION=tc run_tests gpu-attention-tc .device/tests/gpu 45 forward_matches_cpu_and_reference
-  SGPT_ATTENTION=v1 run_tests gpu-attention-v1 .device/tests/gpu 45 forward_matches_cpu_and_reference
-  SGPT_ATTENTION=mma run_tests gpu-attention-mma .device/tests/gpu 45 forward_matches_cpu_and_reference
-  SGPT_SKINNY_GEMM=1 run_tests gpu-skinny-gemm .device/tests/gpu 45 "forward_matches_cpu_and_reference repeated_batches_are_identical"
-  # ... and with CUDA graphs for small batches (SGPT_CUDA_GRAPHS=1), also on trial: capture + replay.
-  SGPT_CUDA_GRAPHS=1 run_tests gpu-graphs .device/tests/gpu 45 "forward_matches_cpu_and_reference repeated_batches_are_identical"
-fi
 
 ids="--texts 2048"; base=""
 if want bench && fits 60 100 "speed table"; then
@@ -147,22 +138,22 @@ if want kernels && fits 20 45 "sgpt bench kernels"; then
 fi
 if want tc && fits 40 80 "bench with CUDA graphs"; then
   step "bench graphs"
-  echo -e "\n## The same with CUDA graphs for small batches (SGPT_CUDA_GRAPHS=1, on trial)" >> "$report"
-  SGPT_CUDA_GRAPHS=1 timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
+  echo -e "\n## The same with CUDA graphs for small batches (--cuda-graphs, on trial)" >> "$report"
+  timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda --cuda-graphs $ids $base \
     --json "$LOGS/bench-7b1-tc.json" > "$LOGS/bench-tc.txt" 2>&1 || status=1
   grep -E "throughput|latency|MFU|floor|baseline|rror" "$LOGS/bench-tc.txt" | sed 's/^/    /' >> "$report"
 fi
 if want tc && fits 40 80 "bench with attention version 3"; then
   step "bench mma"
-  echo -e "\n## The same with attention version 3 (SGPT_ATTENTION=mma, on trial)" >> "$report"
-  SGPT_ATTENTION=mma timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
+  echo -e "\n## The same with attention version 3 (--attention mma, on trial)" >> "$report"
+  timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda --attention mma $ids $base \
     --json "$LOGS/bench-7b1-mma.json" > "$LOGS/bench-mma.txt" 2>&1 || status=1
   grep -E "throughput|latency|MFU|floor|baseline|rror" "$LOGS/bench-mma.txt" | sed 's/^/    /' >> "$report"
 fi
 if want tc && fits 40 80 "bench with the skinny GEMM"; then
   step "bench skinny"
-  echo -e "\n## The same with the skinny GEMM for ≤ 16 tokens and CUDA graphs (SGPT_SKINNY_GEMM=1 SGPT_CUDA_GRAPHS=1, on trial)" >> "$report"
-  SGPT_SKINNY_GEMM=1 SGPT_CUDA_GRAPHS=1 timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda $ids $base \
+  echo -e "\n## The same with the skinny GEMM for ≤ 16 tokens and CUDA graphs (--gemm skinny --cuda-graphs, on trial)" >> "$report"
+  timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda --gemm skinny --cuda-graphs $ids $base \
     --json "$LOGS/bench-7b1-skinny.json" > "$LOGS/bench-skinny.txt" 2>&1 || status=1
   grep -E "throughput|latency|MFU|floor|baseline|rror" "$LOGS/bench-skinny.txt" | sed 's/^/    /' >> "$report"
 fi

@@ -20,7 +20,7 @@ Writes (deterministically, everything seeded, nothing downloaded):
                                     transformers' BloomModel (float32) + sentence-transformers' Pooling,
                                     one text at a time (batch of 1, so pooling weights are 1..n).
 
-Semantics follow SPEC.md (shared/SPEC.md beside the repository) (specb brackets, rstrip, right truncation to max_seq_length-3).
+Semantics follow docs/semantics.md (specb brackets, rstrip, right truncation to max_seq_length-3).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def bracket_ids(tok: Tokenizer) -> dict[str, int]:
 
 
 def specb_ids(tok: Tokenizer, text: str, kind: str, max_seq_length: int) -> tuple[list[int], bool]:
-    """SPEC.md tokenization: rstrip, no special tokens, right-truncate to max_seq_length-3, brackets."""
+    """docs/semantics.md tokenization: rstrip, no special tokens, right-truncate to max_seq_length-3, brackets."""
     br = bracket_ids(tok)
     ids = tok.encode(text.rstrip(), add_special_tokens=False).ids
     limit = max_seq_length - 3

@@ -6,7 +6,7 @@ embedding std 0.02 as BLOOM's initializer, layernorm weights 1 + 0.1·N(0,1), bi
 round every weight to f16 so both engines see identical values, save it as an sgpt model
 directory (f16 safetensors + the shipped tokenizer), embed a set of texts with
   - the reference: transformers BloomModel in fp32 on the device, one text at a time, with
-    weighted-mean pooling (weights 1..n), tokenized per SPEC.md (specb brackets, 297 tokens);
+    weighted-mean pooling (weights 1..n), tokenized per docs/semantics.md (specb brackets, 297 tokens);
   - sgpt: `sgpt embed --device cuda --dtype f16|bf16` on the same texts;
 and report the cosine and the max |Δ| per text. Bars (the [cuda] issue): cosine ≥ 0.9999 in
 f16, ≥ 0.999 in bf16.
@@ -34,7 +34,7 @@ from transformers import BloomConfig, BloomModel
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "sgpt-tiny"
-SHAPES = {  # hidden, layers, heads (SPEC.md)
+SHAPES = {  # hidden, layers, heads (docs/semantics.md)
     "bloom-560m": (1024, 24, 16),
     "bloom-1b1": (1536, 24, 16),
     "bloom-3b": (2560, 30, 32),

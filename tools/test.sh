@@ -14,7 +14,7 @@ if ! cmp -s tools/requirements.txt "$stamp" 2>/dev/null; then
 fi
 
 # NVRTC and the CUDA headers, so every kernel is compile-checked for sm_80/sm_90 with no GPU
-# (GPU.md: 13.0.88 is the NVRTC build of the GPU machine's environment). Kept apart from .venv:
+# (13.0.88 is the NVRTC build of the GPU machine's environment). Kept apart from .venv:
 # torch pins its own CUDA wheels.
 nv=.nvrtc
 nv_pins="nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88"

@@ -1,4 +1,4 @@
-//! Causal ALiBi self-attention over packed sequences (SPEC.md).
+//! Causal ALiBi self-attention over packed sequences (docs/semantics.md).
 //!
 //! qkv: [T, 3·H], BLOOM's fused layout interleaved per head: for token t, head h, part p
 //! (0 q, 1 k, 2 v) and 0 ≤ e < d the value is at column `h·3d + p·d + e`.

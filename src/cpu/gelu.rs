@@ -1,4 +1,4 @@
-//! BLOOM's GELU, tanh form with its truncated constant (SPEC.md):
+//! BLOOM's GELU, tanh form with its truncated constant (docs/semantics.md):
 //! `0.5·x·(1 + tanh(0.79788456·x·(1 + 0.044715·x²)))`.
 
 use rayon::prelude::*;

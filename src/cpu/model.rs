@@ -11,7 +11,7 @@ use crate::cpu::gelu::gelu_inplace;
 use crate::cpu::layernorm::layernorm;
 use crate::cpu::linear::linear;
 use crate::cpu::pooling::weighted_mean_pool;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::weights::{Checkpoint, F32Buf, TensorRef};
 
 struct Norm {
@@ -43,8 +43,9 @@ pub struct CpuModel {
 }
 
 impl CpuModel {
-    /// Reads every tensor the forward needs, checking each shape against `cfg`.
+    /// Reads every tensor the forward needs, after checking the checkpoint against the schema.
     pub fn load(ckpt: &Checkpoint, cfg: &BloomConfig) -> Result<Self> {
+        crate::schema::check(ckpt, cfg)?;
         let h = cfg.hidden;
         let norm = |p: &str| -> Result<Norm> {
             Ok(Norm {
@@ -73,17 +74,6 @@ impl CpuModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        // A checkpoint with more blocks than the config says belongs to another config.
-        let extra = format!("h.{}.input_layernorm.weight", cfg.layers);
-        if ckpt.get(&extra).is_ok() {
-            return Err(Error::config(
-                ckpt.dir.join("config.json"),
-                format!(
-                    "config says {} layers but the checkpoint has `{extra}`",
-                    cfg.layers
-                ),
-            ));
-        }
         Ok(CpuModel {
             cfg: cfg.clone(),
             emb,
@@ -142,5 +132,20 @@ impl CpuModel {
         let mut out = vec![0f32; batch.num_seqs() * h]; // [S, H]
         weighted_mean_pool(&a, cu, &mut out);
         Ok(out)
+    }
+}
+
+impl crate::backend::Backend for CpuModel {
+    fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
+        CpuModel::embed(self, batch)
+    }
+    fn info(&self) -> crate::backend::BackendInfo {
+        crate::backend::BackendInfo {
+            kind: "cpu",
+            device: "cpu".into(),
+            dtype: "f32",
+            threads: Some(rayon::current_num_threads()),
+            kernels: None,
+        }
     }
 }

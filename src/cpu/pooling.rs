@@ -1,4 +1,4 @@
-//! Weighted-mean pooling (SPEC.md): `e = Σ_j j·h_j / Σ_j j` with j = 1..n the position inside
+//! Weighted-mean pooling (docs/semantics.md): `e = Σ_j j·h_j / Σ_j j` with j = 1..n the position inside
 //! the sequence. Weights never depend on the batch, so batching cannot change an embedding.
 
 use rayon::prelude::*;

@@ -14,6 +14,7 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
 };
 
+use crate::backend::{AttentionKernel, GemmKernel, KernelChoices};
 use crate::batch::PackedBatch;
 use crate::config::BloomConfig;
 use crate::cuda::gemm::Gemm;
@@ -187,41 +188,18 @@ struct State<T> {
 struct Graph(CudaGraph);
 unsafe impl Send for Graph {}
 
-/// The attention kernel: version 1 (one warp per query, CUDA cores) or version 2 (flash-style
-/// tiles on tensor cores). Measured on an H200 at bloom-7b1 shape (docs/device-runs/): v2 is
-/// 2.0× faster at 16 × 300 tokens (1.47 vs 3.00 ms), v1 1.2× faster at 64 × 80 tokens (0.93 vs
-/// 1.16 ms) and 2.3× at one 12-token query, so `Auto` picks v2 from 128 tokens on. Version 3
-/// (`SGPT_ATTENTION=mma`: register tiles and mma.sync, kernels/alibi_attention_mma.cu) is
-/// compile-checked but has not run on a GPU yet: opt-in until a device run has tested and
-/// timed it; head dims it lacks fall back to `Auto`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Attention {
-    V1,
-    Tc,
-    Mma,
-    Auto,
-}
-
-impl Attention {
+/// The kernel a batch whose longest sequence is `longest` gets at head dim `d`, under the
+/// choice `k`. Measured on an H200 at bloom-7b1 shape (docs/device-runs/): tc is 2.0× faster
+/// than v1 at 16 × 300 tokens (1.47 vs 3.00 ms), v1 1.2× faster at 64 × 80 tokens (0.93 vs
+/// 1.16 ms) and 2.3× at one 12-token query, so `Auto` picks tc from 128 tokens on. `Mma` (on
+/// trial, never run on a GPU yet) covers only some head dims; the others fall back to `Auto`.
+fn pick_attention(k: AttentionKernel, longest: usize, d: usize) -> AttentionKernel {
     const TC_FROM_LEN: usize = 128;
-
-    fn from_env() -> Self {
-        match std::env::var("SGPT_ATTENTION").as_deref() {
-            Ok("v1") => Attention::V1,
-            Ok("tc") => Attention::Tc,
-            Ok("mma") => Attention::Mma,
-            _ => Attention::Auto,
-        }
-    }
-
-    /// The kernel a batch whose longest sequence is `longest` gets, at head dim `d`.
-    fn pick(self, longest: usize, d: usize) -> Attention {
-        match self {
-            Attention::Mma if ATTENTION_MMA_DIMS.contains(&d) => Attention::Mma,
-            Attention::V1 | Attention::Tc => self,
-            _ if longest >= Self::TC_FROM_LEN => Attention::Tc,
-            _ => Attention::V1,
-        }
+    match k {
+        AttentionKernel::Mma if ATTENTION_MMA_DIMS.contains(&d) => AttentionKernel::Mma,
+        AttentionKernel::V1 | AttentionKernel::Tc => k,
+        _ if longest >= TC_FROM_LEN => AttentionKernel::Tc,
+        _ => AttentionKernel::V1,
     }
 }
 
@@ -234,13 +212,9 @@ pub struct CudaModel<T: Act> {
     pub cfg: BloomConfig,
     pub report: LoadReport,
     pub max_tokens: usize,
-    /// Which attention kernel a batch gets (`SGPT_ATTENTION=v1|tc|auto`, default auto).
-    attention: Attention,
-    /// The skinny tensor-core GEMM for batches of ≤ 16 tokens instead of cuBLASLt
-    /// (`SGPT_SKINNY_GEMM=1`; compile-checked, not yet run on a GPU: opt-in until a device run).
-    skinny: bool,
-    /// CUDA graphs for small batches (`SGPT_CUDA_GRAPHS=1`, on trial).
-    graphs: bool,
+    /// Attention kernel, GEMM path, CUDA graphs: the engine options (`--attention`, `--gemm`,
+    /// `--cuda-graphs`).
+    choices: KernelChoices,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     kernels: Kernels,
@@ -259,12 +233,13 @@ impl<T: Act> CudaModel<T> {
         ckpt: &Checkpoint,
         cfg: &BloomConfig,
         max_tokens: usize,
+        choices: KernelChoices,
     ) -> Result<Self> {
+        crate::schema::check(ckpt, cfg)?;
         // Graphs cannot be captured on the legacy default stream: they need a stream of our own,
         // and cudarc's per-launch event tracking (for several streams) off — the model uses
         // exactly one stream.
-        let graphs = std::env::var("SGPT_CUDA_GRAPHS").as_deref() == Ok("1");
-        let stream = if graphs {
+        let stream = if choices.cuda_graphs {
             // SAFETY: every buffer of this model is allocated, used and freed on `stream` only.
             unsafe { ctx.disable_event_tracking() };
             ctx.new_stream().map_err(|e| err("stream", e))?
@@ -363,9 +338,7 @@ impl<T: Act> CudaModel<T> {
                 kernels_from_cache: kernels.cached,
             },
             max_tokens: tmax,
-            attention: Attention::from_env(),
-            skinny: std::env::var("SGPT_SKINNY_GEMM").as_deref() == Ok("1"),
-            graphs,
+            choices,
             ctx,
             stream,
             kernels,
@@ -408,7 +381,7 @@ impl<T: Act> CudaModel<T> {
             .map_err(|e| err("cu_seqlens upload", e))?;
 
         let max_len = batch.max_len();
-        if self.graphs && t <= GRAPH_MAX_TOKENS {
+        if self.choices.cuda_graphs && t <= GRAPH_MAX_TOKENS {
             // The latency path: one graph launch instead of ≈ 9 launches per layer. Captured
             // once per (tokens, sequences, longest); inputs live at fixed addresses.
             let key = (t, s_count, max_len);
@@ -459,7 +432,7 @@ impl<T: Act> CudaModel<T> {
         n_in: usize,
         n_out: usize,
     ) -> Result<()> {
-        if self.skinny && skinny_fits(t, n_in, n_out) {
+        if self.choices.gemm == GemmKernel::Skinny && skinny_fits(t, n_in, n_out) {
             return self
                 .kernels
                 .skinny_gemm(&self.stream, x, w, b, y, t, n_in, n_out);
@@ -503,11 +476,11 @@ impl<T: Act> CudaModel<T> {
                 3 * h,
             )?; // [T, 3H]
             let (qkv, cu, ctx) = (&st.qkv, &st.cu, &mut st.ctx);
-            match self.attention.pick(max_len, d) {
-                Attention::Mma => {
+            match pick_attention(self.choices.attention, max_len, d) {
+                AttentionKernel::Mma => {
                     k.alibi_attention_mma(s, qkv, cu, s_count, max_len, ctx, t, n, d)?
                 }
-                Attention::Tc => {
+                AttentionKernel::Tc => {
                     k.alibi_attention_tc(s, qkv, cu, s_count, max_len, ctx, t, n, d)?
                 }
                 _ => k.alibi_attention(s, qkv, cu, s_count, ctx, t, n, d)?,
@@ -582,34 +555,49 @@ impl<T: Act> CudaModel<T> {
     }
 }
 
-impl<T: Act> crate::model::Backend for CudaModel<T> {
+impl<T: Act> crate::backend::Backend for CudaModel<T> {
     fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
         self.forward(batch)
     }
-    fn describe(&self) -> String {
-        format!(
-            "cuda ({}, {}, {})",
-            self.report.device,
-            self.report.arch,
-            T::SUFFIX
-        )
+    fn info(&self) -> crate::backend::BackendInfo {
+        crate::backend::BackendInfo {
+            kind: "cuda",
+            device: format!("{} ({})", self.report.device, self.report.arch),
+            dtype: T::SUFFIX,
+            threads: None,
+            kernels: Some(self.choices),
+        }
+    }
+    fn load_summary(&self) -> Option<String> {
+        let r = &self.report;
+        Some(format!(
+            "loaded {:.2} GB onto {} in {:.2} s ({:.1} GB/s); kernels ready in {:.2} s \
+             ({} from the cache)",
+            r.bytes as f64 / 1e9,
+            r.device,
+            r.upload_seconds,
+            r.gb_per_s(),
+            r.compile_seconds,
+            r.kernels_from_cache
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Attention;
+    use super::pick_attention;
+    use crate::backend::AttentionKernel::{Auto, Mma, Tc, V1};
 
     #[test]
     fn attention_kernel_by_length_and_head_dim() {
         // Auto: version 1 for short batches, version 2 from 128 tokens (the H200 timings).
-        assert_eq!(Attention::Auto.pick(127, 128), Attention::V1);
-        assert_eq!(Attention::Auto.pick(128, 128), Attention::Tc);
+        assert_eq!(pick_attention(Auto, 127, 128), V1);
+        assert_eq!(pick_attention(Auto, 128, 128), Tc);
         // Forced versions stay; version 3 only where it has an instantiation, else Auto.
-        assert_eq!(Attention::V1.pick(300, 128), Attention::V1);
-        assert_eq!(Attention::Tc.pick(1, 128), Attention::Tc);
-        assert_eq!(Attention::Mma.pick(12, 80), Attention::Mma);
-        assert_eq!(Attention::Mma.pick(12, 32), Attention::V1);
-        assert_eq!(Attention::Mma.pick(300, 32), Attention::Tc);
+        assert_eq!(pick_attention(V1, 300, 128), V1);
+        assert_eq!(pick_attention(Tc, 1, 128), Tc);
+        assert_eq!(pick_attention(Mma, 12, 80), Mma);
+        assert_eq!(pick_attention(Mma, 12, 32), V1);
+        assert_eq!(pick_attention(Mma, 300, 32), Tc);
     }
 }

@@ -1,5 +1,5 @@
 //! Kernels are compiled at start-up by NVRTC for the device's own architecture, to CUBIN (PTX
-//! from a newer NVRTC can be rejected by an older driver, GPU.md), and cached on disk under a key
+//! from a newer NVRTC can be rejected by an older driver), and cached on disk under a key
 //! of source, architecture and NVRTC version, so a second start does not recompile.
 
 use std::ffi::CString;

@@ -11,7 +11,7 @@
 //! - Ids may be JSON strings or integers (integers are read as their decimal text); an empty id
 //!   is an error, and so is an id seen twice in the same file (BEIR keeps the last one silently).
 //! - Extra fields (`metadata`, …) are ignored; blank lines are skipped; a missing or null
-//!   `title` means no title. A document is embedded as `title + " " + text` (SPEC.md).
+//!   `title` means no title. A document is embedded as `title + " " + text` (docs/semantics.md).
 //! - The first line of the qrels is a header and is skipped, as BEIR does; a first line that
 //!   parses as a judgment is refused (it would be lost silently).
 //! - Only queries that appear in the qrels are evaluated, in the order of their first judgment.

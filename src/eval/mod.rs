@@ -115,7 +115,8 @@ pub struct EvalOutcome {
     pub queries: EmbedCounts,
     pub documents: EmbedCounts,
     pub timings: Timings,
-    pub backend: String,
+    /// The engine that embedded (typed; also written to the metrics JSON).
+    pub engine: crate::backend::BackendInfo,
     pub scorer: String,
 }
 
@@ -167,16 +168,6 @@ fn texts_identity(ids: &[&str], texts: &[&str]) -> Value {
     json!({"rows": ids.len(), "fnv1a64": f.hex()})
 }
 
-/// The backend's kind ("cpu", "cuda", …): embeddings of different backends are never mixed.
-fn backend_kind(e: &Embedder) -> String {
-    e.backend
-        .describe()
-        .split_whitespace()
-        .next()
-        .unwrap_or("unknown")
-        .to_string()
-}
-
 /// Embeds `texts` as `kind` through the shard cache named `what`, calling `on_block` with every
 /// block of rows (cached or new), in row order.
 #[allow(clippy::too_many_arguments)]
@@ -195,7 +186,9 @@ fn embed_cached(
     let identity = json!({
         "sgpt": env!("CARGO_PKG_VERSION"),
         "model": model_id,
-        "backend": backend_kind(embedder),
+        // Backend kind, device, dtype and kernel choices: vectors of different engines are
+        // never mixed.
+        "backend": embedder.backend.info().identity(),
         "kind": kind,
         "texts": texts_identity(ids, texts),
     });
@@ -436,7 +429,7 @@ pub fn evaluate(
         queries: q_counts,
         documents: d_counts,
         timings,
-        backend: embedder.backend.describe(),
+        engine: embedder.backend.info(),
         scorer: scorer_name,
     })
 }

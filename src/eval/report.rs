@@ -8,24 +8,23 @@ use serde_json::{json, Map, Value};
 use super::beir::Dataset;
 use super::{EvalOptions, EvalOutcome};
 use crate::error::{Error, Result};
+use crate::output::OutputFile;
 
 /// The run's name in the last column of the run file.
 pub const RUN_TAG: &str = "sgpt";
 
 /// Writes `qid Q0 docid rank score tag`, the `top_k` best documents per query in rank order.
 /// Scores are printed with the shortest decimal that reads back as the same f32, so trec_eval
-/// sorts them exactly as they were ranked. The file is written beside `path` and renamed into
-/// place when complete.
-pub fn write_run(path: &Path, data: &Dataset, outcome: &EvalOutcome, top_k: usize) -> Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.partial",
-        path.file_name()
-            .map(|s| s.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    let io = |e| Error::io(&tmp, e);
-    let f = std::fs::File::create(&tmp).map_err(io)?;
-    let mut w = std::io::BufWriter::new(f);
+/// sorts them exactly as they were ranked. Written through [`OutputFile`]: complete or not at all.
+pub fn write_run(
+    out: OutputFile,
+    data: &Dataset,
+    outcome: &EvalOutcome,
+    top_k: usize,
+) -> Result<()> {
+    let path = out.path().to_path_buf();
+    let io = |e| Error::io(&path, e);
+    let mut w = out.writer()?;
     for (q, hits) in data.queries.iter().zip(&outcome.rankings) {
         for (rank, hit) in hits.iter().take(top_k).enumerate() {
             writeln!(
@@ -41,7 +40,7 @@ pub fn write_run(path: &Path, data: &Dataset, outcome: &EvalOutcome, top_k: usiz
     }
     w.flush().map_err(io)?;
     drop(w);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    out.commit()
 }
 
 /// Everything a later reader needs to trust or compare the numbers.
@@ -69,7 +68,8 @@ pub fn metrics_json(
         "model": model.display().to_string(),
         "data": data.dir.display().to_string(),
         "split": data.split,
-        "backend": outcome.backend,
+        "backend": outcome.engine.to_string(),
+        "engine": outcome.engine,
         "scorer": outcome.scorer,
         "sgpt_version": env!("CARGO_PKG_VERSION"),
         "unix_time": super::unix_time(),

@@ -136,3 +136,56 @@ pub fn load_golden(name: &str) -> Golden {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// Copies a directory tree (a model directory, to corrupt a copy of it).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+/// A writable copy of a model directory in a temp dir.
+pub fn copy_model(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(src, dir.path());
+    dir
+}
+
+/// (name, dtype, shape, bytes) of every tensor in a safetensors file.
+pub type Records = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+/// Rewrites `dir/model.safetensors` through `edit`.
+pub fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Records)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut recs: Records = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    edit(&mut recs);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = recs
+        .iter()
+        .map(|(n, d, s, b)| {
+            let v = safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap();
+            (n.clone(), v)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+/// Rewrites a JSON file through `edit`.
+pub fn edit_json(path: PathBuf, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}

@@ -282,7 +282,7 @@ def test_empty_output_dir_is_fine(single_ckpt, tmp_path):
 
 
 def specb_ids(tok, text: str, kind: str, max_seq_length: int) -> list[int]:
-    """SPEC.md: rstrip, no special tokens, keep max_seq_length-3 tokens, wrap in [ ] or { }."""
+    """docs/semantics.md: rstrip, no special tokens, keep max_seq_length-3 tokens, wrap in [ ] or { }."""
     br = {b: tok.encode(b, add_special_tokens=False).ids[0] for b in "[]{}"}
     ids = tok.encode(text.rstrip(), add_special_tokens=False).ids[: max_seq_length - 3]
     return [br["["], *ids, br["]"]] if kind == "query" else [br["{"], *ids, br["}"]]

@@ -1,4 +1,4 @@
-"""Check that SPEC.md (shared/SPEC.md beside the repository)'s forward pass, written out independently in numpy (float64),
+"""Check that docs/semantics.md's forward pass, written out independently in numpy (float64),
 reproduces the golden data that transformers' BloomModel produced. This pins the spec itself
 (interleaved QKV layout, ALiBi slopes incl. 6 heads, GELU constant, weights 1..n) to the reference,
 so the Rust engine can trust either one. It also checks fixture invariants the engine tests rely on.

@@ -449,8 +449,8 @@ impl Backend for GatedBackend {
         drop(closed);
         self.inner.embed(batch)
     }
-    fn describe(&self) -> String {
-        "cpu (gated, for tests)".into()
+    fn info(&self) -> sgpt::backend::BackendInfo {
+        self.inner.info()
     }
 }
 
@@ -509,8 +509,8 @@ impl Backend for FaultyBackend {
         }
         Ok(out)
     }
-    fn describe(&self) -> String {
-        "cpu (faulty, for tests)".into()
+    fn info(&self) -> sgpt::backend::BackendInfo {
+        self.inner.info()
     }
 }
 

@@ -1,0 +1,212 @@
+//! The engine seam: the [`Backend`] trait both backends implement, the typed description each
+//! gives of itself, and the kernel choices an engine is built with. This module depends on
+//! neither backend; `cpu` and `cuda` depend on it.
+
+use serde::Serialize;
+
+use crate::batch::PackedBatch;
+use crate::error::Result;
+
+/// A packed batch in, embeddings [S, H] out.
+pub trait Backend: Send + Sync {
+    fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>>;
+    /// What runs the forward, typed: shown by `/info`, `sgpt bench --json`, the eval metrics,
+    /// and part of the eval cache key.
+    fn info(&self) -> BackendInfo;
+    /// One line for people, e.g. "cpu (f32, 2 threads)".
+    fn describe(&self) -> String {
+        self.info().to_string()
+    }
+    /// What loading cost (bytes, seconds, GB/s), when worth telling the operator.
+    fn load_summary(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Which backend, on what, computing in what, with which kernels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackendInfo {
+    /// "cpu" or "cuda".
+    pub kind: &'static str,
+    /// "cpu", or the GPU's name and architecture (e.g. "NVIDIA H200 (sm_90)").
+    pub device: String,
+    /// Activation type of the forward: "f32" on the CPU, "f16" or "bf16" on the GPU.
+    pub dtype: &'static str,
+    /// CPU threads (the CPU forward gives the same result for any count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    /// GPU kernel choices (None on the CPU, which has one implementation of each op).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<KernelChoices>,
+}
+
+impl BackendInfo {
+    /// Everything that can change the vectors (threads left out: they do not): the eval cache
+    /// keys on this, so embeddings of different engines are never mixed.
+    pub fn identity(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kind": self.kind,
+            "device": self.device,
+            "dtype": self.dtype,
+            "kernels": self.kernels,
+        })
+    }
+}
+
+impl std::fmt::Display for BackendInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.kind)?;
+        let mut parts = Vec::new();
+        if self.kind != "cpu" {
+            parts.push(self.device.clone());
+        }
+        parts.push(self.dtype.to_string());
+        if let Some(t) = self.threads {
+            parts.push(format!("{t} threads"));
+        }
+        if let Some(k) = &self.kernels {
+            if *k != KernelChoices::default() {
+                parts.push(k.to_string());
+            }
+        }
+        write!(f, " ({})", parts.join(", "))
+    }
+}
+
+/// The attention kernel of the CUDA backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKernel {
+    /// Per batch, the faster of v1 and tc as measured on an H200: v1 below 128 tokens, tc from
+    /// 128 on.
+    #[default]
+    Auto,
+    /// Version 1: one warp per query on CUDA cores.
+    V1,
+    /// Version 2: flash-style tiles on tensor cores (WMMA).
+    Tc,
+    /// Version 3: FlashAttention-2-style register tiles with mma.sync. On trial: never run on
+    /// a GPU yet; head dims it lacks fall back to auto.
+    Mma,
+}
+
+/// The GEMM path of the CUDA backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GemmKernel {
+    /// cuBLASLt for every GEMM.
+    #[default]
+    Cublaslt,
+    /// The skinny tensor-core GEMM for batches of at most 16 tokens, cuBLASLt above. On trial:
+    /// never run on a GPU yet.
+    Skinny,
+}
+
+/// The kernel choices of the CUDA backend: typed engine options with CLI flags, never
+/// environment variables. The defaults are the measured ones; anything on trial is opt-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+pub struct KernelChoices {
+    pub attention: AttentionKernel,
+    pub gemm: GemmKernel,
+    /// Capture and replay CUDA graphs for batches of up to 128 tokens (the latency path).
+    pub cuda_graphs: bool,
+}
+
+impl KernelChoices {
+    /// Every selectable configuration, defaults first: what the GPU tests run.
+    pub fn all() -> Vec<KernelChoices> {
+        use clap::ValueEnum;
+        let mut v = Vec::new();
+        for &attention in AttentionKernel::value_variants() {
+            for &gemm in GemmKernel::value_variants() {
+                for cuda_graphs in [false, true] {
+                    v.push(KernelChoices {
+                        attention,
+                        gemm,
+                        cuda_graphs,
+                    });
+                }
+            }
+        }
+        v
+    }
+}
+
+impl std::fmt::Display for KernelChoices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum;
+        let name = |v: Option<clap::builder::PossibleValue>| {
+            v.map(|p| p.get_name().to_string()).unwrap_or_default()
+        };
+        write!(
+            f,
+            "attention {}, gemm {}, cuda graphs {}",
+            name(self.attention.to_possible_value()),
+            name(self.gemm.to_possible_value()),
+            if self.cuda_graphs { "on" } else { "off" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_configuration_once_defaults_first() {
+        let all = KernelChoices::all();
+        assert_eq!(all.len(), 4 * 2 * 2);
+        assert_eq!(all[0], KernelChoices::default());
+        let unique: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(unique.len(), all.len());
+    }
+
+    #[test]
+    fn identity_covers_what_changes_vectors_and_not_threads() {
+        let cpu = |threads| BackendInfo {
+            kind: "cpu",
+            device: "cpu".into(),
+            dtype: "f32",
+            threads: Some(threads),
+            kernels: None,
+        };
+        assert_eq!(cpu(1).identity(), cpu(8).identity());
+        let gpu = |dtype, kernels| BackendInfo {
+            kind: "cuda",
+            device: "NVIDIA H200 (sm_90)".into(),
+            dtype,
+            threads: None,
+            kernels: Some(kernels),
+        };
+        let base = gpu("f16", KernelChoices::default());
+        for other in [
+            gpu("bf16", KernelChoices::default()),
+            gpu(
+                "f16",
+                KernelChoices {
+                    attention: AttentionKernel::Mma,
+                    ..Default::default()
+                },
+            ),
+            gpu(
+                "f16",
+                KernelChoices {
+                    gemm: GemmKernel::Skinny,
+                    ..Default::default()
+                },
+            ),
+            gpu(
+                "f16",
+                KernelChoices {
+                    cuda_graphs: true,
+                    ..Default::default()
+                },
+            ),
+            cpu(2),
+        ] {
+            assert_ne!(base.identity(), other.identity(), "{other}");
+        }
+        assert_eq!(base.to_string(), "cuda (NVIDIA H200 (sm_90), f16)");
+        assert_eq!(cpu(2).to_string(), "cpu (f32, 2 threads)");
+    }
+}
