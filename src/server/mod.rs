@@ -326,6 +326,7 @@ async fn accept_loop(
         .header_read_timeout(st.opts.idle_timeout)
         .max_buf_size(MAX_CONNECTION_BUFFER);
     tokio::pin!(stop);
+    let mut last_warning = None;
     loop {
         let stream = tokio::select! {
             _ = &mut stop => break,
@@ -334,8 +335,15 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    // E.g. out of file descriptors: wait for some to be freed, don't spin.
-                    eprintln!("sgpt: warning: accepting a connection: {e}");
+                    // E.g. out of file descriptors: wait for some to be freed, don't spin,
+                    // and say so once in a while, not 20 times a second.
+                    if last_warning.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(10)) {
+                        eprintln!(
+                            "sgpt: warning: accepting a connection: {e} (is `ulimit -n` above \
+                             --max-connections?)"
+                        );
+                        last_warning = Some(Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
