@@ -76,6 +76,31 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let opts = a.engine.apply()?; // the thread pool first: building random weights uses it
+                                  // Requests that cannot run fail before gigabytes of random weights are built.
+    use sgpt::model::Device;
+    let no_gpu = match opts.device {
+        Device::Cpu => true,
+        Device::Auto => sgpt::cuda::device::unavailable_reason(0).is_some(),
+        Device::Cuda(_) => false,
+    };
+    if a.what == BenchWhat::Kernels && no_gpu {
+        bail!("`sgpt bench kernels` times the GPU kernels and needs --device cuda; `cargo bench` measures the CPU ops");
+    }
+    if let Device::Cuda(n) = opts.device {
+        if let Some(why) = sgpt::cuda::device::unavailable_reason(n) {
+            bail!("--device cuda:{n}: {why}");
+        }
+    }
+    if let Some(p) = &a.json {
+        sgpt::output::check(p)?; // written at the end
+    }
+    if a.shape.is_some() && !a.quiet {
+        eprintln!(
+            "sgpt: building random {} weights in memory, then timing {} texts (this takes a while on a CPU)…",
+            a.shape.as_deref().unwrap_or_default(),
+            a.texts
+        );
+    }
     let st = setup(&a)?;
     let built = build_backend(&st.ckpt, &st.cfg, opts, st.max_text_tokens + 3)?;
     for line in built
@@ -156,7 +181,7 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         Some(ordinal) => {
             let ctx = sgpt::cuda::device::open(ordinal)?;
             let s = ctx.default_stream();
-            let gemm = match a.engine.dtype {
+            let gemm = match a.engine.gpu_dtype() {
                 GpuDtype::F16 => sgpt::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
                 GpuDtype::Bf16 => sgpt::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
             };
@@ -280,7 +305,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let s = ctx.default_stream();
     let h = st.cfg.hidden;
     let copy_bw = sgpt::cuda::bench::copy_bandwidth(&s)?;
-    let (gemm_rate, times) = match a.engine.dtype {
+    let (gemm_rate, times) = match a.engine.gpu_dtype() {
         GpuDtype::F16 => (
             sgpt::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
             sgpt::cuda::bench::kernel_times::<half::f16>(&ctx, &k, &st.cfg, a.seqs, a.seq_len)?,
@@ -296,7 +321,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         st.label,
         a.seqs,
         a.seq_len,
-        a.engine.dtype.name()
+        a.engine.gpu_dtype().name()
     );
     println!(
         "ceilings: copy {:.1} GB/s, GEMM {:.1} TFLOP/s (measured now)",
@@ -326,15 +351,14 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         );
         rows.push(json!({"op": t.name, "ms": t.ms, "gb_s": gbs, "tflop_s": tfs, "fraction_of_ceiling": frac}));
     }
-    let report = json!({"device": ctx.name().unwrap_or_default(), "model": st.label, "dtype": a.engine.dtype.name(),
+    let report = json!({"device": ctx.name().unwrap_or_default(), "model": st.label, "dtype": a.engine.gpu_dtype().name(),
         "seqs": a.seqs, "seq_len": a.seq_len, "copy_bandwidth_gb_s": copy_bw / 1e9, "gemm_tflop_s": gemm_rate / 1e12, "ops": rows});
     write_json(a, &report)
 }
 
 fn write_json(a: &BenchArgs, v: &serde_json::Value) -> Result<()> {
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(v)?)
-            .with_context(|| format!("writing {}", p.display()))?;
+        sgpt::output::write_file(p, serde_json::to_string_pretty(v)?.as_bytes())?;
     }
     Ok(())
 }

@@ -231,9 +231,9 @@ pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut crate::weights::open_regular(path)?, &mut text)
         .map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    serde_json::from_str(&text).map_err(|err| Error::Json {
         path: PathBuf::from(path),
-        source,
+        err,
     })
 }
 

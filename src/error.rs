@@ -3,17 +3,16 @@
 
 use std::path::PathBuf;
 
+// The messages already hold their cause, so no variant reports a `source()`: anyhow's `{:#}`
+// would print the cause a second time ("x: not found: not found").
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{path}: invalid JSON: {err}")]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        err: serde_json::Error,
     },
     /// A configuration file parses but says something the engine cannot use.
     #[error("{path}: {msg}")]
@@ -74,10 +73,10 @@ pub(crate) fn list_some(v: &[usize]) -> String {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err,
         }
     }
     pub(crate) fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {

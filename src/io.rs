@@ -112,13 +112,52 @@ impl<R: BufRead> InputReader<R> {
     }
 }
 
+impl<R: BufRead> InputReader<R> {
+    /// The next raw line: those read ahead first, then the reader's.
+    fn next_raw(&mut self) -> Option<std::io::Result<String>> {
+        match self.ahead.pop_front() {
+            Some(l) => Some(Ok(l)),
+            None => self.lines.next(),
+        }
+    }
+}
+
+fn is_blank(l: &str) -> bool {
+    l.trim().is_empty()
+}
+
 impl<R: BufRead> Iterator for InputReader<R> {
     type Item = Result<InputText>;
 
     fn next(&mut self) -> Option<Result<InputText>> {
-        let line = match self.ahead.pop_front() {
-            Some(l) => Ok(l),
-            None => self.lines.next()?,
+        let line = match self.next_raw()? {
+            Ok(l) if is_blank(&l) => {
+                // Blank lines at the very end (an editor's trailing newlines) are not texts and
+                // are dropped; anywhere else they stay inputs (an error in JSONL, an empty
+                // text in plain lines), so line i is still text i.
+                let mut pending = Vec::new();
+                loop {
+                    match self.next_raw() {
+                        None => return None,
+                        Some(Ok(n)) => {
+                            let blank = is_blank(&n);
+                            pending.push(n);
+                            if !blank {
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            self.line += 1;
+                            return Some(Err(self.read_error(self.line + pending.len(), e)));
+                        }
+                    }
+                }
+                for n in pending.into_iter().rev() {
+                    self.ahead.push_front(n);
+                }
+                Ok(l)
+            }
+            other => other,
         };
         self.line += 1;
         Some(
@@ -239,8 +278,14 @@ impl EmbeddingWriter {
         let io = |e| Error::io(&target, e);
         match &mut self.sink {
             Sink::Jsonl(w) => {
+                // Serialized as f32 (the shortest text that reads back as the same f32, as the
+                // server writes), not widened to f64 digits.
+                #[derive(serde::Serialize)]
+                struct Row<'a> {
+                    embedding: &'a [f32],
+                }
                 for row in embeddings.chunks(self.hidden) {
-                    serde_json::to_writer(&mut *w, &serde_json::json!({ "embedding": row }))
+                    serde_json::to_writer(&mut *w, &Row { embedding: row })
                         .map_err(|e| io(e.into()))?;
                     w.write_all(b"\n").map_err(io)?;
                 }
@@ -308,7 +353,7 @@ mod tests {
         );
         assert!(bad.unwrap_err().to_string().contains("f.jsonl:2"));
         let blank = parse_inputs(
-            "{\"text\": \"a\"}\n\n",
+            "{\"text\": \"a\"}\n\n{\"text\": \"b\"}\n",
             "f",
             InputFormat::Jsonl,
             Kind::Query,
@@ -340,7 +385,7 @@ mod tests {
 
     #[test]
     fn empty_texts_are_named() {
-        let v = parse_inputs("a\n  \nb\n\n", "in.txt", InputFormat::Lines, Kind::Query).unwrap();
+        let v = parse_inputs("a\n  \nb\n\nc\n", "in.txt", InputFormat::Lines, Kind::Query).unwrap();
         let e = check_empty(&v, "in.txt").unwrap_err().to_string();
         assert!(e.contains("line/argument 2, 4"), "{e}");
     }
@@ -369,8 +414,25 @@ mod tests {
     }
 
     #[test]
+    fn trailing_blank_lines_are_not_texts_but_inner_ones_are() {
+        let v = parse_inputs("a\n\nb\n\n  \n\n", "x", InputFormat::Lines, Kind::Query).unwrap();
+        let texts: Vec<_> = v.iter().map(|t| (t.line, t.text.as_str())).collect();
+        assert_eq!(texts, [(1, "a"), (2, ""), (3, "b")]);
+        let j = parse_inputs("{\"text\": \"a\"}\n\n", "x", InputFormat::Auto, Kind::Query).unwrap();
+        assert_eq!(j.len(), 1);
+        let v = parse_inputs("\n\n", "x", InputFormat::Lines, Kind::Query).unwrap();
+        assert!(v.is_empty());
+    }
+
+    #[test]
     fn empty_texts_beyond_ten_are_counted() {
-        let v = parse_inputs(&"\n".repeat(12), "in.txt", InputFormat::Lines, Kind::Query).unwrap();
+        let v = parse_inputs(
+            &("\n".repeat(12) + "x\n"),
+            "in.txt",
+            InputFormat::Lines,
+            Kind::Query,
+        )
+        .unwrap();
         let e = check_empty(&v, "in.txt").unwrap_err().to_string();
         assert!(e.contains("12 empty") && e.contains("10 and 2 more"), "{e}");
     }

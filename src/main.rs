@@ -57,9 +57,10 @@ pub(crate) struct EngineArgs {
     /// Where to run: auto (the GPU when usable, else the CPU, saying why), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: Device,
-    /// Activation and weight type on the GPU; the CPU always computes in f32.
-    #[arg(long, value_enum, default_value = "f16")]
-    dtype: GpuDtype,
+    /// Activation and weight type on the GPU [default: f16]; the CPU always computes in f32,
+    /// so giving it with --device cpu is an error.
+    #[arg(long, value_enum)]
+    dtype: Option<GpuDtype>,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -80,6 +81,11 @@ pub(crate) struct EngineArgs {
 }
 
 impl EngineArgs {
+    /// The GPU type asked for, f16 when none was.
+    pub(crate) fn gpu_dtype(&self) -> GpuDtype {
+        self.dtype.unwrap_or(GpuDtype::F16)
+    }
+
     /// Applies --threads (once per process) and checks the budget; the engine options.
     fn apply(&self) -> Result<EngineOptions> {
         if let Some(n) = self.threads {
@@ -97,9 +103,12 @@ impl EngineArgs {
         if self.max_batch_tokens == Some(0) {
             bail!("--max-batch-tokens must be positive");
         }
+        if self.device == Device::Cpu && self.dtype.is_some() {
+            bail!("--dtype chooses the GPU's type; the CPU backend always computes in f32");
+        }
         Ok(EngineOptions {
             device: self.device,
-            dtype: self.dtype,
+            dtype: self.gpu_dtype(),
             max_batch_tokens: self.max_batch_tokens,
             kernels: KernelChoices {
                 attention: self.attention,
@@ -158,8 +167,16 @@ impl From<KindArg> for Kind {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// Model directory.
-    model: PathBuf,
+    /// Model directory (or -m/--model DIR, as every other command takes it).
+    #[arg(value_name = "DIR", required_unless_present = "model_flag")]
+    dir: Option<PathBuf>,
+    #[arg(
+        long = "model",
+        short = 'm',
+        value_name = "DIR",
+        conflicts_with = "dir"
+    )]
+    model_flag: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -200,6 +217,9 @@ pub(crate) struct BenchArgs {
     /// Also write the results as JSON to FILE.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// No progress messages on stderr.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -420,7 +440,8 @@ fn progress_bar(n: u64, quiet: bool) -> ProgressBar {
 /// Every check `embed` runs (config, tokenizer, schema: names, shapes, dtypes, layer count,
 /// duplicates) via `ModelDir::open`, then a scan of every weight for NaN/Inf; exit 1 on any.
 fn inspect(a: InspectArgs) -> Result<()> {
-    let m = ModelDir::open(&a.model)?;
+    let dir = a.dir.or(a.model_flag).context("give the model directory")?;
+    let m = ModelDir::open(&dir)?;
     let mut bad = Vec::new();
     for n in m.checkpoint.names() {
         let k = m.checkpoint.get(n)?.count_non_finite();

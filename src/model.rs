@@ -85,11 +85,13 @@ pub struct ModelDir {
 
 impl ModelDir {
     pub fn open(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
-            ));
+        let why = match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => None,
+            Ok(_) => Some("not a directory: give the model's directory, not a file in it"),
+            Err(_) => Some("model directory not found"),
+        };
+        if let Some(why) = why {
+            return Err(Error::io(dir, std::io::Error::other(why)));
         }
         let config = BloomConfig::from_file(&dir.join("config.json"))?;
         let sentence = SentenceConfig::from_dir(dir, config.hidden)?;

@@ -68,6 +68,26 @@ fn resolve_links(path: &Path) -> Result<PathBuf> {
     ))
 }
 
+/// Checks that `path` can be written (see [`OutputFile::create`]) without creating or opening
+/// anything: for a command that writes its output only at the end.
+pub fn check(path: &Path) -> Result<()> {
+    let dst = resolve_links(path)?;
+    match std::fs::metadata(&dst) {
+        Ok(m) if m.is_dir() => Err(Error::io(
+            path,
+            std::io::Error::other("is a directory, not a file to write"),
+        )),
+        Ok(m) if !m.is_file() => Ok(()),
+        _ => match dst.parent() {
+            Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => Err(Error::io(
+                path,
+                std::io::Error::other(format!("directory {} does not exist", d.display())),
+            )),
+            _ => Ok(()),
+        },
+    }
+}
+
 enum Target {
     /// Renamed onto `dst` when complete.
     Temp {

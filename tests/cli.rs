@@ -450,6 +450,100 @@ fn sharded_index_problems() {
     expect_embed_error(d.path(), "missing object `weight_map`");
 }
 
+/// Messages say a thing once and name what was asked for; the CLI's floats are the shortest
+/// f32 text (as the server writes them); an input's trailing blank lines are not texts.
+#[test]
+fn messages_floats_and_trailing_blank_lines() {
+    let model = m(&tiny_model());
+    let o = sgpt(&["embed", "-m", "models/nope", "x"]);
+    let e = stderr(&o);
+    assert_eq!(e.matches("not found").count(), 1, "{e}");
+    let o = sgpt(&["embed", "-m", &m(&tiny_model().join("config.json")), "x"]);
+    assert!(stderr(&o).contains("not a directory"), "{}", stderr(&o));
+    expect_error(
+        &["embed", "-m", &model, "--device", "cuda:3", "x"],
+        "--device cuda:3",
+    );
+    expect_error(
+        &[
+            "embed", "-m", &model, "--device", "cpu", "--dtype", "bf16", "x",
+        ],
+        "--dtype chooses the GPU's type",
+    );
+
+    let o = sgpt(&["embed", "-m", &model, "--device", "cpu", "x"]);
+    let line = String::from_utf8_lossy(&o.stdout).into_owned();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    for x in v["embedding"].as_array().unwrap() {
+        // An f32 needs at most 9 significant digits to read back exactly; one widened to f64
+        // digits (as before) shows 16 or 17.
+        let text = x.to_string();
+        let mantissa = text
+            .trim_start_matches('-')
+            .split(['e', 'E'])
+            .next()
+            .unwrap();
+        let digits = mantissa.replace('.', "");
+        let significant = digits.trim_start_matches('0').len();
+        assert!(significant <= 9, "{text} is widened");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "a\nb\n\n\n").unwrap();
+    let o = sgpt(&[
+        "embed",
+        "-m",
+        &model,
+        "--device",
+        "cpu",
+        "--input",
+        &m(&input),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(parse_jsonl(&o.stdout).len(), 2);
+}
+
+/// Requests that cannot run fail at once, before any weights are built; inspect takes -m too.
+#[test]
+fn bench_and_inspect_fail_fast_and_share_flags() {
+    let t = std::time::Instant::now();
+    expect_error(
+        &[
+            "bench",
+            "kernels",
+            "--shape",
+            "bloom-7b1",
+            "--device",
+            "cpu",
+        ],
+        "needs --device cuda",
+    );
+    expect_error(
+        &["bench", "--shape", "bloom-7b1", "--device", "cuda"],
+        "--device cuda:0: no NVIDIA driver",
+    );
+    expect_error(
+        &[
+            "bench",
+            "--shape",
+            "bloom-7b1",
+            "--device",
+            "cpu",
+            "--json",
+            "/nonexistent/dir/b.json",
+        ],
+        "does not exist",
+    );
+    // Building bloom-7b1's 28 GB of f32 weights would take minutes: these took none of that.
+    assert!(t.elapsed().as_secs() < 20, "{:?}", t.elapsed());
+    let model = m(&tiny_model());
+    let a = sgpt(&["inspect", &model]);
+    let b = sgpt(&["inspect", "-m", &model]);
+    assert!(a.status.success() && b.status.success(), "{}", stderr(&b));
+    assert_eq!(a.stdout, b.stdout);
+}
+
 /// Kernel choices are typed flags: an unknown value is a usage error, a GPU choice with
 /// `--device cpu` is refused, and the eval metrics name the engine.
 #[test]
@@ -505,7 +599,7 @@ fn bad_texts_and_flags() {
     expect_error(&["embed", "-m", &model], "no texts");
     expect_error(
         &["embed", "-m", &model, "--device", "cuda", "x"],
-        "cuda: no NVIDIA driver",
+        "cuda: --device cuda:0: no NVIDIA driver",
     );
     let o = sgpt(&["embed", "-m", &model, "--device", "tpu", "x"]);
     assert!(
@@ -649,7 +743,7 @@ fn bench_reports_throughput_ceilings_and_refuses_bad_requests() {
     );
     expect_error(
         &["bench", "kernels", "-m", &model, "--device", "cpu"],
-        "needs a GPU",
+        "needs --device cuda",
     );
     expect_error(
         &["bench", "--shape", "bloom-9z", "--device", "cpu"],

@@ -120,8 +120,11 @@ def reference(model: BloomModel, seqs: list[list[int]], device: str) -> np.ndarr
 def run_sgpt(sgpt: str, model_dir: Path, texts: list[dict], dtype: str, device: str, workdir: Path) -> tuple[np.ndarray, float]:
     inp, out = workdir / "texts.jsonl", workdir / f"out-{dtype}.npy"
     inp.write_text("".join(json.dumps(t) + "\n" for t in texts))
-    cmd = [sgpt, "embed", "--model", str(model_dir), "--device", device, "--dtype", dtype,
+    # The CPU computes in f32 and refuses --dtype.
+    cmd = [sgpt, "embed", "--model", str(model_dir), "--device", device,
            "--input", str(inp), "--output", str(out), "--quiet", "--allow-empty"]
+    if device != "cpu":
+        cmd += ["--dtype", dtype]
     t = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:

@@ -59,7 +59,7 @@ pub fn unavailable_reason(ordinal: usize) -> Option<String> {
 /// Opens device `ordinal`, or says why it cannot.
 pub fn open(ordinal: usize) -> Result<Arc<CudaContext>> {
     if let Some(why) = unavailable_reason(ordinal) {
-        return Err(Error::Cuda(why));
+        return Err(Error::Cuda(format!("--device cuda:{ordinal}: {why}")));
     }
     CudaContext::new(ordinal).map_err(|e| Error::Cuda(format!("opening device {ordinal}: {e:?}")))
 }

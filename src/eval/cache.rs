@@ -236,7 +236,7 @@ impl ShardCache {
     fn save_manifest(&self) -> Result<()> {
         let json = serde_json::to_vec_pretty(&self.manifest).map_err(|e| Error::Json {
             path: self.dir.join("manifest.json"),
-            source: e,
+            err: e,
         })?;
         write_atomically(&self.dir.join("manifest.json"), &[&json])
     }
