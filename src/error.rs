@@ -40,6 +40,13 @@ pub enum Error {
     /// The CUDA driver, NVRTC or cuBLASLt failed, or no usable GPU is present.
     #[error("cuda: {0}")]
     Cuda(String),
+    /// The device ran out of memory: this call failed, the device is still usable.
+    #[error("cuda: out of memory: {0}")]
+    DeviceOutOfMemory(String),
+    /// A sticky device error (illegal address, launch failure, ...) or a forward that panicked
+    /// mid-way: the context is unusable until the process restarts.
+    #[error("cuda: fatal error, the device context is unusable until restart: {0}")]
+    DeviceFatal(String),
     /// Bad user input (texts, flags, batch contents).
     #[error("{0}")]
     Input(String),

@@ -267,6 +267,29 @@ struct ServeArgs {
     /// (default: the model directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// Seconds a new connection has to send its first request's headers; then it is closed.
+    #[arg(long, default_value_t = sgpt::server::DEFAULT_HEADER_TIMEOUT.as_secs())]
+    header_timeout_secs: u64,
+    /// Seconds a request has to send its whole body once its headers are in (else 408); a
+    /// client that reads nothing of its response for as long is disconnected.
+    #[arg(long, default_value_t = sgpt::server::DEFAULT_BODY_TIMEOUT.as_secs())]
+    body_timeout_secs: u64,
+    /// Seconds a kept-alive connection may wait for its next request's headers; then it is
+    /// closed.
+    #[arg(long, default_value_t = sgpt::server::DEFAULT_IDLE_TIMEOUT.as_secs())]
+    idle_timeout_secs: u64,
+    /// Most open connections; one more is closed at once (counted in
+    /// sgpt_refused_connections_total). Keep `ulimit -n` above it.
+    #[arg(long, default_value_t = sgpt::server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// On SIGTERM/SIGINT, seconds to let the requests in flight finish; then the remaining
+    /// connections are closed and the server exits with status 1.
+    #[arg(long, default_value_t = sgpt::server::DEFAULT_SHUTDOWN_TIMEOUT.as_secs())]
+    shutdown_timeout_secs: u64,
+    /// Most bytes of request bodies held by all requests together; a body that would go over
+    /// is refused with 429. At least --payload-limit.
+    #[arg(long, default_value_t = sgpt::server::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT)]
+    max_body_bytes_in_flight: usize,
 }
 
 fn main() {
@@ -530,6 +553,7 @@ fn human(x: f64, unit: &str) -> String {
 
 fn serve(a: ServeArgs) -> Result<()> {
     use sgpt::server::{serve, shutdown_signal, ServeOptions};
+    use std::time::Duration;
 
     let name = a
         .served_model_name
@@ -550,6 +574,12 @@ fn serve(a: ServeArgs) -> Result<()> {
         .clone()
         .or_else(|| std::env::var("SGPT_API_KEY").ok());
     opts.default_kind = a.default_input_type.into();
+    opts.header_timeout = Duration::from_secs(a.header_timeout_secs);
+    opts.body_timeout = Duration::from_secs(a.body_timeout_secs);
+    opts.idle_timeout = Duration::from_secs(a.idle_timeout_secs);
+    opts.max_connections = a.max_connections;
+    opts.shutdown_timeout = Duration::from_secs(a.shutdown_timeout_secs);
+    opts.max_body_bytes_in_flight = a.max_body_bytes_in_flight;
     if let Err(msg) = opts.validate() {
         bail!("{msg}");
     }

@@ -6,6 +6,7 @@
 mod common;
 mod server_support;
 
+use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -331,7 +332,9 @@ fn health_is_503_until_the_model_is_loaded() {
     let info = get(server.addr, "/info").json();
     assert_eq!(info["dimensions"], 64);
     assert_eq!(info["max_input_length"], 299);
-    assert_eq!(info["backend"], "cpu (gated, for tests)");
+    // The gated backend describes itself as the CPU backend it wraps.
+    let backend = info["backend"].as_str().unwrap_or_default();
+    assert!(backend.starts_with("cpu (f32"), "{backend}");
     assert!(get(server.addr, "/metrics").text().contains("sgpt_ready 1"));
     server.stop().expect("clean stop");
 }
@@ -474,4 +477,259 @@ fn sigterm_while_busy_finishes_requests_and_exits_0() {
         "{log}"
     );
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Options with small timeouts, for the tests of slow clients.
+fn quick(header: u64, body: u64, idle: u64) -> ServeOptions {
+    let mut o = ServeOptions::new("tiny");
+    o.header_timeout = Duration::from_secs(header);
+    o.body_timeout = Duration::from_secs(body);
+    o.idle_timeout = Duration::from_secs(idle);
+    o
+}
+
+/// Issue 11: connections that send a request's head and part of its body, then stall, held
+/// every concurrency permit (taken before the body was read) and real requests got 429. Now
+/// the permit is taken once the body is read, and a stalled body gets 408 at the body timeout.
+#[test]
+fn stalled_uploads_take_no_concurrency_slot_and_get_408() {
+    let mut opts = quick(30, 2, 30);
+    opts.max_concurrent_requests = 2;
+    let server = InProcess::start(opts, || gated_embedder(Gate::default()));
+    wait_healthy(server.addr);
+    let mut stalled: Vec<_> = (0..8)
+        .map(|_| partial_post(server.addr, "/v1/embeddings", 100, b"{\"input\":"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for route in ["/embed", "/v1/embeddings"] {
+        let body = json!({"input": "real", "inputs": "real"});
+        let r = post(server.addr, route, &body, None);
+        assert_eq!(r.status, 200, "{route} while 8 uploads stall: {}", r.text());
+    }
+    for s in &mut stalled {
+        let (raw, after) = read_until_closed(s, Duration::from_secs(10))
+            .expect("a stalled upload was never answered");
+        let r = parse_response(&raw).expect("an HTTP response");
+        assert_eq!(r.status, 408, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "request_timeout");
+        assert!(after < Duration::from_secs(5), "answered after {after:?}");
+    }
+    let sample = "sgpt_requests_total{route=\"/v1/embeddings\",status=\"408\"}";
+    assert_eq!(metric(server.addr, sample), 8.0);
+    assert_eq!(metric(server.addr, "sgpt_requests_in_flight"), 0.0);
+    server.stop().expect("clean stop");
+}
+
+/// Issue 11: slowloris connections (headers a byte at a time, never finished) were never
+/// closed, nor were idle ones. Now a new connection must send its first head within the
+/// header timeout (1 s here) and a kept-alive one its next head within the idle timeout (4 s).
+#[test]
+fn slowloris_and_idle_connections_are_closed() {
+    let server = InProcess::start(quick(1, 30, 4), || gated_embedder(Gate::default()));
+    let addr = server.addr;
+    wait_healthy(addr);
+    let slow: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = connect(addr);
+                let t0 = Instant::now();
+                let _ = s.write_all(b"POST /embed HTTP/1.1\r\nHost: x\r\n");
+                // One header byte every 100 ms, for at most 10 s.
+                for _ in 0..100 {
+                    if s.write_all(b"X").is_err()
+                        || read_until_closed(&mut s, Duration::from_millis(100)).is_some()
+                    {
+                        return Some(t0.elapsed());
+                    }
+                }
+                None
+            })
+        })
+        .collect();
+    let mut silent = connect(addr);
+    let (_, after) = read_until_closed(&mut silent, Duration::from_secs(10))
+        .expect("a silent connection was never closed");
+    assert!(
+        after < Duration::from_secs(3),
+        "silent closed after {after:?}"
+    );
+    for h in slow {
+        let after = h
+            .join()
+            .unwrap()
+            .expect("a slowloris connection was never closed");
+        assert!(
+            after < Duration::from_secs(3),
+            "slowloris closed after {after:?}"
+        );
+    }
+
+    // Kept alive after a request: closed at the idle timeout, not the header timeout.
+    let mut s = connect(addr);
+    let body = br#"{"inputs": "kept alive"}"#;
+    let head = format!(
+        "POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let t0 = Instant::now();
+    let (raw, _) = read_until_closed(&mut s, Duration::from_secs(15))
+        .expect("an idle kept-alive connection was never closed");
+    let idle = t0.elapsed();
+    assert_eq!(parse_response(&raw).unwrap().status, 200);
+    assert!(
+        idle > Duration::from_millis(3500) && idle < Duration::from_secs(7),
+        "kept-alive connection closed after {idle:?}"
+    );
+    assert_eq!(
+        wait_metric(addr, "sgpt_open_connections", 1.0),
+        1.0,
+        "only /metrics' own"
+    );
+    server.stop().expect("clean stop");
+}
+
+/// Over --max-connections a new connection is closed at once and counted; the open ones stay.
+#[test]
+fn connections_over_the_limit_are_closed_and_counted() {
+    let mut opts = quick(30, 30, 30);
+    opts.max_connections = 3;
+    let server = InProcess::start(opts, || gated_embedder(Gate::default()));
+    let addr = server.addr;
+    wait_healthy(addr);
+    let mut held: Vec<_> = (0..3).map(|_| connect(addr)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = connect(addr);
+    let _ = extra.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (raw, after) = read_until_closed(&mut extra, Duration::from_secs(10))
+        .expect("the connection over the limit was kept open");
+    assert!(raw.is_empty(), "{}", String::from_utf8_lossy(&raw));
+    assert!(after < Duration::from_secs(2), "closed after {after:?}");
+    for s in &mut held {
+        assert!(still_open(s), "a connection within the limit was closed");
+    }
+    held.pop();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(metric(addr, "sgpt_refused_connections_total"), 1.0);
+    assert_eq!(
+        wait_metric(addr, "sgpt_open_connections", 3.0),
+        3.0,
+        "2 held and /metrics"
+    );
+    drop(held);
+    server.stop().expect("clean stop");
+}
+
+/// Issue 11: SIGTERM never completed while a client held a half-sent request. Now the
+/// requests in flight get --shutdown-timeout-secs, then their connections are closed and the
+/// process exits with status 1, saying so.
+#[test]
+fn sigterm_with_half_sent_requests_exits_at_the_deadline() {
+    let mut s = ServerProcess::start(&[
+        "--shutdown-timeout-secs",
+        "2",
+        "--header-timeout-secs",
+        "60",
+        "--body-timeout-secs",
+        "60",
+    ]);
+    let mut half_body = partial_post(s.addr, "/embed", 100, b"{\"inputs\":");
+    let mut half_head = connect(s.addr);
+    half_head
+        .write_all(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.signal("-TERM");
+    let t0 = Instant::now();
+    let status = s.wait_exit();
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert_eq!(status.code(), Some(1), "{}", s.stderr());
+    assert!(s.stderr().contains("shutdown deadline"), "{}", s.stderr());
+    assert!(!s.stderr().contains("panicked"), "{}", s.stderr());
+    for c in [&mut half_body, &mut half_head] {
+        assert!(read_until_closed(c, Duration::from_secs(5)).is_some());
+    }
+}
+
+/// Bodies are counted against --max-body-bytes-in-flight as they arrive: two stalled uploads
+/// holding 8000 bytes of a budget of 8192 make a third body 429, until they time out.
+#[test]
+fn the_body_byte_budget_bounds_bytes_in_flight() {
+    let mut opts = quick(30, 2, 30);
+    opts.payload_limit = 4096;
+    opts.max_body_bytes_in_flight = 8192;
+    let server = InProcess::start(opts, || gated_embedder(Gate::default()));
+    let addr = server.addr;
+    wait_healthy(addr);
+    let text = format!("{{\"inputs\": \"{}", "x".repeat(3988));
+    assert_eq!(text.len(), 4000);
+    let mut stalled: Vec<_> = (0..2)
+        .map(|_| partial_post(addr, "/embed", 4096, text.as_bytes()))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let body = json!({"inputs": "y".repeat(500)});
+    let r = post(addr, "/embed", &body, None);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(
+        r.text().contains("--max-body-bytes-in-flight"),
+        "{}",
+        r.text()
+    );
+    for s in &mut stalled {
+        let (raw, _) = read_until_closed(s, Duration::from_secs(10)).expect("answered");
+        assert_eq!(parse_response(&raw).unwrap().status, 408);
+    }
+    assert_eq!(post(addr, "/embed", &body, None).status, 200);
+    server.stop().expect("clean stop");
+}
+
+/// Issue 11: a panic in a forward poisoned the engine while /health said 200. Now: NaN in
+/// the output fails that batch with 500 naming it; out of memory fails it with 503 and the
+/// server goes on; a panic (as a fatal device error) fails its batch with 500, then /health
+/// and the embedding routes answer 503 saying why, until a restart.
+#[test]
+fn engine_failures_are_visible() {
+    let next = Arc::new(std::sync::atomic::AtomicU8::new(Fault::None as u8));
+    let n = next.clone();
+    let server = InProcess::start(ServeOptions::new("tiny"), move || faulty_embedder(n));
+    let addr = server.addr;
+    wait_healthy(addr);
+    let ask = |fault: Fault| {
+        next.store(fault as u8, Ordering::SeqCst);
+        post(addr, "/v1/embeddings", &json!({"input": "a"}), None)
+    };
+
+    let r = ask(Fault::Nan);
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.text().contains("NaN or Inf"), "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "engine_error");
+    assert_eq!(get(addr, "/health").status, 200);
+
+    let r = ask(Fault::OutOfMemory);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "out_of_memory");
+    assert_eq!(get(addr, "/health").status, 200);
+    assert_eq!(ask(Fault::None).status, 200, "goes on after out of memory");
+
+    let r = ask(Fault::Panic);
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.text().contains("panicked"), "{}", r.text());
+    let h = get(addr, "/health");
+    assert_eq!(h.status, 503);
+    let why = h.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        why.contains("panicked") && why.contains("restarted"),
+        "{why}"
+    );
+    let r = ask(Fault::None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("restarted"), "{}", r.text());
+    let r = post(addr, "/embed", &json!({"inputs": "a"}), None);
+    assert_eq!(r.json()["error_type"], "Unhealthy");
+    assert!(get(addr, "/metrics").text().contains("sgpt_ready 0"));
+    server
+        .stop()
+        .expect("stops cleanly even with a broken engine");
 }

@@ -341,6 +341,19 @@ fn bad_flags_are_refused_before_starting() {
         ),
         (vec!["--api-key", " "], "API key must not be empty"),
         (vec!["--host", "not-an-ip"], "invalid value"),
+        (
+            vec!["--header-timeout-secs", "0"],
+            "--header-timeout-secs must be positive",
+        ),
+        (
+            vec!["--shutdown-timeout-secs", "0"],
+            "--shutdown-timeout-secs must be positive",
+        ),
+        (vec!["--max-connections", "0"], "--max-connections must be"),
+        (
+            vec!["--max-body-bytes-in-flight", "1000"],
+            "--max-body-bytes-in-flight must be between --payload-limit",
+        ),
     ] {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_sgpt"))
             .args(["serve", "--model"])
@@ -360,4 +373,45 @@ fn bad_flags_are_refused_before_starting() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("model directory not found"));
+}
+
+/// Issue 11: a `Content-Length` of 99999999999 with a tiny body got no answer (the server
+/// waited for the rest). Over --payload-limit it is 413 at once, the body unread.
+#[test]
+fn an_absurd_content_length_is_413_at_once() {
+    let s = ServerProcess::start(&["--body-timeout-secs", "60"]);
+    for (path, openai) in [("/embed", false), ("/v1/embeddings", true)] {
+        let mut c = partial_post(s.addr, path, 99_999_999_999, br#"{"input": "a"}"#);
+        let (raw, after) = read_until_closed(&mut c, std::time::Duration::from_secs(10))
+            .expect("no answer to an absurd Content-Length");
+        let r = parse_response(&raw).expect("an HTTP response");
+        expect(&r, 413, openai, "larger than 2000000 bytes");
+        assert!(after.as_secs() < 5, "answered after {after:?}");
+    }
+}
+
+/// Issue 11: a client closing the connection mid-body was counted as a 400. It is counted in
+/// sgpt_aborted_requests_total, not among the answered requests.
+#[test]
+fn aborted_uploads_are_counted_as_aborted() {
+    let s = ServerProcess::start(&[]);
+    for path in ["/embed", "/v1/embeddings", "/embed"] {
+        let c = partial_post(s.addr, path, 100, br#"{"inputs": "cut"#);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        c.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    assert_eq!(wait_metric(s.addr, "sgpt_aborted_requests_total", 3.0), 3.0);
+    let m = get(s.addr, "/metrics").text();
+    for route in ["/embed", "/v1/embeddings"] {
+        let sample = format!("sgpt_requests_total{{route=\"{route}\",status=\"400\"}}");
+        assert_eq!(
+            sample_of(&m, &sample),
+            0.0,
+            "{sample} counted an aborted upload"
+        );
+    }
+    assert_eq!(
+        post(s.addr, "/embed", &json!({"inputs": "still here"}), None).status,
+        200
+    );
 }

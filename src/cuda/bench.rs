@@ -13,7 +13,7 @@ use crate::cuda::ops::{Act, Kernels, SKINNY_MAX_ROWS};
 use crate::error::{Error, Result};
 
 fn err(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::Cuda(format!("{what}: {e:?}"))
+    crate::cuda::error(what, e)
 }
 
 /// Median milliseconds of `reps` runs of `f` (after one warm-up), timed with events.

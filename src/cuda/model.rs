@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, DType, TensorRef};
 
 fn err(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::Cuda(format!("{what}: {e:?}"))
+    crate::cuda::error(what, e)
 }
 
 /// What loading cost, for the operator (and `sgpt bench`).
@@ -371,7 +371,8 @@ impl<T: Act> CudaModel<T> {
         let mut guard = self
             .state
             .lock()
-            .map_err(|_| Error::Cuda("a previous forward panicked".into()))?;
+            // A forward that panicked left the device buffers half-written.
+            .map_err(|_| Error::DeviceFatal("a previous forward panicked".into()))?;
         let st = &mut *guard;
         let cu: Vec<i32> = batch.cu_seqlens.iter().map(|&c| c as i32).collect();
         s.memcpy_htod(&batch.ids, &mut st.ids.slice_mut(..t))

@@ -53,7 +53,7 @@ const ATTN_WARPS: u32 = 4;
 const SMEM_LIMIT: usize = 48 * 1024 - 32 * 4;
 
 fn err(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::Cuda(format!("{what}: {e:?}"))
+    crate::cuda::error(what, e)
 }
 
 fn grid_stride(n: usize) -> LaunchConfig {

@@ -11,11 +11,16 @@
 //! which changes nothing but GEMM blocking (the engine's weights are 1..n and it never pads).
 //!
 //! A request whose client has gone away (its receiver dropped) is skipped before packing.
-//! A failing or panicking backend fails the requests of that batch only; the worker goes on.
+//!
+//! A failing backend fails the requests of that batch only and the worker goes on: an ordinary
+//! error (e.g. non-finite output) or a device out of memory. A panic or a fatal device error
+//! leaves the engine in an unknown state (the CUDA context dead, a mutex poisoned), so the
+//! engine is marked broken: that batch fails, every later request is refused at once with
+//! [`BatchError::Broken`], and [`Batcher::health`] says why, until the process is restarted.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -34,8 +39,15 @@ pub enum BatchError {
     QueueFull,
     #[error("the engine has stopped")]
     Stopped,
+    /// This batch failed; the engine goes on.
     #[error("the engine failed: {0}")]
     Failed(String),
+    /// The device ran out of memory on this batch; the engine goes on.
+    #[error("the device ran out of memory on this batch; retry later, or with fewer or shorter texts: {0}")]
+    OutOfMemory(String),
+    /// The engine is unusable until the server is restarted.
+    #[error("the engine is broken and the server must be restarted: {0}")]
+    Broken(String),
 }
 
 type Reply = oneshot::Sender<Result<Vec<f32>, BatchError>>;
@@ -53,6 +65,8 @@ struct Job {
 pub struct Batcher {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
+    /// Why the engine is unusable, once it is.
+    broken: Arc<OnceLock<String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -67,12 +81,15 @@ impl Batcher {
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let m = metrics.clone();
+        let broken = Arc::new(OnceLock::new());
+        let b = broken.clone();
         let worker = std::thread::Builder::new()
             .name("sgpt-engine".into())
-            .spawn(move || worker(rx, embed, hidden, max_batch_tokens.max(1), m))?;
+            .spawn(move || worker(rx, embed, hidden, max_batch_tokens.max(1), m, b))?;
         Ok(Batcher {
             tx: Mutex::new(Some(tx)),
             worker: Mutex::new(Some(worker)),
+            broken,
             metrics,
         })
     }
@@ -80,6 +97,9 @@ impl Batcher {
     /// Embeds `seqs` (token ids, brackets included): [seqs.len(), H], in order. Never waits
     /// for queue space: a full queue is an immediate `QueueFull`.
     pub async fn embed(&self, seqs: Vec<Vec<u32>>) -> Result<Vec<f32>, BatchError> {
+        if let Some(why) = self.broken.get() {
+            return Err(BatchError::Broken(why.clone()));
+        }
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
@@ -117,6 +137,19 @@ impl Batcher {
             .unwrap_or(false)
     }
 
+    /// Ok while the engine can serve; else why not (for `/health`).
+    pub fn health(&self) -> Result<(), String> {
+        if let Some(why) = self.broken.get() {
+            Err(format!(
+                "the engine is broken and the server must be restarted: {why}"
+            ))
+        } else if !self.is_alive() {
+            Err("the engine worker has stopped".into())
+        } else {
+            Ok(())
+        }
+    }
+
     /// Closes the queue and waits for the worker to finish what is queued. Blocks.
     pub fn close(&self) {
         if let Ok(mut tx) = self.tx.lock() {
@@ -141,6 +174,7 @@ fn worker(
     hidden: usize,
     budget: usize,
     metrics: Arc<Metrics>,
+    broken: Arc<OnceLock<String>>,
 ) {
     let mut pending: VecDeque<Job> = VecDeque::new();
     loop {
@@ -160,6 +194,14 @@ fn worker(
             }
             !gone
         });
+        if let Some(why) = broken.get() {
+            // Never touch a broken engine again: refuse what is queued.
+            for job in pending.drain(..) {
+                metrics.queue_depth.sub((job.seqs.len() - job.done) as i64);
+                let _ = job.reply.send(Err(BatchError::Broken(why.clone())));
+            }
+            continue;
+        }
         if pending.is_empty() {
             continue;
         }
@@ -187,12 +229,23 @@ fn worker(
         let t0 = Instant::now();
         let result = match catch_unwind(AssertUnwindSafe(|| embed(&batch))) {
             Ok(Ok(out)) if out.len() == s_count * hidden => Ok(out),
-            Ok(Ok(out)) => Err(format!(
+            Ok(Ok(out)) => Err(BatchError::Failed(format!(
                 "the backend returned {} values for {s_count} texts of hidden size {hidden}",
                 out.len()
-            )),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the backend panicked".to_string()),
+            ))),
+            Ok(Err(e @ crate::Error::DeviceOutOfMemory(_))) => {
+                Err(BatchError::OutOfMemory(e.to_string()))
+            }
+            Ok(Err(e @ crate::Error::DeviceFatal(_))) => Err(BatchError::Broken(e.to_string())),
+            Ok(Err(e)) => Err(BatchError::Failed(e.to_string())),
+            Err(payload) => {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(BatchError::Broken(format!("the backend panicked: {what}")))
+            }
         };
         metrics.batch_duration.observe(t0.elapsed().as_secs_f64());
         metrics.batch_sequences.observe(s_count as f64);
@@ -217,15 +270,28 @@ fn worker(
                     }
                 }
             }
-            Err(msg) => {
-                eprintln!("sgpt: error: batch of {s_count} texts, {t_count} tokens: {msg}");
+            Err(err) => {
+                eprintln!("sgpt: error: batch of {s_count} texts, {t_count} tokens: {err}");
+                let err = match err {
+                    BatchError::Broken(why) => {
+                        eprintln!(
+                            "sgpt: error: the engine is broken; /health answers 503 and every \
+                             embedding request is refused until the server is restarted"
+                        );
+                        metrics.ready.set(0);
+                        let _ = broken.set(why.clone());
+                        // The batch that broke it failed inside the engine: a 500, not a 503.
+                        BatchError::Failed(why)
+                    }
+                    e => e,
+                };
                 // The batch's jobs are the first parts.len() of the queue (parts[k].0 == k):
                 // fail them whole; their texts outside this batch leave the queue with them.
                 for &(_, taken) in &parts {
                     if let Some(job) = pending.pop_front() {
                         let rest = job.seqs.len() - job.done - taken;
                         metrics.queue_depth.sub(rest as i64);
-                        let _ = job.reply.send(Err(BatchError::Failed(msg.clone())));
+                        let _ = job.reply.send(Err(err.clone()));
                     }
                 }
             }
@@ -343,23 +409,66 @@ mod tests {
         assert_eq!(m.queue_depth.get(), 0);
     }
 
+    /// A backend failing with `first` on its first call, then succeeding.
+    fn fails_once(first: impl FnOnce() -> crate::Error + Send + 'static) -> EmbedFn {
+        let mut first = Some(first);
+        Box::new(move |b: &PackedBatch| match first.take() {
+            Some(f) => Err(f()),
+            None => Ok(vec![1.0; b.num_seqs()]),
+        })
+    }
+
+    /// A panic (or a fatal device error) fails its batch, then marks the engine broken: later
+    /// requests are refused without calling it, and `health` says why.
     #[test]
-    fn a_panicking_backend_does_not_kill_the_worker() {
-        let mut calls = 0;
-        let embed: EmbedFn = Box::new(move |b: &PackedBatch| {
-            calls += 1;
-            if calls == 1 {
-                panic!("boom");
-            }
-            Ok(vec![1.0; b.num_seqs()])
-        });
-        let m = Arc::new(Metrics::new().unwrap());
-        let b = Batcher::start(embed, 1, 10, 8, m).unwrap();
+    fn a_panicking_or_fatal_backend_marks_the_engine_broken() {
         let rt = rt();
-        assert!(matches!(
-            rt.block_on(b.embed(vec![vec![1]])),
-            Err(BatchError::Failed(_))
-        ));
+        let fatal = || crate::Error::DeviceFatal("CUDA_ERROR_ILLEGAL_ADDRESS".into());
+        let panics: EmbedFn = {
+            let mut calls = 0;
+            Box::new(move |b: &PackedBatch| {
+                calls += 1;
+                if calls == 1 {
+                    panic!("boom");
+                }
+                Ok(vec![1.0; b.num_seqs()])
+            })
+        };
+        for (embed, why) in [
+            (panics, "panicked: boom"),
+            (fails_once(fatal), "ILLEGAL_ADDRESS"),
+        ] {
+            let m = Arc::new(Metrics::new().unwrap());
+            m.ready.set(1);
+            let b = Batcher::start(embed, 1, 10, 8, m.clone()).unwrap();
+            assert!(b.health().is_ok());
+            let first = rt.block_on(b.embed(vec![vec![1]]));
+            assert!(
+                matches!(first, Err(BatchError::Failed(ref m)) if m.contains(why)),
+                "{first:?}"
+            );
+            let next = rt.block_on(b.embed(vec![vec![1]]));
+            assert!(matches!(next, Err(BatchError::Broken(_))), "{next:?}");
+            let h = b.health().unwrap_err();
+            assert!(h.contains(why) && h.contains("restarted"), "{h}");
+            assert_eq!(m.ready.get(), 0);
+            assert_eq!(m.queue_depth.get(), 0);
+        }
+    }
+
+    /// Out of memory fails that batch only: the engine goes on and stays healthy.
+    #[test]
+    fn out_of_memory_fails_the_batch_and_the_engine_goes_on() {
+        let rt = rt();
+        let oom = || crate::Error::DeviceOutOfMemory("CUDA_ERROR_OUT_OF_MEMORY".into());
+        let m = Arc::new(Metrics::new().unwrap());
+        let b = Batcher::start(fails_once(oom), 1, 10, 8, m).unwrap();
+        let first = rt.block_on(b.embed(vec![vec![1]]));
+        assert!(
+            matches!(first, Err(BatchError::OutOfMemory(_))),
+            "{first:?}"
+        );
         assert_eq!(rt.block_on(b.embed(vec![vec![1]])).unwrap(), vec![1.0]);
+        assert!(b.health().is_ok());
     }
 }

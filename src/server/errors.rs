@@ -5,10 +5,12 @@
 //! The status codes (README, "Errors"): 400 for a body that is not JSON or has no text to
 //! embed; 422 for JSON whose values cannot be used (a wrong type, an unknown option, token-id
 //! inputs, `dimensions` out of range, a text over the limit with truncation off); 413 for too
-//! much at once (body bytes or texts per request); 415 for a body that is not declared as JSON;
-//! 401 without the API key; 429 over the concurrency limit; 503 while loading.
+//! much at once (body bytes, declared or sent, or texts per request); 415 for a body that is
+//! not declared as JSON; 401 without the API key; 408 for a body not in within the body
+//! timeout; 429 over the concurrency limit or the budget of body bytes in flight; 500 for a
+//! batch the engine failed on; 503 while loading, once the engine is broken, or for a batch
+//! the device had no memory for.
 
-use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -50,6 +52,10 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// A body not declared as `application/json`.
     UnsupportedMediaType,
+    /// A body not complete within `--body-timeout-secs`.
+    BodyTimeout,
+    /// The client closed the connection mid-body (nobody reads the answer; counted apart).
+    Aborted,
     /// `--api-key` is set and the request does not carry it.
     Unauthorized,
     /// `--max-concurrent-requests` are already being served (or the queue is full).
@@ -58,6 +64,8 @@ pub enum ErrorKind {
     Unhealthy,
     /// The engine failed on a batch.
     Backend,
+    /// The device had no memory for a batch; the server goes on.
+    OutOfMemory,
     NotFound,
     MethodNotAllowed,
 }
@@ -72,7 +80,9 @@ impl ErrorKind {
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Unauthorized => StatusCode::UNAUTHORIZED,
             Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
+            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Aborted => StatusCode::BAD_REQUEST,
+            Unhealthy | OutOfMemory => StatusCode::SERVICE_UNAVAILABLE,
             Backend => StatusCode::INTERNAL_SERVER_ERROR,
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -85,11 +95,12 @@ impl ErrorKind {
         match self {
             Empty => "Empty",
             InvalidJson | InvalidValue | TooLong | TooManyInputs | PayloadTooLarge
-            | UnsupportedMediaType => "Validation",
+            | UnsupportedMediaType | Aborted => "Validation",
+            BodyTimeout => "Timeout",
             Unauthorized => "Unauthorized",
             Overloaded => "Overloaded",
             Unhealthy => "Unhealthy",
-            Backend => "Backend",
+            Backend | OutOfMemory => "Backend",
             NotFound => "NotFound",
             MethodNotAllowed => "MethodNotAllowed",
         }
@@ -106,10 +117,13 @@ impl ErrorKind {
             TooManyInputs => ("invalid_request_error", "too_many_inputs"),
             PayloadTooLarge => ("invalid_request_error", "payload_too_large"),
             UnsupportedMediaType => ("invalid_request_error", "unsupported_media_type"),
+            BodyTimeout => ("invalid_request_error", "request_timeout"),
+            Aborted => ("invalid_request_error", "aborted"),
             Unauthorized => ("invalid_request_error", "invalid_api_key"),
             Overloaded => ("rate_limit_error", "rate_limit_exceeded"),
             Unhealthy => ("server_error", "model_not_ready"),
             Backend => ("server_error", "engine_error"),
+            OutOfMemory => ("server_error", "out_of_memory"),
             NotFound => ("invalid_request_error", "not_found"),
             MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),
         }
@@ -148,26 +162,18 @@ impl ApiError {
             }
         };
         let mut r = (self.kind.status(), axum::Json(body)).into_response();
-        if self.kind == ErrorKind::Unauthorized {
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        match self.kind {
+            ErrorKind::Unauthorized => {
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // For the metrics middleware: not an answered request.
+            ErrorKind::Aborted => {
+                r.extensions_mut().insert(Aborted);
+            }
+            _ => {}
         }
         r
-    }
-
-    /// A body that could not be read: over the payload limit (413) or cut off (400).
-    pub fn from_body_rejection(r: &BytesRejection, limit: usize) -> Self {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                ErrorKind::PayloadTooLarge,
-                format!("the request body is larger than {limit} bytes (--payload-limit)"),
-            )
-        } else {
-            ApiError::new(
-                ErrorKind::InvalidJson,
-                format!("could not read the request body: {}", r.body_text()),
-            )
-        }
     }
 
     /// serde's verdict on a body: not JSON at all (400) or JSON of the wrong shape (422).
@@ -198,6 +204,10 @@ impl ApiError {
         }
     }
 }
+
+/// Marks the response to a request whose client went away mid-body.
+#[derive(Debug, Clone, Copy)]
+pub struct Aborted;
 
 /// `Content-Type` must name JSON (`application/json`, or any `+json` type).
 pub fn check_json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {

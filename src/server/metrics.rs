@@ -13,7 +13,10 @@
 //! | `sgpt_texts_total` | counter | texts embedded |
 //! | `sgpt_tokens_total` | counter | tokens embedded, brackets included |
 //! | `sgpt_truncated_texts_total` | counter | texts cut to the model's limit |
-//! | `sgpt_ready` | gauge | 1 once the model is loaded and warmed up |
+//! | `sgpt_ready` | gauge | 1 once the model is loaded and warmed up; 0 again if the engine breaks |
+//! | `sgpt_aborted_requests_total` | counter | requests whose client closed the connection mid-body (not in `sgpt_requests_total`) |
+//! | `sgpt_open_connections` | gauge | connections open now |
+//! | `sgpt_refused_connections_total` | counter | connections closed at once because `--max-connections` were open |
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
@@ -33,6 +36,9 @@ pub struct Metrics {
     pub tokens: IntCounter,
     pub truncated: IntCounter,
     pub ready: IntGauge,
+    pub aborted: IntCounter,
+    pub open_connections: IntGauge,
+    pub refused_connections: IntCounter,
 }
 
 impl Metrics {
@@ -81,6 +87,15 @@ impl Metrics {
             "Texts cut to the model's length limit",
         )?;
         let ready = IntGauge::new("sgpt_ready", "1 once the model is loaded and warmed up")?;
+        let aborted = IntCounter::new(
+            "sgpt_aborted_requests_total",
+            "Requests whose client closed the connection before the body was complete",
+        )?;
+        let open_connections = IntGauge::new("sgpt_open_connections", "Connections open now")?;
+        let refused_connections = IntCounter::new(
+            "sgpt_refused_connections_total",
+            "Connections closed at once because --max-connections were open",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
@@ -92,6 +107,9 @@ impl Metrics {
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(truncated.clone()))?;
         registry.register(Box::new(ready.clone()))?;
+        registry.register(Box::new(aborted.clone()))?;
+        registry.register(Box::new(open_connections.clone()))?;
+        registry.register(Box::new(refused_connections.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -105,6 +123,9 @@ impl Metrics {
             tokens,
             truncated,
             ready,
+            aborted,
+            open_connections,
+            refused_connections,
         })
     }
 
@@ -140,6 +161,9 @@ mod tests {
             "sgpt_tokens_total 0",
             "sgpt_truncated_texts_total 0",
             "sgpt_ready 0",
+            "sgpt_aborted_requests_total 0",
+            "sgpt_open_connections 0",
+            "sgpt_refused_connections_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -1,24 +1,26 @@
-//! The HTTP surface: routes, middleware (metrics, API key, concurrency limit) and handlers.
-//! Each handler sequences the checks of `api.rs`, tokenizes off the async runtime, and waits
-//! for its rows from the batcher.
+//! The HTTP surface: routes, middleware (metrics, API key) and handlers. Each embedding
+//! handler reads its body within the limits (`read_body`), only then takes a concurrency
+//! permit, sequences the checks of `api.rs`, tokenizes off the async runtime, and waits for its
+//! rows from the batcher.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::model::Embedder;
 use crate::server::api::{self, EncodingFormat, OpenAiRequest, OpenAiResponse, TeiRequest};
 use crate::server::batcher::BatchError;
-use crate::server::errors::{check_json_content_type, ApiError, ErrorKind, Style};
+use crate::server::errors::{check_json_content_type, Aborted, ApiError, ErrorKind, Style};
 use crate::server::{AppState, Engine, ServeOptions};
 use crate::tokenize::Kind;
 
@@ -28,16 +30,11 @@ pub fn router(state: Arc<AppState>) -> Router {
     let embedding = Router::new()
         .route("/v1/embeddings", post(openai_embeddings))
         .route("/embed", post(tei_embed))
-        // The last layer added runs first: key, then permit, then the body is read.
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            limit_concurrency,
-        ))
+        // The key before anything is read; the body limits and the permit are the handlers'.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
-        ))
-        .layer(DefaultBodyLimit::max(state.opts.payload_limit));
+        ));
     Router::new()
         .route("/health", get(health))
         .route("/info", get(info))
@@ -65,6 +62,10 @@ async fn track(State(st): St, req: Request, next: Next) -> Response {
     let route = route_label(req.uri().path());
     let t0 = Instant::now();
     let r = next.run(req).await;
+    if r.extensions().get::<Aborted>().is_some() {
+        st.metrics.aborted.inc();
+        return r;
+    }
     st.metrics
         .requests
         .with_label_values(&[route, r.status().as_str()])
@@ -112,9 +113,16 @@ impl Drop for InFlight {
     }
 }
 
-async fn limit_concurrency(State(st): St, req: Request, next: Next) -> Response {
-    let Ok(_permit) = st.permits.clone().try_acquire_owned() else {
-        return ApiError::new(
+/// A concurrency permit, held until the response is built.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _in_flight: InFlight,
+}
+
+/// A concurrency permit or 429 at once (never a wait).
+fn take_slot(st: &Arc<AppState>) -> Result<Slot, ApiError> {
+    let permit = st.permits.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
             ErrorKind::Overloaded,
             format!(
                 "the server is busy: {} requests are being served (--max-concurrent-requests); \
@@ -122,11 +130,12 @@ async fn limit_concurrency(State(st): St, req: Request, next: Next) -> Response 
                 st.opts.max_concurrent_requests
             ),
         )
-        .into_response(Style::for_path(req.uri().path()));
-    };
+    })?;
     st.metrics.in_flight.inc();
-    let _guard = InFlight(st.clone());
-    next.run(req).await
+    Ok(Slot {
+        _permit: permit,
+        _in_flight: InFlight(st.clone()),
+    })
 }
 
 fn ready(st: &AppState) -> Result<Arc<Engine>, ApiError> {
@@ -135,11 +144,10 @@ fn ready(st: &AppState) -> Result<Arc<Engine>, ApiError> {
             ErrorKind::Unhealthy,
             "the model is loading; retry when GET /health answers 200",
         )),
-        Some(e) if !e.batcher.is_alive() => Err(ApiError::new(
-            ErrorKind::Unhealthy,
-            "the engine worker has stopped",
-        )),
-        Some(e) => Ok(e.clone()),
+        Some(e) => match e.batcher.health() {
+            Ok(()) => Ok(e.clone()),
+            Err(why) => Err(ApiError::new(ErrorKind::Unhealthy, why)),
+        },
     }
 }
 
@@ -193,34 +201,119 @@ async fn method_not_allowed(req: Request) -> Response {
     .into_response(Style::for_path(&path))
 }
 
-/// The checks every body goes through before its fields are looked at.
-fn read_body<T: serde::de::DeserializeOwned>(
+/// Request-body bytes counted in the global budget, given back when dropped.
+struct BodyBytes(Option<OwnedSemaphorePermit>);
+
+/// Reads a JSON body within the limits, before any concurrency permit is taken: a declared
+/// `Content-Length` over the payload limit is 413 at once, unread; the whole body must come
+/// within the body timeout (408) and the payload limit (413), and its bytes must fit the
+/// budget of body bytes held by all requests (429 at once, never a wait: waiting requests
+/// holding part of the budget could block each other until they all time out).
+async fn read_body(
     st: &AppState,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
+    mut body: Body,
+) -> Result<(Bytes, BodyBytes), ApiError> {
     check_json_content_type(headers)?;
-    let bytes = body.map_err(|r| ApiError::from_body_rejection(&r, st.opts.payload_limit))?;
-    api::parse_body(&bytes)
+    let limit = st.opts.payload_limit;
+    let too_large = || {
+        ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("the request body is larger than {limit} bytes (--payload-limit)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let deadline = tokio::time::Instant::now() + st.opts.body_timeout;
+    let mut buf = Vec::new();
+    let mut held = BodyBytes(None);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    ErrorKind::BodyTimeout,
+                    format!(
+                        "the request body did not arrive within {} s (--body-timeout-secs)",
+                        st.opts.body_timeout.as_secs_f64()
+                    ),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(body_error(e)),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if buf.len() + data.len() > limit {
+            return Err(too_large());
+        }
+        let n = u32::try_from(data.len()).map_err(|_| too_large())?;
+        let permit = st
+            .body_bytes
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorKind::Overloaded,
+                    format!(
+                        "the server is busy: it holds {} bytes of request bodies \
+                         (--max-body-bytes-in-flight); retry later",
+                        st.opts.max_body_bytes_in_flight
+                    ),
+                )
+            })?;
+        match &mut held.0 {
+            Some(p) => p.merge(permit),
+            None => held.0 = Some(permit),
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((Bytes::from(buf), held))
 }
 
-async fn openai_embeddings(
-    State(st): St,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match openai_inner(&st, &headers, body).await {
+/// A body that broke off: malformed framing (a bad chunk: 400), or, the usual case, a client
+/// that closed the connection mid-body (aborted, counted apart).
+fn body_error(e: axum::Error) -> ApiError {
+    let inner = e.into_inner();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            ) {
+                return ApiError::new(
+                    ErrorKind::InvalidJson,
+                    format!("could not read the request body: {inner}"),
+                );
+            }
+        }
+        source = s.source();
+    }
+    ApiError::new(
+        ErrorKind::Aborted,
+        format!("the client closed the connection before the body was complete: {inner}"),
+    )
+}
+
+async fn openai_embeddings(State(st): St, req: Request) -> Response {
+    match openai_inner(&st, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(Style::OpenAi),
     }
 }
 
-async fn openai_inner(
-    st: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let req: OpenAiRequest = read_body(st, headers, body)?;
+async fn openai_inner(st: &Arc<AppState>, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (bytes, _held) = read_body(st, &parts.headers, body).await?;
+    let _slot = take_slot(st)?;
+    let req: OpenAiRequest = api::parse_body(&bytes)?;
     let texts = api::texts(req.input, "input", st.opts.max_client_batch_size)?;
     let engine = ready(st)?;
     let dims = api::dimensions(req.dimensions, engine.embedder.hidden())?;
@@ -232,23 +325,18 @@ async fn openai_inner(
     Ok(Json(OpenAiResponse::new(vectors, format, model, tokens)).into_response())
 }
 
-async fn tei_embed(
-    State(st): St,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match tei_inner(&st, &headers, body).await {
+async fn tei_embed(State(st): St, req: Request) -> Response {
+    match tei_inner(&st, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(Style::Tei),
     }
 }
 
-async fn tei_inner(
-    st: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let req: TeiRequest = read_body(st, headers, body)?;
+async fn tei_inner(st: &Arc<AppState>, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (bytes, _held) = read_body(st, &parts.headers, body).await?;
+    let _slot = take_slot(st)?;
+    let req: TeiRequest = api::parse_body(&bytes)?;
     if req.truncation_direction == Some(api::TruncationDirection::Left) {
         return Err(ApiError::new(
             ErrorKind::InvalidValue,
@@ -314,7 +402,10 @@ async fn embed(
         .await
         .map_err(|e| match e {
             BatchError::QueueFull => ApiError::new(ErrorKind::Overloaded, e.to_string()),
-            BatchError::Stopped => ApiError::new(ErrorKind::Unhealthy, e.to_string()),
+            BatchError::Stopped | BatchError::Broken(_) => {
+                ApiError::new(ErrorKind::Unhealthy, e.to_string())
+            }
+            BatchError::OutOfMemory(_) => ApiError::new(ErrorKind::OutOfMemory, e.to_string()),
             BatchError::Failed(_) => ApiError::new(ErrorKind::Backend, e.to_string()),
         })?;
     let h = engine.embedder.hidden();
@@ -349,6 +440,12 @@ pub fn info_json(e: &Embedder, opts: &ServeOptions) -> serde_json::Value {
         "max_client_batch_size": opts.max_client_batch_size,
         "max_concurrent_requests": opts.max_concurrent_requests,
         "payload_limit": opts.payload_limit,
+        "max_body_bytes_in_flight": opts.max_body_bytes_in_flight,
+        "max_connections": opts.max_connections,
+        "header_timeout_secs": opts.header_timeout.as_secs_f64(),
+        "body_timeout_secs": opts.body_timeout.as_secs_f64(),
+        "idle_timeout_secs": opts.idle_timeout.as_secs_f64(),
+        "shutdown_timeout_secs": opts.shutdown_timeout.as_secs_f64(),
         "auto_truncate": opts.auto_truncate,
         "default_input_type": opts.default_kind,
         "api_key_required": opts.api_key.is_some(),

@@ -71,7 +71,7 @@ pub fn request(
     parse_response(&raw)
 }
 
-fn parse_response(raw: &[u8]) -> std::io::Result<Resp> {
+pub fn parse_response(raw: &[u8]) -> std::io::Result<Resp> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     let split = raw
         .windows(4)
@@ -115,6 +115,69 @@ fn parse_response(raw: &[u8]) -> std::io::Result<Resp> {
         headers,
         body,
     })
+}
+
+/// A raw loopback connection, for clients that misbehave on purpose.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connecting");
+    s.set_write_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+/// Reads until the server closes the connection (EOF or reset), for at most `limit`: what it
+/// sent and after how long it closed, or None if it was still open at `limit`.
+pub fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Option<(Vec<u8>, Duration)> {
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let left = limit.checked_sub(t0.elapsed())?;
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Some((got, t0.elapsed())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some((got, t0.elapsed())),
+        }
+    }
+}
+
+/// Whether the server still holds the connection open (nothing to read, no EOF, right now).
+pub fn still_open(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    let open = matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    s.set_nonblocking(false).unwrap();
+    open
+}
+
+/// Sends the head of a `POST path` declaring `content_length` bytes of JSON, and `sent` of them.
+pub fn partial_post(addr: SocketAddr, path: &str, content_length: usize, sent: &[u8]) -> TcpStream {
+    let mut s = connect(addr);
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {content_length}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(sent).unwrap();
+    s
+}
+
+/// Polls a metric until it reaches `want` (bounded); returns its last value.
+pub fn wait_metric(addr: SocketAddr, sample: &str, want: f64) -> f64 {
+    let t0 = Instant::now();
+    loop {
+        let v = metric(addr, sample);
+        if v == want || t0.elapsed() > Duration::from_secs(20) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 pub fn get(addr: SocketAddr, path: &str) -> Resp {
@@ -398,6 +461,66 @@ pub fn gated_embedder(gate: Gate) -> sgpt::Result<Embedder> {
     Ok(Embedder {
         model,
         backend: Box::new(GatedBackend { inner, gate }),
+        max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+        notice: None,
+        gpu: None,
+    })
+}
+
+/// What [`FaultyBackend`] does to its next batch (then it behaves again).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Fault {
+    None,
+    /// NaN in the output.
+    Nan,
+    /// The device is out of memory.
+    OutOfMemory,
+    /// A sticky device error.
+    Fatal,
+    Panic,
+}
+
+/// A CPU backend that fails its next batch as told: the engine faults the server must survive.
+pub struct FaultyBackend {
+    pub inner: CpuModel,
+    pub next: Arc<std::sync::atomic::AtomicU8>,
+}
+
+impl Backend for FaultyBackend {
+    fn embed(&self, batch: &PackedBatch) -> sgpt::Result<Vec<f32>> {
+        let fault = self.next.swap(Fault::None as u8, Ordering::SeqCst);
+        let mut out = self.inner.embed(batch)?;
+        match fault {
+            f if f == Fault::Nan as u8 => out[0] = f32::NAN,
+            f if f == Fault::OutOfMemory as u8 => {
+                return Err(sgpt::Error::DeviceOutOfMemory(
+                    "alloc: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+                ))
+            }
+            f if f == Fault::Fatal as u8 => {
+                return Err(sgpt::Error::DeviceFatal(
+                    "launch: DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")"
+                        .into(),
+                ))
+            }
+            f if f == Fault::Panic as u8 => panic!("injected panic in the forward"),
+            _ => {}
+        }
+        Ok(out)
+    }
+    fn info(&self) -> sgpt::backend::BackendInfo {
+        self.inner.info()
+    }
+}
+
+/// The tiny model with a backend that fails as `next` says.
+pub fn faulty_embedder(next: Arc<std::sync::atomic::AtomicU8>) -> sgpt::Result<Embedder> {
+    let model = ModelDir::open(&root().join("models/sgpt-tiny"))?;
+    let inner = CpuModel::load(&model.checkpoint, &model.config)?;
+    Ok(Embedder {
+        model,
+        backend: Box::new(FaultyBackend { inner, next }),
         max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
         notice: None,
         gpu: None,
