@@ -378,14 +378,13 @@ async fn embed(
 
     let max = engine.embedder.model.tokenizer.max_text_tokens();
     if !truncate {
-        if let Some((i, enc)) = encoded.iter().enumerate().find(|(_, e)| e.truncated) {
+        if let Some(i) = encoded.iter().position(|e| e.truncated) {
             return Err(ApiError::new(
                 ErrorKind::TooLong,
                 format!(
-                    "text {i} has {} tokens; the model takes at most {max} (max_seq_length {} \
-                     minus 3). Shorten it, or let the server cut it (`truncate: true` on /embed; \
-                     without --no-auto-truncate everywhere)",
-                    enc.text_tokens,
+                    "text {i} has more than {max} tokens; the model takes at most {max} \
+                     (max_seq_length {} minus 3). Shorten it, or let the server cut it \
+                     (`truncate: true` on /embed; without --no-auto-truncate everywhere)",
                     max + 3
                 ),
             )
@@ -435,6 +434,7 @@ pub fn info_json(e: &Embedder, opts: &ServeOptions) -> serde_json::Value {
         "max_text_tokens": m.tokenizer.max_text_tokens(),
         "weights_dtype": dtypes.join("+"),
         "backend": e.backend.describe(),
+        "engine": e.backend.info(),
         "device": opts.device,
         "max_batch_tokens": e.max_batch_tokens,
         "max_client_batch_size": opts.max_client_batch_size,
