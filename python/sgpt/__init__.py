@@ -121,8 +121,9 @@ class Model:
             computes in f32, so a dtype with device="cpu" is a ValueError.
         max_batch_tokens: most tokens in one packed batch (default 2048 on the CPU, 16384 on
             the GPU). Batching never changes a vector.
-        threads: CPU threads of a pool owned by this model (default: rayon's global pool, all
-            cores). 1 to 4 × the cores.
+        threads: CPU threads of a pool owned by this model, for the forward (default: rayon's
+            global pool, all cores; tokenization uses the global pool either way). 1 to 4 × the
+            cores.
 
     Raises:
         FileNotFoundError: the directory or one of its files is missing.

@@ -41,8 +41,6 @@ fn to_py(e: Error) -> PyErr {
                 PyOSError::new_err(msg)
             }
         }
-        // No usable GPU, a driver, NVRTC or cuBLASLt failure; NaN/Inf out of the model.
-        Error::Cuda(_) | Error::NonFinite { .. } => PyRuntimeError::new_err(msg),
         // Bad input or options, and model files that parse but cannot be used.
         Error::Json { .. }
         | Error::Config { .. }
@@ -53,6 +51,9 @@ fn to_py(e: Error) -> PyErr {
         | Error::Tokenizer { .. }
         | Error::Input(_)
         | Error::Unsupported(_) => PyValueError::new_err(msg),
+        // The engine failed: no usable GPU, a driver, NVRTC or cuBLASLt failure, device out of
+        // memory or unusable, NaN/Inf out of the model; and any variant added later.
+        _ => PyRuntimeError::new_err(msg),
     }
 }
 

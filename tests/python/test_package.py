@@ -380,3 +380,13 @@ def test_concurrent_threads_and_gil_released(model):
     during = [t for t in ticks if start <= t <= end]
     gaps = np.diff([start, *during, end])
     assert len(during) >= 5 and gaps.max() < max(took / 2, 0.1), (took, end - start, gaps.max())
+
+
+def test_convert_to_tensor_as_beir_asks():
+    """BEIR's exact search passes convert_to_tensor=True (its default) and scores with torch."""
+    torch = pytest.importorskip("torch")
+    m = sgpt.Model(MODEL, device="cpu")
+    q = m.encode_queries(TEXTS[:2], batch_size=16, show_progress_bar=False, convert_to_tensor=True)
+    d = m.encode_corpus(CORPUS, batch_size=16, show_progress_bar=False, convert_to_tensor=True)
+    assert isinstance(q, torch.Tensor) and q.dtype == torch.float32 and tuple(d.shape) == (4, 64)
+    assert np.array_equal(q.numpy(), m.encode(TEXTS[:2], kind="query"))
