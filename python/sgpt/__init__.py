@@ -133,7 +133,7 @@ class Model:
 
     def __init__(
         self,
-        path: Union[str, PathLike],
+        path: Union[str, PathLike[str]],
         device: str = "auto",
         dtype: Optional[str] = None,
         max_batch_tokens: Optional[int] = None,
@@ -230,7 +230,7 @@ class Model:
         if single:
             array = array[0]
         if convert_to_tensor:
-            import torch
+            import torch  # type: ignore[import-not-found,unused-ignore]
 
             return torch.from_numpy(array)
         return array

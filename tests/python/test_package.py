@@ -184,6 +184,11 @@ def test_mteb_prompt_type_picks_the_brackets(model):
         model.encode(s, kind="query", prompt_type=PromptType.passage)
 
 
+def test_show_progress_changes_nothing(model):
+    assert np.array_equal(model.encode(TEXTS, show_progress=True), model.encode(TEXTS))
+    assert np.array_equal(model.encode(TEXTS, show_progress_bar=True), model.encode(TEXTS))
+
+
 def test_normalize_aliases(model):
     a = model.encode(TEXTS, normalize=True)
     assert np.array_equal(model.encode(TEXTS, normalize_embeddings=True), a)
