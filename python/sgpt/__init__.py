@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from os import PathLike
 from typing import Any, Optional, Union
@@ -29,6 +30,20 @@ logger = logging.getLogger("sgpt")
 
 #: MTEB's prompt types (``PromptType`` values, or the strings) → the bracket kind.
 _PROMPT_KINDS = {"query": "query", "passage": "document", "document": "document"}
+
+
+#: The process that started the engine's threads (opening a model does): they do not survive
+#: fork(), and a forked child that used them would wait forever, so it gets an error instead.
+_engine_pid: Optional[int] = None
+
+
+def _check_not_forked() -> None:
+    if _engine_pid is not None and _engine_pid != os.getpid():
+        raise RuntimeError(
+            "sgpt was used in this process's parent before it forked, and its threads do not "
+            "survive fork(): start worker processes with multiprocessing's 'spawn' (or "
+            "'forkserver') start method, or open models only in the workers"
+        )
 
 
 def _prompt_kind(prompt_type: Any) -> str:
@@ -142,6 +157,9 @@ class Model:
         for name, value in (("max_batch_tokens", max_batch_tokens), ("threads", threads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        global _engine_pid
+        _check_not_forked()
+        _engine_pid = os.getpid()
         self._engine = _Engine(path, device, dtype, max_batch_tokens, threads)
         self.path = str(path)
         self.device = device
@@ -254,6 +272,7 @@ class Model:
     def _embed(
         self, texts: list[str], kind: str, normalize: bool, show_progress: bool, allow_empty: bool
     ) -> np.ndarray:
+        _check_not_forked()
         array, cut = self._engine.embed(texts, kind, normalize, show_progress, allow_empty)
         if cut:
             shown = ", ".join(map(str, cut[:10])) + (f" and {len(cut) - 10} more" if len(cut) > 10 else "")

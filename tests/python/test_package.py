@@ -334,6 +334,30 @@ print(m.encode("still works").shape)
     assert lines[1] == "(64,)"
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_fork_after_use_is_an_error_not_a_hang():
+    """rayon's threads do not survive fork(): the child gets a RuntimeError, the parent goes on."""
+    code = f"""
+import os, signal, sgpt
+m = sgpt.Model({str(MODEL)!r}, device="cpu")
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # a hang would end here, with status 14
+    for f in (lambda: m.encode(["x"]), lambda: sgpt.Model({str(MODEL)!r}, device="cpu")):
+        try:
+            f()
+            os._exit(3)
+        except RuntimeError as e:
+            assert "fork" in str(e), e
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), m.encode("parent").shape)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0 (64,)", r.stdout + r.stderr
+
+
 # -- the GIL is released while embedding -----------------------------------------------------------
 
 def test_concurrent_threads_and_gil_released(model):
