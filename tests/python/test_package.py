@@ -419,3 +419,27 @@ def test_convert_to_tensor_as_beir_asks():
     d = m.encode_corpus(CORPUS, batch_size=16, show_progress_bar=False, convert_to_tensor=True)
     assert isinstance(q, torch.Tensor) and q.dtype == torch.float32 and tuple(d.shape) == (4, 64)
     assert np.array_equal(q.numpy(), m.encode(TEXTS[:2], kind="query"))
+
+
+def test_readme_example_runs():
+    """python/README.md's example, run as written from the repository root."""
+    readme = (ROOT / "python" / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"## Example\n\n```python\n(.*?)```", readme, re.S).group(1)
+    r = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert "'kind'" in r.stdout
+
+
+def test_stubs_name_what_the_native_module_has():
+    """sgpt/_sgpt.pyi (what editors complete) against the compiled module."""
+    import ast
+
+    from sgpt import _sgpt
+
+    stub = ast.parse((Path(sgpt.__file__).parent / "_sgpt.pyi").read_text(encoding="utf-8"))
+    (engine,) = [n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "Engine"]
+    stubbed = {n.name for n in engine.body if isinstance(n, ast.FunctionDef)} - {"__new__"}
+    native = {n for n in dir(_sgpt.Engine) if not n.startswith("_")}
+    assert stubbed == native
+    assert (Path(sgpt.__file__).parent / "py.typed").exists()
