@@ -3,11 +3,11 @@
 //! Inputs are seeded pseudo-random values, never zeros.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sgpt::cpu::attention::{alibi_attention, alibi_slopes};
-use sgpt::cpu::gelu::gelu_inplace;
-use sgpt::cpu::layernorm::layernorm;
-use sgpt::cpu::linear::linear;
-use sgpt::cpu::pooling::weighted_mean_pool;
+use sgpt::backends::cpu::attention::{alibi_attention, alibi_slopes};
+use sgpt::backends::cpu::gelu::gelu_inplace;
+use sgpt::backends::cpu::layernorm::layernorm;
+use sgpt::backends::cpu::linear::linear;
+use sgpt::backends::cpu::pooling::weighted_mean_pool;
 
 const H: usize = 1024;
 const HEADS: usize = 16;

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use cudarc::driver::sys::CUevent_flags;
-use sgpt::cuda::bench::{KernelBench, OPS};
-use sgpt::cuda::device::{open, unavailable_reason};
-use sgpt::cuda::ops::Kernels;
+use sgpt::backends::cuda::bench::{KernelBench, OPS};
+use sgpt::backends::cuda::device::{open, unavailable_reason};
+use sgpt::backends::cuda::ops::Kernels;
 
 fn gpu_kernels(c: &mut Criterion) {
     if let Some(why) = unavailable_reason(0) {
@@ -19,8 +19,11 @@ fn gpu_kernels(c: &mut Criterion) {
     let shape = std::env::var("SGPT_BENCH_SHAPE").unwrap_or_else(|_| "bloom-7b1".into());
     let cfg = sgpt::bench::shape(&shape).expect("SGPT_BENCH_SHAPE");
     let ctx = open(0).expect("GPU 0");
-    let k =
-        Kernels::load(&ctx, sgpt::cuda::nvrtc::default_cache_dir().as_deref()).expect("kernels");
+    let k = Kernels::load(
+        &ctx,
+        sgpt::backends::cuda::nvrtc::default_cache_dir().as_deref(),
+    )
+    .expect("kernels");
     let mut b = KernelBench::<half::f16>::new(&ctx, &k, &cfg, 16, 300).expect("buffers");
     let s = b.stream().clone();
     let mut g = c.benchmark_group(format!("gpu_{shape}_f16_16x300"));

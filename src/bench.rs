@@ -8,10 +8,10 @@ use std::time::Instant;
 use memmap2::MmapMut;
 use rayon::prelude::*;
 
-use crate::config::BloomConfig;
 use crate::error::{Error, Result};
-use crate::schema::Role;
-use crate::weights::{Checkpoint, DType, MappedFile};
+use crate::model::config::BloomConfig;
+use crate::model::schema::Role;
+use crate::model::weights::{Checkpoint, DType, MappedFile};
 
 /// (name, hidden, layers, heads) of the BLOOM sizes in docs/semantics.md; 250880 embedding rows.
 pub const SHAPES: &[(&str, usize, usize, usize)] = &[
@@ -68,7 +68,7 @@ pub fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 /// model so activations neither vanish nor overflow f16: matrices and embeddings uniform with
 /// std 0.02 (BLOOM's initializer), layernorm weights 1 ± 0.1, biases std 0.02.
 pub fn random_checkpoint(cfg: &BloomConfig, dtype: DType, seed: u64) -> Result<Checkpoint> {
-    let tensors = crate::schema::tensors(cfg);
+    let tensors = crate::model::schema::tensors(cfg);
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     for t in &tensors {
@@ -121,7 +121,7 @@ pub fn random_checkpoint(cfg: &BloomConfig, dtype: DType, seed: u64) -> Result<C
         .map_err(|e| Error::io("<random weights>", e))?;
     let label = Path::new("<random weights>");
     let ckpt = Checkpoint::from_file(label, MappedFile::from_mmap(label, map)?);
-    crate::schema::check(&ckpt, cfg)?;
+    crate::model::schema::check(&ckpt, cfg)?;
     Ok(ckpt)
 }
 
@@ -201,7 +201,9 @@ pub fn cpu_gemm_rate(m: usize, k: usize, n: usize) -> f64 {
     let w = vec![0.25f32; n * k];
     let b = vec![0f32; n];
     let mut y = vec![0f32; m * n];
-    let t = best_of(3, || crate::cpu::linear::linear(&a, &w, &b, &mut y, false));
+    let t = best_of(3, || {
+        crate::backends::cpu::linear::linear(&a, &w, &b, &mut y, false)
+    });
     2.0 * (m * k * n) as f64 / t
 }
 
@@ -220,8 +222,8 @@ mod tests {
         };
         let a = random_checkpoint(&cfg, DType::F16, 1).unwrap();
         let b = random_checkpoint(&cfg, DType::F16, 1).unwrap();
-        let cpu = crate::cpu::CpuModel::load(&a, &cfg).unwrap();
-        let batch = crate::batch::PackedBatch::from_seqs(&[vec![5u32, 6, 7]]);
+        let cpu = crate::backends::cpu::CpuModel::load(&a, &cfg).unwrap();
+        let batch = crate::engine::batch::PackedBatch::from_seqs(&[vec![5u32, 6, 7]]);
         let e = cpu.embed(&batch).unwrap();
         assert!(e.iter().all(|v| v.is_finite()) && e.iter().any(|v| *v != 0.0));
         let (ta, tb) = (

@@ -1,30 +1,34 @@
 //! sgpt: an inference engine for SGPT-BLOOM sentence embeddings.
 //!
-//! - [`backend`]: the engine seam (`Backend`, its typed info, the GPU kernel choices).
-//! - [`weights`]: memory-mapped safetensors checkpoints (sharded or not, f32/f16/bf16).
-//! - [`schema`]: every tensor of a BLOOM checkpoint and the checks it must pass.
-//! - [`tokenize`]: BLOOM's tokenizer with SGPT's special brackets.
-//! - [`batch`]: packed batches (`cu_seqlens`, no padding).
-//! - [`cpu`]: the readable CPU forward, oracle for the GPU kernels.
-//! - [`model`]: a model directory + backend → embeddings.
-//! - [`output`]: output files that are complete or absent, never a replaced device or link.
+//! Layers, each depending only on those above it (docs/architecture.md):
+//! - [`model`]: a model directory: config, tokenizer with SGPT's brackets, memory-mapped
+//!   weights, the BLOOM checkpoint schema.
+//! - [`backends`]: the CPU forward (readable; the oracle) and the CUDA forward (kernels/).
+//! - [`engine`]: the `Backend` seam, engine options, packed batches, the embedding pipeline.
+//! - [`io`]: texts in (lines, JSONL), embeddings out (JSONL, .npy), output files that are
+//!   complete or absent.
 //! - [`eval`]: retrieval quality on BEIR-format data (`sgpt eval`).
 //! - [`server`]: `sgpt serve`, the HTTP server with dynamic batching.
+//! - [`bench`]: random checkpoints at named shapes, synthetic corpora, ceilings (`sgpt bench`).
 
-pub mod backend;
-pub mod batch;
+pub mod backends;
 pub mod bench;
-pub mod config;
-pub mod cpu;
-pub mod cuda;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod io;
 pub mod model;
-pub mod output;
-pub mod schema;
 pub mod server;
-pub mod tokenize;
-pub mod weights;
 
 pub use error::{Error, Result};
+
+// The paths of the layout before `model/`, `engine/` and `backends/`, kept while the Python
+// binding moves over; not used inside the crate.
+#[doc(hidden)]
+pub use backends::{cpu, cuda};
+#[doc(hidden)]
+pub use engine::{backend, batch};
+#[doc(hidden)]
+pub use io::output;
+#[doc(hidden)]
+pub use model::{config, schema, tokenize, weights};

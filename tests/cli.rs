@@ -9,8 +9,8 @@ use std::process::{Command, Output, Stdio};
 
 use common::{assert_close, copy_model, edit_json, rewrite_weights, tiny_b_model, tiny_model};
 use safetensors::Dtype;
-use sgpt::model::{Device, Embedder};
-use sgpt::tokenize::Kind;
+use sgpt::engine::{Device, Embedder};
+use sgpt::model::tokenize::Kind;
 
 fn sgpt(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sgpt"))

@@ -9,12 +9,13 @@ use std::sync::Arc;
 
 use common::{assert_close, cosine, load_golden};
 use cudarc::driver::{CudaSlice, CudaStream};
-use sgpt::batch::PackedBatch;
+use sgpt::backends::cuda::device::{unavailable_reason, GpuDtype};
+use sgpt::backends::cuda::gemm::Gemm;
+use sgpt::backends::cuda::ops::{skinny_fits, Act, Kernels};
 use sgpt::cpu;
-use sgpt::cuda::device::{unavailable_reason, GpuDtype};
-use sgpt::cuda::gemm::Gemm;
-use sgpt::cuda::ops::{skinny_fits, Act, Kernels};
-use sgpt::model::{Device, Embedder, EngineOptions, KernelChoices, ModelDir};
+use sgpt::engine::batch::PackedBatch;
+use sgpt::engine::{Device, Embedder, EngineOptions, KernelChoices};
+use sgpt::model::ModelDir;
 
 struct Gpu {
     s: Arc<CudaStream>,
@@ -30,7 +31,7 @@ fn gpu() -> Option<Gpu> {
         eprintln!("skipped: no GPU ({why})");
         return None;
     }
-    let ctx = sgpt::cuda::device::open(0).unwrap();
+    let ctx = sgpt::backends::cuda::device::open(0).unwrap();
     let k = Kernels::load(&ctx, None).unwrap();
     Some(Gpu {
         s: ctx.default_stream(),

@@ -6,9 +6,9 @@ use std::path::Path;
 
 use memmap2::MmapMut;
 use proptest::prelude::*;
-use sgpt::config::BloomConfig;
+use sgpt::model::config::BloomConfig;
+use sgpt::model::weights::MappedFile;
 use sgpt::server::api::{self, OpenAiRequest, TeiRequest};
-use sgpt::weights::MappedFile;
 
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
@@ -61,7 +61,7 @@ proptest! {
     fn safetensors_reader_never_panics_on_header_like_bytes(bytes in safetensors_like()) {
         if let Ok(f) = MappedFile::from_mmap(Path::new("fuzz.safetensors"), mapped(&bytes)) {
             // A file that opens has every tensor inside its data section.
-            let ckpt = sgpt::weights::Checkpoint::from_file(Path::new("fuzz"), f);
+            let ckpt = sgpt::model::weights::Checkpoint::from_file(Path::new("fuzz"), f);
             for n in ckpt.names() {
                 if let Ok(t) = ckpt.get(n) {
                     let _ = t.count_non_finite();

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sgpt::model::{Device, Embedder};
-use sgpt::tokenize::Kind;
+use sgpt::engine::{Device, Embedder};
+use sgpt::model::tokenize::Kind;
 
 use common::{assert_close, max_abs_diff, tiny_model};
 use server_support::*;

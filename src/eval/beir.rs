@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::tokenize::join_title;
+use crate::model::tokenize::join_title;
 
 /// The documents, in file order. Document `i` is `ids[i]`, embedded as `texts[i]`.
 #[derive(Debug, Default)]

@@ -24,10 +24,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::cpu::pooling::l2_normalize;
+use crate::backends::cpu::pooling::l2_normalize;
+use crate::engine::Embedder;
 use crate::error::{Error, Result};
-use crate::model::{Embedder, ModelDir};
-use crate::tokenize::Kind;
+use crate::model::tokenize::Kind;
+use crate::model::ModelDir;
 
 use beir::Dataset;
 use cache::{Fnv, ShardCache};
@@ -116,7 +117,7 @@ pub struct EvalOutcome {
     pub documents: EmbedCounts,
     pub timings: Timings,
     /// The engine that embedded (typed; also written to the metrics JSON).
-    pub engine: crate::backend::BackendInfo,
+    pub engine: crate::engine::backend::BackendInfo,
     pub scorer: String,
 }
 

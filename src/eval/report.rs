@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use super::beir::Dataset;
 use super::{EvalOptions, EvalOutcome};
 use crate::error::{Error, Result};
-use crate::output::OutputFile;
+use crate::io::output::OutputFile;
 
 /// The run's name in the last column of the run file.
 pub const RUN_TAG: &str = "sgpt";

@@ -6,9 +6,9 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::cpu::pooling::l2_normalize;
+use crate::backends::cpu::pooling::l2_normalize;
+use crate::model::tokenize::{py_rstrip, Kind};
 use crate::server::errors::{ApiError, ErrorKind};
-use crate::tokenize::{py_rstrip, Kind};
 
 /// `POST /v1/embeddings` (OpenAI). Unknown fields are ignored, as OpenAI-compatible servers do.
 #[derive(Debug, Deserialize)]

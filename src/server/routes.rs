@@ -17,12 +17,12 @@ use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::model::Embedder;
+use crate::engine::Embedder;
+use crate::model::tokenize::Kind;
 use crate::server::api::{self, EncodingFormat, OpenAiRequest, OpenAiResponse, TeiRequest};
 use crate::server::batcher::BatchError;
 use crate::server::errors::{check_json_content_type, Aborted, ApiError, ErrorKind, Style};
 use crate::server::{AppState, Engine, ServeOptions};
-use crate::tokenize::Kind;
 
 type St = State<Arc<AppState>>;
 

@@ -72,7 +72,7 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// One golden text from tools/make_fixtures.py.
 pub struct GoldenText {
     pub text: String,
-    pub kind: sgpt::tokenize::Kind,
+    pub kind: sgpt::model::tokenize::Kind,
     pub truncated: bool,
     pub ids: Vec<u32>,
     /// [L+1, n, H] flattened, as transformers' hidden_states.

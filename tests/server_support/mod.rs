@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use sgpt::batch::PackedBatch;
-use sgpt::cpu::CpuModel;
-use sgpt::model::{Backend, Embedder, ModelDir, DEFAULT_MAX_BATCH_TOKENS};
+use sgpt::backends::cpu::CpuModel;
+use sgpt::engine::batch::PackedBatch;
+use sgpt::engine::{Backend, Embedder, DEFAULT_MAX_BATCH_TOKENS};
+use sgpt::model::ModelDir;
 use sgpt::server::{serve, ServeError, ServeOptions};
 
 pub const TIMEOUT: Duration = Duration::from_secs(60);
@@ -449,7 +450,7 @@ impl Backend for GatedBackend {
         drop(closed);
         self.inner.embed(batch)
     }
-    fn info(&self) -> sgpt::backend::BackendInfo {
+    fn info(&self) -> sgpt::engine::backend::BackendInfo {
         self.inner.info()
     }
 }
@@ -509,7 +510,7 @@ impl Backend for FaultyBackend {
         }
         Ok(out)
     }
-    fn info(&self) -> sgpt::backend::BackendInfo {
+    fn info(&self) -> sgpt::engine::backend::BackendInfo {
         self.inner.info()
     }
 }

@@ -229,7 +229,7 @@ fn check_pooling(v: &Value, path: &Path, hidden: usize) -> Result<()> {
 
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut crate::weights::open_regular(path)?, &mut text)
+    std::io::Read::read_to_string(&mut crate::model::weights::open_regular(path)?, &mut text)
         .map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|err| Error::Json {
         path: PathBuf::from(path),

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
-use crate::config::BloomConfig;
-use crate::cuda::gemm::Gemm;
-use crate::cuda::ops::{Act, Kernels, SKINNY_MAX_ROWS};
+use crate::backends::cuda::gemm::Gemm;
+use crate::backends::cuda::ops::{Act, Kernels, SKINNY_MAX_ROWS};
 use crate::error::{Error, Result};
+use crate::model::config::BloomConfig;
 
 fn err(what: &str, e: impl std::fmt::Debug) -> Error {
-    crate::cuda::error(what, e)
+    crate::backends::cuda::error(what, e)
 }
 
 /// Median milliseconds of `reps` runs of `f` (after one warm-up), timed with events.

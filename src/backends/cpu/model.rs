@@ -4,15 +4,15 @@
 //! L blocks, V embedding rows. Activations are f32 row-major; weights are f32 views of the
 //! memory map (or converted copies for f16/bf16 checkpoints).
 
-use crate::batch::PackedBatch;
-use crate::config::BloomConfig;
-use crate::cpu::attention::{alibi_attention, alibi_slopes};
-use crate::cpu::gelu::gelu_inplace;
-use crate::cpu::layernorm::layernorm;
-use crate::cpu::linear::linear;
-use crate::cpu::pooling::weighted_mean_pool;
+use crate::backends::cpu::attention::{alibi_attention, alibi_slopes};
+use crate::backends::cpu::gelu::gelu_inplace;
+use crate::backends::cpu::layernorm::layernorm;
+use crate::backends::cpu::linear::linear;
+use crate::backends::cpu::pooling::weighted_mean_pool;
+use crate::engine::batch::PackedBatch;
 use crate::error::Result;
-use crate::weights::{Checkpoint, F32Buf, TensorRef};
+use crate::model::config::BloomConfig;
+use crate::model::weights::{Checkpoint, F32Buf, TensorRef};
 
 struct Norm {
     w: F32Buf,
@@ -45,7 +45,7 @@ pub struct CpuModel {
 impl CpuModel {
     /// Reads every tensor the forward needs, after checking the checkpoint against the schema.
     pub fn load(ckpt: &Checkpoint, cfg: &BloomConfig) -> Result<Self> {
-        crate::schema::check(ckpt, cfg)?;
+        crate::model::schema::check(ckpt, cfg)?;
         let h = cfg.hidden;
         let norm = |p: &str| -> Result<Norm> {
             Ok(Norm {
@@ -135,12 +135,12 @@ impl CpuModel {
     }
 }
 
-impl crate::backend::Backend for CpuModel {
+impl crate::engine::backend::Backend for CpuModel {
     fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
         CpuModel::embed(self, batch)
     }
-    fn info(&self) -> crate::backend::BackendInfo {
-        crate::backend::BackendInfo {
+    fn info(&self) -> crate::engine::backend::BackendInfo {
+        crate::engine::backend::BackendInfo {
             kind: "cpu",
             device: "cpu".into(),
             dtype: "f32",

@@ -2,23 +2,24 @@
 //! (copy bandwidth, GEMM rate), and `sgpt bench kernels` (GPU). Every number printed is measured
 //! here; ratios are against numbers measured in this run or a baseline file the user names.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::EngineArgs;
 use anyhow::{bail, Context, Result};
+use clap::Args;
 use serde_json::json;
 
-use sgpt::batch::PackedBatch;
+use sgpt::backends::cuda::device::GpuDtype;
 use sgpt::bench::{
     cpu_copy_bandwidth, cpu_gemm_rate, forward_flops, random_checkpoint, shape, synthetic_corpus,
 };
-use sgpt::config::BloomConfig;
-use sgpt::cuda::device::GpuDtype;
-use sgpt::model::{build_backend, BuiltBackend, ModelDir};
-use sgpt::tokenize::Kind;
-use sgpt::weights::{Checkpoint, DType};
-
-use crate::{BenchArgs, BenchWhat};
+use sgpt::engine::batch::PackedBatch;
+use sgpt::engine::{build_backend, BuiltBackend};
+use sgpt::model::config::BloomConfig;
+use sgpt::model::tokenize::Kind;
+use sgpt::model::weights::{Checkpoint, DType};
+use sgpt::model::ModelDir;
 
 /// Bracket ids used for random-weight shapes (any ids below the vocabulary do for timing).
 const RANDOM_BRACKETS: [(u32, u32); 2] = [(62, 64), (94, 96)];
@@ -51,8 +52,8 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
         (None, Some(name)) => {
             let cfg = shape(name)?;
             // The CPU reads f32 in place; the GPU uploads and converts, f16 halves the build.
-            let on_gpu = a.engine.device != sgpt::model::Device::Cpu
-                && sgpt::cuda::device::unavailable_reason(0).is_none();
+            let on_gpu = a.engine.device != sgpt::engine::Device::Cpu
+                && sgpt::backends::cuda::device::unavailable_reason(0).is_none();
             let dtype = if on_gpu { DType::F16 } else { DType::F32 };
             let t = Instant::now();
             let ckpt = random_checkpoint(&cfg, dtype, 1)?;
@@ -77,22 +78,22 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
 pub fn run(a: BenchArgs) -> Result<()> {
     let opts = a.engine.apply()?; // the thread pool first: building random weights uses it
                                   // Requests that cannot run fail before gigabytes of random weights are built.
-    use sgpt::model::Device;
+    use sgpt::engine::Device;
     let no_gpu = match opts.device {
         Device::Cpu => true,
-        Device::Auto => sgpt::cuda::device::unavailable_reason(0).is_some(),
+        Device::Auto => sgpt::backends::cuda::device::unavailable_reason(0).is_some(),
         Device::Cuda(_) => false,
     };
     if a.what == BenchWhat::Kernels && no_gpu {
         bail!("`sgpt bench kernels` times the GPU kernels and needs --device cuda; `cargo bench` measures the CPU ops");
     }
     if let Device::Cuda(n) = opts.device {
-        if let Some(why) = sgpt::cuda::device::unavailable_reason(n) {
+        if let Some(why) = sgpt::backends::cuda::device::unavailable_reason(n) {
             bail!("--device cuda:{n}: {why}");
         }
     }
     if let Some(p) = &a.json {
-        sgpt::output::check(p)?; // written at the end
+        sgpt::io::output::check(p)?; // written at the end
     }
     if a.shape.is_some() && !a.quiet {
         eprintln!(
@@ -142,7 +143,7 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     // Warm-up: one batch touches every weight page and, on the GPU, plans the GEMMs.
     backend.embed(&PackedBatch::from_seqs(&seqs[..1]))?;
     let t0 = Instant::now();
-    for range in sgpt::batch::plan_batches(&lengths, b.max_batch_tokens) {
+    for range in sgpt::engine::batch::plan_batches(&lengths, b.max_batch_tokens) {
         backend.embed(&PackedBatch::from_seqs(&seqs[range]))?;
     }
     let corpus_s = t0.elapsed().as_secs_f64();
@@ -179,16 +180,20 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let (h, on_gpu) = (st.cfg.hidden, b.gpu.is_some());
     let (copy_bw, gemm_rate, mem_used, weight_bytes_per_param) = match b.gpu {
         Some(ordinal) => {
-            let ctx = sgpt::cuda::device::open(ordinal)?;
+            let ctx = sgpt::backends::cuda::device::open(ordinal)?;
             let s = ctx.default_stream();
             let gemm = match a.engine.gpu_dtype() {
-                GpuDtype::F16 => sgpt::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
-                GpuDtype::Bf16 => sgpt::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
+                GpuDtype::F16 => {
+                    sgpt::backends::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?
+                }
+                GpuDtype::Bf16 => {
+                    sgpt::backends::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?
+                }
             };
             (
-                sgpt::cuda::bench::copy_bandwidth(&s)?,
+                sgpt::backends::cuda::bench::copy_bandwidth(&s)?,
                 gemm,
-                sgpt::cuda::bench::memory_used(&ctx)? as f64,
+                sgpt::backends::cuda::bench::memory_used(&ctx)? as f64,
                 2.0,
             )
         }
@@ -299,20 +304,26 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let Some(ordinal) = b.gpu else {
         bail!("`sgpt bench kernels` times the GPU kernels and needs a GPU; `cargo bench` measures the CPU ops");
     };
-    let ctx = sgpt::cuda::device::open(ordinal)?;
-    let k =
-        sgpt::cuda::ops::Kernels::load(&ctx, sgpt::cuda::nvrtc::default_cache_dir().as_deref())?;
+    let ctx = sgpt::backends::cuda::device::open(ordinal)?;
+    let k = sgpt::backends::cuda::ops::Kernels::load(
+        &ctx,
+        sgpt::backends::cuda::nvrtc::default_cache_dir().as_deref(),
+    )?;
     let s = ctx.default_stream();
     let h = st.cfg.hidden;
-    let copy_bw = sgpt::cuda::bench::copy_bandwidth(&s)?;
+    let copy_bw = sgpt::backends::cuda::bench::copy_bandwidth(&s)?;
     let (gemm_rate, times) = match a.engine.gpu_dtype() {
         GpuDtype::F16 => (
-            sgpt::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
-            sgpt::cuda::bench::kernel_times::<half::f16>(&ctx, &k, &st.cfg, a.seqs, a.seq_len)?,
+            sgpt::backends::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
+            sgpt::backends::cuda::bench::kernel_times::<half::f16>(
+                &ctx, &k, &st.cfg, a.seqs, a.seq_len,
+            )?,
         ),
         GpuDtype::Bf16 => (
-            sgpt::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
-            sgpt::cuda::bench::kernel_times::<half::bf16>(&ctx, &k, &st.cfg, a.seqs, a.seq_len)?,
+            sgpt::backends::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
+            sgpt::backends::cuda::bench::kernel_times::<half::bf16>(
+                &ctx, &k, &st.cfg, a.seqs, a.seq_len,
+            )?,
         ),
     };
     println!(
@@ -358,7 +369,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
 
 fn write_json(a: &BenchArgs, v: &serde_json::Value) -> Result<()> {
     if let Some(p) = &a.json {
-        sgpt::output::write_file(p, serde_json::to_string_pretty(v)?.as_bytes())?;
+        sgpt::io::output::write_file(p, serde_json::to_string_pretty(v)?.as_bytes())?;
     }
     Ok(())
 }
@@ -388,4 +399,52 @@ fn peak_rss_bytes() -> Option<f64> {
         .parse::<f64>()
         .ok()
         .map(|kb| kb * 1024.0)
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// What to measure: the whole engine on a corpus, or each GPU kernel at the model's shapes.
+    #[arg(value_enum, default_value = "corpus")]
+    what: BenchWhat,
+    /// Model directory (or use --shape for random weights).
+    #[arg(long, short, conflicts_with = "shape")]
+    model: Option<PathBuf>,
+    /// Random weights at a named BLOOM shape: bloom-560m, bloom-1b1, bloom-1b7, bloom-3b, bloom-7b1.
+    #[arg(long)]
+    shape: Option<String>,
+    #[command(flatten)]
+    pub(crate) engine: EngineArgs,
+    /// Token-id sequences to embed, JSONL (one JSON array of ids per line, brackets included),
+    /// so another engine can be timed on exactly the same input. Default: a synthetic corpus.
+    #[arg(long)]
+    ids: Option<PathBuf>,
+    /// Size of the synthetic corpus.
+    #[arg(long, default_value_t = 256)]
+    texts: usize,
+    /// Repetitions of each latency measurement.
+    #[arg(long, default_value_t = 20)]
+    latency_reps: usize,
+    /// A baseline's results (JSON with "tokens_per_s" and optionally "query_p50_ms", e.g. from
+    /// tools/bench_torch_gpu.py) to print our ratio against.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// `bench kernels`: sequences × tokens per sequence of the timed batch.
+    #[arg(long, default_value_t = 16)]
+    seqs: usize,
+    #[arg(long, default_value_t = 300)]
+    seq_len: usize,
+    /// Also write the results as JSON to FILE.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No progress messages on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum BenchWhat {
+    /// Corpus throughput, latency, ceilings, MFU.
+    Corpus,
+    /// Each GPU kernel and GEMM at the model's shapes.
+    Kernels,
 }

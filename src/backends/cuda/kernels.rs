@@ -2,7 +2,7 @@
 //! carried to a GPU machine alone). `common.cuh` is prepended in place of its `#include`.
 
 /// Shared helpers, included by every kernel.
-pub const COMMON: &str = include_str!("../../kernels/common.cuh");
+pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// One kernel file: its name, source, and the functions it exports.
 pub struct KernelSource {
@@ -14,27 +14,27 @@ pub struct KernelSource {
 pub const KERNELS: &[KernelSource] = &[
     KernelSource {
         file: "embedding_layernorm.cu",
-        source: include_str!("../../kernels/embedding_layernorm.cu"),
+        source: include_str!("../../../kernels/embedding_layernorm.cu"),
         functions: &["embedding_layernorm_f16", "embedding_layernorm_bf16"],
     },
     KernelSource {
         file: "add_layernorm.cu",
-        source: include_str!("../../kernels/add_layernorm.cu"),
+        source: include_str!("../../../kernels/add_layernorm.cu"),
         functions: &["add_layernorm_f16", "add_layernorm_bf16"],
     },
     KernelSource {
         file: "alibi_attention.cu",
-        source: include_str!("../../kernels/alibi_attention.cu"),
+        source: include_str!("../../../kernels/alibi_attention.cu"),
         functions: &["alibi_attention_f16", "alibi_attention_bf16"],
     },
     KernelSource {
         file: "alibi_attention_tc.cu",
-        source: include_str!("../../kernels/alibi_attention_tc.cu"),
+        source: include_str!("../../../kernels/alibi_attention_tc.cu"),
         functions: &["alibi_attention_tc_f16", "alibi_attention_tc_bf16"],
     },
     KernelSource {
         file: "alibi_attention_mma.cu",
-        source: include_str!("../../kernels/alibi_attention_mma.cu"),
+        source: include_str!("../../../kernels/alibi_attention_mma.cu"),
         functions: &[
             "alibi_attention_mma_d16_f16",
             "alibi_attention_mma_d16_bf16",
@@ -50,12 +50,12 @@ pub const KERNELS: &[KernelSource] = &[
     },
     KernelSource {
         file: "bias_gelu.cu",
-        source: include_str!("../../kernels/bias_gelu.cu"),
+        source: include_str!("../../../kernels/bias_gelu.cu"),
         functions: &["bias_gelu_f16", "bias_gelu_bf16"],
     },
     KernelSource {
         file: "final_norm_pool.cu",
-        source: include_str!("../../kernels/final_norm_pool.cu"),
+        source: include_str!("../../../kernels/final_norm_pool.cu"),
         functions: &[
             "final_norm_stats_f16",
             "final_norm_stats_bf16",
@@ -65,12 +65,12 @@ pub const KERNELS: &[KernelSource] = &[
     },
     KernelSource {
         file: "skinny_gemm.cu",
-        source: include_str!("../../kernels/skinny_gemm.cu"),
+        source: include_str!("../../../kernels/skinny_gemm.cu"),
         functions: &["skinny_gemm_f16", "skinny_gemm_bf16"],
     },
     KernelSource {
         file: "convert.cu",
-        source: include_str!("../../kernels/convert.cu"),
+        source: include_str!("../../../kernels/convert.cu"),
         functions: &[
             "convert_f32_f16",
             "convert_f32_bf16",

@@ -3,9 +3,9 @@
 //! [`check`] (so `embed`, `serve`, `eval` and `inspect` all do), and `sgpt bench` builds its
 //! random checkpoints from [`tensors`].
 
-use crate::config::BloomConfig;
 use crate::error::{Error, Result};
-use crate::weights::Checkpoint;
+use crate::model::config::BloomConfig;
+use crate::model::weights::Checkpoint;
 
 /// What a tensor is, for code that fills or inspects weights by role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

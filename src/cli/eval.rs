@@ -10,9 +10,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use sgpt::eval::beir::Dataset;
 use sgpt::eval::{evaluate, report, EvalOptions, Event};
-use sgpt::output::OutputFile;
+use sgpt::io::output::OutputFile;
 
-use crate::{setup, Common};
+use super::{setup, Common};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -59,7 +59,7 @@ pub struct EvalArgs {
 /// Test hook: pause after each written shard, so a test can kill the run between shards.
 const PAUSE_ENV: &str = "SGPT_EVAL_PAUSE_AFTER_SHARD_MS";
 
-pub fn eval(a: EvalArgs) -> Result<()> {
+pub fn run(a: EvalArgs) -> Result<()> {
     if a.top_k == 0 {
         bail!("--top-k must be at least 1");
     }
@@ -75,7 +75,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     };
     // Output files are checked and opened before any work, so a bad path fails at once; each
     // is put in place only when complete (sgpt::output).
-    sgpt::output::remove_temps_on_signal()?;
+    sgpt::io::output::remove_temps_on_signal()?;
     let run_out = a.run.as_deref().map(OutputFile::create).transpose()?;
     let metrics_out = a.metrics.as_deref().map(OutputFile::create).transpose()?;
     let data = Dataset::load(&a.data, &a.split)?;

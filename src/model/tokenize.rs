@@ -68,7 +68,7 @@ impl SpecbTokenizer {
     /// the tokenizer can produce must fit.
     pub fn from_file(path: &Path, max_seq_length: usize, vocab_rows: usize) -> Result<Self> {
         // Missing, a directory or a FIFO (which would block the read): a clear error first.
-        crate::weights::open_regular(path)?;
+        crate::model::weights::open_regular(path)?;
         let err = |msg: String| Error::Tokenizer {
             path: path.to_path_buf(),
             msg,

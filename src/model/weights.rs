@@ -134,7 +134,7 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut location = HashMap::new();
         if index.exists() {
-            let v = crate::config::read_json(&index)?;
+            let v = crate::model::config::read_json(&index)?;
             let map = v
                 .get("weight_map")
                 .and_then(Value::as_object)

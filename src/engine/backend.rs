@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::batch::PackedBatch;
+use crate::engine::batch::PackedBatch;
 use crate::error::Result;
 
 /// A packed batch in, embeddings [S, H] out.

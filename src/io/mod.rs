@@ -1,6 +1,8 @@
 //! Inputs and outputs of `sgpt embed`: texts from plain lines or JSONL, embeddings to JSONL or a
-//! float32 `.npy` matrix. Output files go through [`crate::output::OutputFile`]: complete or
+//! float32 `.npy` matrix. Output files go through [`crate::io::output::OutputFile`]: complete or
 //! not at all, symlinks followed, streams (FIFOs, devices) written in place.
+
+pub mod output;
 
 use std::io::{BufRead, BufWriter, Write};
 use std::path::PathBuf;
@@ -8,8 +10,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::output::OutputFile;
-use crate::tokenize::{join_title, Kind};
+use crate::model::tokenize::{join_title, Kind};
+use output::OutputFile;
 
 /// One text to embed, with where it came from (for error messages).
 #[derive(Debug, Clone, PartialEq)]
@@ -188,7 +190,7 @@ pub struct EmptyTexts {
 
 impl EmptyTexts {
     pub fn add(&mut self, t: &InputText) {
-        if crate::tokenize::py_rstrip(&t.text).is_empty() {
+        if crate::model::tokenize::py_rstrip(&t.text).is_empty() {
             self.count += 1;
             if self.first.len() < 10 {
                 self.first.push(t.line);

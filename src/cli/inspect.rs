@@ -1,0 +1,127 @@
+//! `sgpt inspect`: a model directory described, after every check `embed` runs.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use sgpt::model::tokenize::Kind;
+use sgpt::model::weights::DType;
+use sgpt::model::ModelDir;
+
+use super::{file_name, human};
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Model directory (or -m/--model DIR, as every other command takes it).
+    #[arg(value_name = "DIR", required_unless_present = "model_flag")]
+    dir: Option<PathBuf>,
+    #[arg(
+        long = "model",
+        short = 'm',
+        value_name = "DIR",
+        conflicts_with = "dir"
+    )]
+    model_flag: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Every check `embed` runs (config, tokenizer, schema: names, shapes, dtypes, layer count,
+/// duplicates) via `ModelDir::open`, then a scan of every weight for NaN/Inf; exit 1 on any.
+pub fn run(a: InspectArgs) -> Result<()> {
+    let dir = a.dir.or(a.model_flag).context("give the model directory")?;
+    let m = ModelDir::open(&dir)?;
+    let mut bad = Vec::new();
+    for n in m.checkpoint.names() {
+        let k = m.checkpoint.get(n)?.count_non_finite();
+        if k > 0 {
+            bad.push(format!("`{n}` ({k} values)"));
+        }
+    }
+    if !bad.is_empty() {
+        let more = bad.len().saturating_sub(10);
+        bail!(
+            "{}: {} tensor(s) hold NaN or Inf: {}{}; every embedding would be garbage",
+            m.dir.display(),
+            bad.len(),
+            bad[..bad.len().min(10)].join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
+    let c = &m.config;
+    let names = m.checkpoint.names();
+    let mut params = 0usize;
+    let mut dtypes = std::collections::BTreeMap::<DType, usize>::new();
+    for n in &names {
+        let t = m.checkpoint.get(n)?;
+        params += t.numel();
+        *dtypes.entry(t.dtype).or_default() += 1;
+    }
+    let files: Vec<(String, u64)> = m
+        .checkpoint
+        .files
+        .iter()
+        .map(|f| (file_name(&f.path), f.len_bytes() as u64))
+        .collect();
+    let (qo, qc) = m.tokenizer.brackets(Kind::Query);
+    let (doc_o, doc_c) = m.tokenizer.brackets(Kind::Document);
+    let info = serde_json::json!({
+        "model": m.dir.display().to_string(),
+        "hidden": c.hidden, "layers": c.layers, "heads": c.heads, "head_dim": c.head_dim(),
+        "vocab_rows": c.vocab, "tokenizer_vocab": m.tokenizer.vocab_size(),
+        "layer_norm_epsilon": c.eps, "max_seq_length": m.sentence.max_seq_length,
+        "pooling": "weightedmean",
+        "bracket_ids": {"query": [qo, qc], "document": [doc_o, doc_c]},
+        "tensors": names.len(), "parameters": params,
+        "non_embedding_parameters": c.non_embedding_params(),
+        "dtypes": dtypes.iter().map(|(d, n)| (d.name().to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
+        "bytes": m.checkpoint.total_bytes(),
+        "files": files.iter().map(|(f, b)| serde_json::json!({"file": f, "bytes": b})).collect::<Vec<_>>(),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("model            {}", m.dir.display());
+    println!("hidden H         {}", c.hidden);
+    println!("layers L         {}", c.layers);
+    println!("heads n          {} (head dim {})", c.heads, c.head_dim());
+    println!(
+        "vocab            {} embedding rows, {} tokenizer tokens",
+        c.vocab,
+        m.tokenizer.vocab_size()
+    );
+    println!("layernorm eps    {:e}", c.eps);
+    println!(
+        "max_seq_length   {} ({} text tokens + brackets)",
+        m.sentence.max_seq_length,
+        m.tokenizer.max_text_tokens()
+    );
+    println!("pooling          weighted mean");
+    println!("brackets         query [{qo} … {qc}], document [{doc_o} … {doc_c}]");
+    println!("tensors          {} (lm_head ignored)", names.len());
+    let dt: Vec<String> = dtypes
+        .iter()
+        .map(|(d, n)| format!("{} × {n}", d.name()))
+        .collect();
+    println!("dtypes           {}", dt.join(", "));
+    println!(
+        "parameters       {} ({} outside the embedding)",
+        human(params as f64, ""),
+        human(c.non_embedding_params() as f64, "")
+    );
+    println!(
+        "bytes            {}",
+        human(m.checkpoint.total_bytes() as f64, "B")
+    );
+    for (f, b) in files {
+        println!("  {f:<40} {}", human(b as f64, "B"));
+    }
+    Ok(())
+}

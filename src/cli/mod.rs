@@ -1,0 +1,187 @@
+//! The `sgpt` command line: one file per subcommand, the flags they share here.
+
+mod bench;
+mod embed;
+mod eval;
+mod inspect;
+mod serve;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use sgpt::backends::cuda::device::GpuDtype;
+use sgpt::engine::backend::{AttentionKernel, GemmKernel, KernelChoices};
+use sgpt::engine::{Device, Embedder, EngineOptions};
+use sgpt::model::tokenize::Kind;
+
+#[derive(Parser)]
+#[command(name = "sgpt", version, about = "SGPT-BLOOM sentence embeddings")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Embed texts (arguments, a file or stdin) and write one vector per input, in input order.
+    Embed(embed::EmbedArgs),
+    /// Describe a model directory: configuration, tensors, dtypes, sizes, files.
+    Inspect(inspect::InspectArgs),
+    /// Measure embedding throughput and single-query latency.
+    Bench(bench::BenchArgs),
+    /// Retrieval quality on a dataset in BEIR layout: NDCG@10, Recall@100, MAP@100, MRR@10
+    /// (trec_eval's definitions), a TREC run file; embeddings cached so a rerun resumes.
+    Eval(eval::EvalArgs),
+    /// Serve embeddings over HTTP: OpenAI's POST /v1/embeddings and text-embeddings-inference's
+    /// POST /embed, with dynamic batching; GET /health, /info, /metrics.
+    Serve(serve::ServeArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// Model directory: config.json, tokenizer.json, model.safetensors (or an index + shards).
+    #[arg(long, short)]
+    model: PathBuf,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// How the engine runs (shared by every command that embeds).
+#[derive(Args, Clone, Copy)]
+pub(crate) struct EngineArgs {
+    /// Where to run: auto (the GPU when usable, else the CPU, saying why), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: Device,
+    /// Activation and weight type on the GPU [default: f16]; the CPU always computes in f32,
+    /// so giving it with --device cpu is an error.
+    #[arg(long, value_enum)]
+    dtype: Option<GpuDtype>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Most tokens in one packed batch [default: 2048 on the CPU, 16384 on the GPU].
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
+    /// GPU attention kernel: auto (measured rule: v1 below 128 tokens, tc from 128), v1, tc,
+    /// or mma (on trial: never run on a GPU yet).
+    #[arg(long, value_enum, default_value = "auto")]
+    attention: AttentionKernel,
+    /// GPU GEMM path: cublaslt, or skinny for batches of at most 16 tokens (on trial: never run
+    /// on a GPU yet).
+    #[arg(long, value_enum, default_value = "cublaslt")]
+    gemm: GemmKernel,
+    /// Capture and replay CUDA graphs for batches of up to 128 tokens (on trial).
+    #[arg(long)]
+    cuda_graphs: bool,
+}
+
+impl EngineArgs {
+    /// The GPU type asked for, f16 when none was.
+    pub(crate) fn gpu_dtype(&self) -> GpuDtype {
+        self.dtype.unwrap_or(GpuDtype::F16)
+    }
+
+    /// Applies --threads (once per process) and checks the budget; the engine options.
+    fn apply(&self) -> Result<EngineOptions> {
+        if let Some(n) = self.threads {
+            // Thousands of threads take minutes to start and only slow the GEMMs down.
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            let max = (4 * cores).max(4);
+            if n == 0 || n > max {
+                bail!("--threads must be between 1 and {max} (4 × the {cores} cores here)");
+            }
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .context("setting up the thread pool")?;
+        }
+        if self.max_batch_tokens == Some(0) {
+            bail!("--max-batch-tokens must be positive");
+        }
+        if self.device == Device::Cpu && self.dtype.is_some() {
+            bail!("--dtype chooses the GPU's type; the CPU backend always computes in f32");
+        }
+        Ok(EngineOptions {
+            device: self.device,
+            dtype: self.gpu_dtype(),
+            max_batch_tokens: self.max_batch_tokens,
+            kernels: KernelChoices {
+                attention: self.attention,
+                gemm: self.gemm,
+                cuda_graphs: self.cuda_graphs,
+            },
+        })
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    Query,
+    Document,
+}
+
+impl From<KindArg> for Kind {
+    fn from(k: KindArg) -> Kind {
+        match k {
+            KindArg::Query => Kind::Query,
+            KindArg::Document => Kind::Document,
+        }
+    }
+}
+
+pub fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Embed(a) => embed::run(a),
+        Cmd::Inspect(a) => inspect::run(a),
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Eval(a) => eval::run(a),
+        Cmd::Serve(a) => serve::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("sgpt: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn setup(c: &Common, quiet: bool) -> Result<Embedder> {
+    let e = Embedder::open_with(&c.model, c.engine.apply()?)?;
+    if !quiet {
+        for line in e.notice.iter().cloned().chain(e.backend.load_summary()) {
+            eprintln!("sgpt: {line}");
+        }
+    }
+    Ok(e)
+}
+
+fn progress_bar(n: u64, quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() || n < 64 {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} texts  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn human(x: f64, unit: &str) -> String {
+    let (v, p) = match x {
+        x if x >= 1e9 => (x / 1e9, "G"),
+        x if x >= 1e6 => (x / 1e6, "M"),
+        x if x >= 1e3 => (x / 1e3, "k"),
+        x => (x, ""),
+    };
+    format!("{v:.2} {p}{unit}")
+}

@@ -1,0 +1,159 @@
+//! How an engine is built: which device, which GPU type and kernels, how large a batch, and
+//! the one function that turns those options and a checkpoint into a [`Backend`].
+
+use crate::backends::cpu::CpuModel;
+use crate::backends::cuda::device::GpuDtype;
+use crate::engine::backend::{Backend, KernelChoices};
+use crate::error::{Error, Result};
+use crate::model::config::BloomConfig;
+use crate::model::weights::Checkpoint;
+
+/// Which engine runs the forward: `auto`, `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The GPU when one is usable, else the CPU (with a notice saying why).
+    Auto,
+    /// The multi-threaded CPU backend (always available).
+    Cpu,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}: expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Auto => write!(f, "auto"),
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// How to build the engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    pub device: Device,
+    /// Activation/weight type on the GPU (the CPU always computes in f32).
+    pub dtype: GpuDtype,
+    /// Most tokens in one packed batch; None: the backend's default.
+    pub max_batch_tokens: Option<usize>,
+    /// GPU kernel choices (the CPU has one implementation of each op).
+    pub kernels: KernelChoices,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: Device::Auto,
+            dtype: GpuDtype::F16,
+            max_batch_tokens: None,
+            kernels: KernelChoices::default(),
+        }
+    }
+}
+
+/// Default token budget of one packed batch on the CPU: large enough that GEMMs run near peak,
+/// small enough that activations stay in a few tens of MB at bloom-560m size.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
+/// On the GPU: enough rows to keep the tensor cores busy (GEMMs are compute-bound above
+/// ≈ 270 tokens, docs/semantics.md) while activations stay ≈ 1.5 GB at bloom-7b1 size.
+pub const DEFAULT_GPU_MAX_BATCH_TOKENS: usize = 16384;
+
+/// A backend with its batch budget, and the notice `--device auto` leaves when it falls back.
+pub struct BuiltBackend {
+    pub backend: Box<dyn Backend>,
+    pub max_batch_tokens: usize,
+    pub notice: Option<String>,
+    /// The GPU ordinal in use, if any.
+    pub gpu: Option<usize>,
+}
+
+/// Builds the backend `opts` asks for over a checkpoint (from a model directory or random
+/// weights); `max_seq_length` bounds the longest single sequence the GPU buffers must hold.
+pub fn build_backend(
+    ckpt: &Checkpoint,
+    cfg: &BloomConfig,
+    opts: EngineOptions,
+    max_seq_length: usize,
+) -> Result<BuiltBackend> {
+    let gpu = match opts.device {
+        Device::Cpu => None,
+        Device::Cuda(n) => Some(n),
+        Device::Auto => crate::backends::cuda::device::unavailable_reason(0)
+            .is_none()
+            .then_some(0),
+    };
+    let gpu_only = opts.kernels != KernelChoices::default();
+    if opts.device == Device::Cpu && gpu_only {
+        return Err(Error::Input(format!(
+            "GPU kernel choices ({}) were given with --device cpu: the CPU backend has one \
+             implementation of each op",
+            opts.kernels
+        )));
+    }
+    let notice = match opts.device {
+        Device::Auto if gpu.is_none() => {
+            crate::backends::cuda::device::unavailable_reason(0).map(|why| {
+                let ignored = if gpu_only {
+                    "; the GPU kernel choices do not apply"
+                } else {
+                    ""
+                };
+                format!("using the CPU: {why}{ignored}")
+            })
+        }
+        _ => None,
+    };
+    let Some(ordinal) = gpu else {
+        return Ok(BuiltBackend {
+            backend: Box::new(CpuModel::load(ckpt, cfg)?),
+            max_batch_tokens: opts.max_batch_tokens.unwrap_or(DEFAULT_MAX_BATCH_TOKENS),
+            notice,
+            gpu: None,
+        });
+    };
+    // Buffers must hold the longest single sequence even under a small budget.
+    let budget = opts
+        .max_batch_tokens
+        .unwrap_or(DEFAULT_GPU_MAX_BATCH_TOKENS)
+        .max(max_seq_length);
+    let ctx = crate::backends::cuda::device::open(ordinal)?;
+    let backend: Box<dyn Backend> = match opts.dtype {
+        GpuDtype::F16 => Box::new(crate::backends::cuda::model::CudaModel::<half::f16>::load(
+            ctx,
+            ckpt,
+            cfg,
+            budget,
+            opts.kernels,
+        )?),
+        GpuDtype::Bf16 => Box::new(crate::backends::cuda::model::CudaModel::<half::bf16>::load(
+            ctx,
+            ckpt,
+            cfg,
+            budget,
+            opts.kernels,
+        )?),
+    };
+    Ok(BuiltBackend {
+        backend,
+        max_batch_tokens: budget,
+        notice,
+        gpu: Some(ordinal),
+    })
+}

@@ -1,0 +1,17 @@
+//! What a model directory holds: `config.json` and the sentence-transformers files
+//! ([`config`]), the tokenizer with SGPT's brackets ([`tokenize`]), memory-mapped weights
+//! ([`weights`]), the BLOOM checkpoint schema and its checks ([`schema`]), and the directory
+//! opened as a whole ([`dir`]).
+
+pub mod config;
+pub mod dir;
+pub mod schema;
+pub mod tokenize;
+pub mod weights;
+
+pub use dir::ModelDir;
+
+// The engine's types at their paths before the move, for the Python binding until it moves
+// over; not used inside the crate.
+#[doc(hidden)]
+pub use crate::engine::{Device, Embedder, EngineOptions};
