@@ -21,9 +21,9 @@ use pyo3::exceptions::{
 };
 use pyo3::prelude::*;
 
-use sgpt::cuda::device::GpuDtype;
-use sgpt::model::{Device, Embedder, EngineOptions};
-use sgpt::tokenize::{py_rstrip, Kind};
+use sgpt::backends::cuda::device::GpuDtype;
+use sgpt::engine::{Device, Embedder, EngineOptions};
+use sgpt::model::tokenize::{py_rstrip, Kind};
 use sgpt::Error;
 
 /// A library error as the Python exception a caller would catch for it.
