@@ -3,18 +3,18 @@
 //! Inputs are seeded pseudo-random values, never zeros.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sgpt::backends::cpu::attention::{alibi_attention, alibi_slopes};
-use sgpt::backends::cpu::gelu::gelu_inplace;
-use sgpt::backends::cpu::layernorm::layernorm;
-use sgpt::backends::cpu::linear::linear;
-use sgpt::backends::cpu::pooling::weighted_mean_pool;
+use sgpt::backend::cpu::attention::{alibi_attention, alibi_slopes};
+use sgpt::backend::cpu::gelu::gelu_inplace;
+use sgpt::backend::cpu::layernorm::layernorm;
+use sgpt::backend::cpu::linear::linear;
+use sgpt::backend::cpu::pooling::weighted_mean_pool;
 
 const H: usize = 1024;
 const HEADS: usize = 16;
 const T: usize = 512;
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    sgpt::bench::uniform(n, seed, 1.0)
+    sgpt::seeded::uniform(n, seed, 1.0)
 }
 
 /// A ragged packing like a real corpus: lengths 12, 80, 299, 121 → 512 tokens.

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use cudarc::driver::sys::CUevent_flags;
-use sgpt::backends::cuda::bench::{KernelBench, OPS};
-use sgpt::backends::cuda::device::{open, unavailable_reason};
-use sgpt::backends::cuda::ops::Kernels;
+use sgpt::backend::cuda::bench::{KernelBench, OPS};
+use sgpt::backend::cuda::device::{open, unavailable_reason};
+use sgpt::backend::cuda::ops::Kernels;
 
 fn gpu_kernels(c: &mut Criterion) {
     if let Some(why) = unavailable_reason(0) {
@@ -21,7 +21,7 @@ fn gpu_kernels(c: &mut Criterion) {
     let ctx = open(0).expect("GPU 0");
     let k = Kernels::load(
         &ctx,
-        sgpt::backends::cuda::nvrtc::default_cache_dir().as_deref(),
+        sgpt::backend::cuda::nvrtc::default_cache_dir().as_deref(),
     )
     .expect("kernels");
     let mut b = KernelBench::<half::f16>::new(&ctx, &k, &cfg, 16, 300).expect("buffers");

@@ -7,7 +7,7 @@
 //   (a GEMM output, bias already added); w, b [H] f32; a [T, H] T (the next GEMM's input).
 // Launch: grid (T), block 256, dynamic shared memory H·4 bytes.
 // Numerics: the sum x + y in f32, statistics in f32 over the shared-memory row (two passes).
-// Caller: src/backends/cuda/ops.rs `add_layernorm`.
+// Caller: src/backend/cuda/ops.rs `add_layernorm`.
 #include "common.cuh"
 
 template <typename T>

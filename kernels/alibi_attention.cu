@@ -13,7 +13,7 @@
 //   one rounding to T at the end. Version 1: correctness first, O(n²·d) per head with
 //   warp-shuffle dot products; the tensor-core tiled version is issue [speed].
 // Idea: the online softmax of flash-attention (Dao et al.); packing as in varlen attention.
-// Caller: src/backends/cuda/ops.rs `alibi_attention`.
+// Caller: src/backend/cuda/ops.rs `alibi_attention`.
 #include "common.cuh"
 
 template <typename T>

@@ -19,7 +19,7 @@
 //   n g), b1 (k 2c+8.., n g); C (16×8 f32): c0 c1 (g, 2c..2c+1), c2 c3 (g+8, 2c..2c+1).
 // Numerics: QKᵀ and PV on tensor cores (T inputs, f32 accumulation); scale, ALiBi bias, causal
 //   mask and the online softmax in f32; P rounded to T for PV (as versions 2 and FlashAttention).
-// Caller: src/backends/cuda/ops.rs `alibi_attention_mma`.
+// Caller: src/backend/cuda/ops.rs `alibi_attention_mma`.
 #include "common.cuh"
 
 #define MMA_BQ 64  // query rows per block (4 warps × 16)

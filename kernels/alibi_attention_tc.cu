@@ -14,7 +14,7 @@
 //   probabilities are rounded to T for the PV product (as flash-attention does); O in f32.
 // Idea: flash-attention's tiling with an online softmax (Dao et al.), packed as in its varlen
 //   variant. Version 1 (one warp per query, CUDA cores) stays until a device run picks the faster.
-// Caller: src/backends/cuda/ops.rs `alibi_attention_tc`.
+// Caller: src/backend/cuda/ops.rs `alibi_attention_tc`.
 #include "common.cuh"
 #include <mma.h>
 

@@ -10,7 +10,7 @@
 //   element per step. The scalar-only first version ran at 26% of copy bandwidth on an H200
 //   (a 64-bit modulo per element; docs/device-runs/).
 // Numerics: f32 arithmetic, tanhf (not the fast-math approximation), one rounding to T.
-// Caller: src/backends/cuda/ops.rs `bias_gelu`.
+// Caller: src/backend/cuda/ops.rs `bias_gelu`.
 #include "common.cuh"
 
 __device__ __forceinline__ float gelu_bloom(float v) {

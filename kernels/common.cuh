@@ -1,5 +1,5 @@
 // common.cuh — helpers shared by every kernel in kernels/ (prepended to each kernel's source
-// by src/backends/cuda/nvrtc.rs, which compiles them with NVRTC at start-up).
+// by src/backend/cuda/nvrtc.rs, which compiles them with NVRTC at start-up).
 //
 // Activations and weights are stored in `T` = __half or __nv_bfloat16; every reduction and
 // every softmax runs in f32. Kernels are written as templates and exported with

@@ -5,7 +5,7 @@
 //   are copied without a kernel).
 // Launch: grid-stride, block 256, grid = min(ceil(n / 256), 65535·4); no shared memory.
 // Numerics: exact for widening; one rounding when narrowing.
-// Caller: src/backends/cuda/ops.rs `convert` (used by the weight upload in src/backends/cuda/model.rs).
+// Caller: src/backend/cuda/ops.rs `convert` (used by the weight upload in src/backend/cuda/model.rs).
 #include "common.cuh"
 
 template <typename S, typename D>

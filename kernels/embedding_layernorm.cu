@@ -6,7 +6,7 @@
 //   w, b [H] f32; x [T, H] f32 (the residual stream, kept in f32 for the whole forward).
 // Launch: grid (T), block 256, dynamic shared memory H·4 bytes (the row, read once).
 // Numerics: f32 sums, two passes over the row in shared memory (mean, then centered variance).
-// Caller: src/backends/cuda/ops.rs `embedding_layernorm`. Ids are validated on the host (< V).
+// Caller: src/backend/cuda/ops.rs `embedding_layernorm`. Ids are validated on the host (< V).
 #include "common.cuh"
 
 template <typename T>

@@ -8,7 +8,7 @@
 // Layout: x [T, H] f32 (the residual stream, read only); y [T, H] T or null (the last block's
 //   MLP output with bias); w, b [H] f32; cu_seqlens [S+1] i32; stats [T, 2] f32 scratch;
 //   out [S, H] f32.
-// Two stages, one launcher (src/backends/cuda/ops.rs `final_norm_pool`), both deterministic:
+// Two stages, one launcher (src/backend/cuda/ops.rs `final_norm_pool`), both deterministic:
 //   final_norm_stats_<T>: grid (T), block 256, dynamic shared memory H·4 bytes — one token's
 //     mean and 1/σ into stats (the same two-pass row_stats as the other layernorms);
 //   final_pool_<T>: grid (S, ⌈H/256⌉), block 256 — each thread owns one column of one sequence

@@ -16,7 +16,7 @@
 //   (2c, 2c+1, 2c+8, 2c+9) = physical k0 + 8c + (0, 1, 2, 3), then + (4, 5, 6, 7).
 // Numerics: T inputs, f32 accumulation (tensor cores, then the fixed-order sum of 8 partials),
 //   bias added in f32, one rounding to T — as cuBLASLt's f32-accumulating GEMM.
-// Caller: src/backends/cuda/ops.rs `skinny_gemm`.
+// Caller: src/backend/cuda/ops.rs `skinny_gemm`.
 #include "common.cuh"
 
 #define SK_WARPS 8

@@ -50,20 +50,6 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Seeded values uniform in [-scale, scale), never all zeros: the inputs of kernel tests and
-/// benchmarks (xorshift64, so any seed gives a distinct stream).
-pub fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
 /// Random weights at `cfg`'s shape as an in-memory safetensors "file", scaled like a trained
 /// model so activations neither vanish nor overflow f16: matrices and embeddings uniform with
 /// std 0.02 (BLOOM's initializer), layernorm weights 1 ± 0.1, biases std 0.02.
@@ -202,7 +188,7 @@ pub fn cpu_gemm_rate(m: usize, k: usize, n: usize) -> f64 {
     let b = vec![0f32; n];
     let mut y = vec![0f32; m * n];
     let t = best_of(3, || {
-        crate::backends::cpu::linear::linear(&a, &w, &b, &mut y, false)
+        crate::backend::cpu::linear::linear(&a, &w, &b, &mut y, false)
     });
     2.0 * (m * k * n) as f64 / t
 }
@@ -222,8 +208,8 @@ mod tests {
         };
         let a = random_checkpoint(&cfg, DType::F16, 1).unwrap();
         let b = random_checkpoint(&cfg, DType::F16, 1).unwrap();
-        let cpu = crate::backends::cpu::CpuModel::load(&a, &cfg).unwrap();
-        let batch = crate::engine::batch::PackedBatch::from_seqs(&[vec![5u32, 6, 7]]);
+        let cpu = crate::backend::cpu::CpuModel::load(&a, &cfg).unwrap();
+        let batch = crate::backend::batch::PackedBatch::from_seqs(&[vec![5u32, 6, 7]]);
         let e = cpu.embed(&batch).unwrap();
         assert!(e.iter().all(|v| v.is_finite()) && e.iter().any(|v| *v != 0.0));
         let (ta, tb) = (

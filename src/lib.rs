@@ -3,31 +3,32 @@
 //! Layers, each depending only on those above it (docs/architecture.md):
 //! - [`model`]: a model directory: config, tokenizer with SGPT's brackets, memory-mapped
 //!   weights, the BLOOM checkpoint schema.
-//! - [`backends`]: the CPU forward (readable; the oracle) and the CUDA forward (kernels/).
-//! - [`engine`]: the `Backend` seam, engine options, packed batches, the embedding pipeline.
+//! - [`backend`]: the `Backend` seam (trait, typed info, kernel choices, packed batches) and
+//!   its two implementations: the CPU forward (readable; the oracle) and the CUDA forward.
+//! - [`engine`]: engine options and `build_backend`, the embedding pipeline (`Embedder`).
 //! - [`io`]: texts in (lines, JSONL), embeddings out (JSONL, .npy), output files that are
 //!   complete or absent.
 //! - [`eval`]: retrieval quality on BEIR-format data (`sgpt eval`).
 //! - [`server`]: `sgpt serve`, the HTTP server with dynamic batching.
+//! - [`seeded`]: deterministic inputs for tests and benches.
 //! - [`bench`]: random checkpoints at named shapes, synthetic corpora, ceilings (`sgpt bench`).
 
-pub mod backends;
+pub mod backend;
 pub mod bench;
 pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod io;
 pub mod model;
+pub mod seeded;
 pub mod server;
 
 pub use error::{Error, Result};
 
-// The paths of the layout before `model/`, `engine/` and `backends/`, kept while the Python
+// The paths of the layout before `model/`, `engine/` and `backend/`, kept while the Python
 // binding moves over; not used inside the crate.
 #[doc(hidden)]
-pub use backends::{cpu, cuda};
-#[doc(hidden)]
-pub use engine::{backend, batch};
+pub use backend::{batch, cpu, cuda};
 #[doc(hidden)]
 pub use io::output;
 #[doc(hidden)]

@@ -602,7 +602,7 @@ fn malformed_inputs_are_named_by_file_and_line() {
 #[test]
 #[ignore]
 fn search_speed() {
-    use sgpt::backends::cpu::pooling::l2_normalize;
+    use sgpt::backend::cpu::pooling::l2_normalize;
     use sgpt::eval::search::{tie_ranks, CpuScorer, Scorer, SearchPlan};
     let (nq, nd, h) = (1000, 50_000, 1024);
     let mut s = 0x2545_F491_4F6C_DD1Du64;
@@ -627,7 +627,7 @@ fn search_speed() {
     let mut out = vec![0f32; nq * nd];
     for _ in 0..3 {
         let t = Instant::now();
-        sgpt::backends::cpu::linear::linear(&q, &d, &vec![0.0; nd], &mut out, false);
+        sgpt::backend::cpu::linear::linear(&q, &d, &vec![0.0; nd], &mut out, false);
         gemm_s = gemm_s.min(t.elapsed().as_secs_f64());
 
         let plan = SearchPlan {
@@ -663,7 +663,7 @@ fn search_speed() {
 /// another identity: the cache sees only what the backend says it is.
 #[test]
 fn the_cache_misses_whenever_the_engine_or_model_changes() {
-    use sgpt::engine::backend::{AttentionKernel, Backend, BackendInfo, GemmKernel, KernelChoices};
+    use sgpt::backend::{AttentionKernel, Backend, BackendInfo, GemmKernel, KernelChoices};
     use sgpt::eval::{evaluate, EvalOptions};
 
     struct Relabeled {
@@ -671,7 +671,7 @@ fn the_cache_misses_whenever_the_engine_or_model_changes() {
         info: BackendInfo,
     }
     impl Backend for Relabeled {
-        fn embed(&self, b: &sgpt::engine::batch::PackedBatch) -> sgpt::Result<Vec<f32>> {
+        fn embed(&self, b: &sgpt::backend::batch::PackedBatch) -> sgpt::Result<Vec<f32>> {
             self.inner.embed(b)
         }
         fn info(&self) -> BackendInfo {
@@ -825,11 +825,11 @@ fn the_cache_misses_whenever_the_engine_or_model_changes() {
 
 /// Stands in for a backend moved out of an `Embedder` for a moment.
 struct NoBackend;
-impl sgpt::engine::backend::Backend for NoBackend {
-    fn embed(&self, _: &sgpt::engine::batch::PackedBatch) -> sgpt::Result<Vec<f32>> {
+impl sgpt::backend::Backend for NoBackend {
+    fn embed(&self, _: &sgpt::backend::batch::PackedBatch) -> sgpt::Result<Vec<f32>> {
         unreachable!("replaced before use")
     }
-    fn info(&self) -> sgpt::engine::backend::BackendInfo {
+    fn info(&self) -> sgpt::backend::BackendInfo {
         unreachable!("replaced before use")
     }
 }

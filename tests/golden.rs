@@ -4,8 +4,8 @@
 mod common;
 
 use common::{assert_close, load_golden, max_abs_diff};
-use sgpt::backends::cpu::CpuModel;
-use sgpt::engine::batch::PackedBatch;
+use sgpt::backend::batch::PackedBatch;
+use sgpt::backend::cpu::CpuModel;
 use sgpt::model::ModelDir;
 
 // Tolerances. Both sides compute in f32 from the same f32 weights (tiny-b's f16 weights are

@@ -9,12 +9,13 @@ use std::sync::Arc;
 
 use common::{assert_close, cosine, load_golden};
 use cudarc::driver::{CudaSlice, CudaStream};
-use sgpt::backends::cuda::device::{unavailable_reason, GpuDtype};
-use sgpt::backends::cuda::gemm::Gemm;
-use sgpt::backends::cuda::ops::{skinny_fits, Act, Kernels};
+use sgpt::backend::batch::PackedBatch;
+use sgpt::backend::cuda::device::{unavailable_reason, GpuDtype};
+use sgpt::backend::cuda::gemm::Gemm;
+use sgpt::backend::cuda::ops::{skinny_fits, Act, Kernels};
+use sgpt::backend::KernelChoices;
 use sgpt::cpu;
-use sgpt::engine::batch::PackedBatch;
-use sgpt::engine::{Device, Embedder, EngineOptions, KernelChoices};
+use sgpt::engine::{Device, Embedder, EngineOptions};
 use sgpt::model::ModelDir;
 
 struct Gpu {
@@ -31,7 +32,7 @@ fn gpu() -> Option<Gpu> {
         eprintln!("skipped: no GPU ({why})");
         return None;
     }
-    let ctx = sgpt::backends::cuda::device::open(0).unwrap();
+    let ctx = sgpt::backend::cuda::device::open(0).unwrap();
     let k = Kernels::load(&ctx, None).unwrap();
     Some(Gpu {
         s: ctx.default_stream(),
@@ -40,7 +41,7 @@ fn gpu() -> Option<Gpu> {
 }
 
 fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    sgpt::bench::uniform(n, seed, scale)
+    sgpt::seeded::uniform(n, seed, scale)
 }
 
 /// Values rounded through T, as the GPU sees them.

@@ -2,8 +2,8 @@
 //! register spills. Runs wherever libnvrtc loads (no GPU needed); CI installs the pinned NVRTC
 //! wheels and sets SGPT_REQUIRE_NVRTC=1 so a missing NVRTC fails instead of skipping.
 
-use sgpt::backends::cuda::kernels::KERNELS;
-use sgpt::backends::cuda::nvrtc;
+use sgpt::backend::cuda::kernels::KERNELS;
+use sgpt::backend::cuda::nvrtc;
 
 fn nvrtc_or_skip() -> bool {
     if nvrtc::available() && !nvrtc::include_dirs().is_empty() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{json, Value};
-use sgpt::backends::cpu::pooling::l2_normalize;
+use sgpt::backend::cpu::pooling::l2_normalize;
 use sgpt::engine::{Device, Embedder};
 use sgpt::model::tokenize::Kind;
 use sgpt::server::ServeOptions;

@@ -10,11 +10,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use sgpt::backends::cuda::device::GpuDtype;
+use sgpt::backend::batch::PackedBatch;
+use sgpt::backend::cuda::device::GpuDtype;
 use sgpt::bench::{
     cpu_copy_bandwidth, cpu_gemm_rate, forward_flops, random_checkpoint, shape, synthetic_corpus,
 };
-use sgpt::engine::batch::PackedBatch;
 use sgpt::engine::{build_backend, BuiltBackend};
 use sgpt::model::config::BloomConfig;
 use sgpt::model::tokenize::Kind;
@@ -53,7 +53,7 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
             let cfg = shape(name)?;
             // The CPU reads f32 in place; the GPU uploads and converts, f16 halves the build.
             let on_gpu = a.engine.device != sgpt::engine::Device::Cpu
-                && sgpt::backends::cuda::device::unavailable_reason(0).is_none();
+                && sgpt::backend::cuda::device::unavailable_reason(0).is_none();
             let dtype = if on_gpu { DType::F16 } else { DType::F32 };
             let t = Instant::now();
             let ckpt = random_checkpoint(&cfg, dtype, 1)?;
@@ -81,14 +81,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     use sgpt::engine::Device;
     let no_gpu = match opts.device {
         Device::Cpu => true,
-        Device::Auto => sgpt::backends::cuda::device::unavailable_reason(0).is_some(),
+        Device::Auto => sgpt::backend::cuda::device::unavailable_reason(0).is_some(),
         Device::Cuda(_) => false,
     };
     if a.what == BenchWhat::Kernels && no_gpu {
         bail!("`sgpt bench kernels` times the GPU kernels and needs --device cuda; `cargo bench` measures the CPU ops");
     }
     if let Device::Cuda(n) = opts.device {
-        if let Some(why) = sgpt::backends::cuda::device::unavailable_reason(n) {
+        if let Some(why) = sgpt::backend::cuda::device::unavailable_reason(n) {
             bail!("--device cuda:{n}: {why}");
         }
     }
@@ -143,7 +143,7 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     // Warm-up: one batch touches every weight page and, on the GPU, plans the GEMMs.
     backend.embed(&PackedBatch::from_seqs(&seqs[..1]))?;
     let t0 = Instant::now();
-    for range in sgpt::engine::batch::plan_batches(&lengths, b.max_batch_tokens) {
+    for range in sgpt::backend::batch::plan_batches(&lengths, b.max_batch_tokens) {
         backend.embed(&PackedBatch::from_seqs(&seqs[range]))?;
     }
     let corpus_s = t0.elapsed().as_secs_f64();
@@ -180,20 +180,20 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let (h, on_gpu) = (st.cfg.hidden, b.gpu.is_some());
     let (copy_bw, gemm_rate, mem_used, weight_bytes_per_param) = match b.gpu {
         Some(ordinal) => {
-            let ctx = sgpt::backends::cuda::device::open(ordinal)?;
+            let ctx = sgpt::backend::cuda::device::open(ordinal)?;
             let s = ctx.default_stream();
             let gemm = match a.engine.gpu_dtype() {
                 GpuDtype::F16 => {
-                    sgpt::backends::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?
+                    sgpt::backend::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?
                 }
                 GpuDtype::Bf16 => {
-                    sgpt::backends::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?
+                    sgpt::backend::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?
                 }
             };
             (
-                sgpt::backends::cuda::bench::copy_bandwidth(&s)?,
+                sgpt::backend::cuda::bench::copy_bandwidth(&s)?,
                 gemm,
-                sgpt::backends::cuda::bench::memory_used(&ctx)? as f64,
+                sgpt::backend::cuda::bench::memory_used(&ctx)? as f64,
                 2.0,
             )
         }
@@ -304,24 +304,24 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let Some(ordinal) = b.gpu else {
         bail!("`sgpt bench kernels` times the GPU kernels and needs a GPU; `cargo bench` measures the CPU ops");
     };
-    let ctx = sgpt::backends::cuda::device::open(ordinal)?;
-    let k = sgpt::backends::cuda::ops::Kernels::load(
+    let ctx = sgpt::backend::cuda::device::open(ordinal)?;
+    let k = sgpt::backend::cuda::ops::Kernels::load(
         &ctx,
-        sgpt::backends::cuda::nvrtc::default_cache_dir().as_deref(),
+        sgpt::backend::cuda::nvrtc::default_cache_dir().as_deref(),
     )?;
     let s = ctx.default_stream();
     let h = st.cfg.hidden;
-    let copy_bw = sgpt::backends::cuda::bench::copy_bandwidth(&s)?;
+    let copy_bw = sgpt::backend::cuda::bench::copy_bandwidth(&s)?;
     let (gemm_rate, times) = match a.engine.gpu_dtype() {
         GpuDtype::F16 => (
-            sgpt::backends::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
-            sgpt::backends::cuda::bench::kernel_times::<half::f16>(
+            sgpt::backend::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
+            sgpt::backend::cuda::bench::kernel_times::<half::f16>(
                 &ctx, &k, &st.cfg, a.seqs, a.seq_len,
             )?,
         ),
         GpuDtype::Bf16 => (
-            sgpt::backends::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
-            sgpt::backends::cuda::bench::kernel_times::<half::bf16>(
+            sgpt::backend::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
+            sgpt::backend::cuda::bench::kernel_times::<half::bf16>(
                 &ctx, &k, &st.cfg, a.seqs, a.seq_len,
             )?,
         ),

@@ -13,8 +13,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use sgpt::backends::cuda::device::GpuDtype;
-use sgpt::engine::backend::{AttentionKernel, GemmKernel, KernelChoices};
+use sgpt::backend::cuda::device::GpuDtype;
+use sgpt::backend::{AttentionKernel, GemmKernel, KernelChoices};
 use sgpt::engine::{Device, Embedder, EngineOptions};
 use sgpt::model::tokenize::Kind;
 

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use crate::backends::cpu::pooling::l2_normalize;
-use crate::engine::backend::Backend;
-use crate::engine::batch::{plan_batches, PackedBatch};
+use crate::backend::batch::{plan_batches, PackedBatch};
+use crate::backend::cpu::pooling::l2_normalize;
+use crate::backend::Backend;
 use crate::engine::options::{build_backend, Device, EngineOptions};
 use crate::error::{Error, Result};
 use crate::model::tokenize::{Encoded, Kind};

@@ -1,9 +1,9 @@
 //! How an engine is built: which device, which GPU type and kernels, how large a batch, and
 //! the one function that turns those options and a checkpoint into a [`Backend`].
 
-use crate::backends::cpu::CpuModel;
-use crate::backends::cuda::device::GpuDtype;
-use crate::engine::backend::{Backend, KernelChoices};
+use crate::backend::cpu::CpuModel;
+use crate::backend::cuda::device::GpuDtype;
+use crate::backend::{Backend, KernelChoices};
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
 use crate::model::weights::Checkpoint;
@@ -95,7 +95,7 @@ pub fn build_backend(
     let gpu = match opts.device {
         Device::Cpu => None,
         Device::Cuda(n) => Some(n),
-        Device::Auto => crate::backends::cuda::device::unavailable_reason(0)
+        Device::Auto => crate::backend::cuda::device::unavailable_reason(0)
             .is_none()
             .then_some(0),
     };
@@ -109,7 +109,7 @@ pub fn build_backend(
     }
     let notice = match opts.device {
         Device::Auto if gpu.is_none() => {
-            crate::backends::cuda::device::unavailable_reason(0).map(|why| {
+            crate::backend::cuda::device::unavailable_reason(0).map(|why| {
                 let ignored = if gpu_only {
                     "; the GPU kernel choices do not apply"
                 } else {
@@ -133,16 +133,16 @@ pub fn build_backend(
         .max_batch_tokens
         .unwrap_or(DEFAULT_GPU_MAX_BATCH_TOKENS)
         .max(max_seq_length);
-    let ctx = crate::backends::cuda::device::open(ordinal)?;
+    let ctx = crate::backend::cuda::device::open(ordinal)?;
     let backend: Box<dyn Backend> = match opts.dtype {
-        GpuDtype::F16 => Box::new(crate::backends::cuda::model::CudaModel::<half::f16>::load(
+        GpuDtype::F16 => Box::new(crate::backend::cuda::model::CudaModel::<half::f16>::load(
             ctx,
             ckpt,
             cfg,
             budget,
             opts.kernels,
         )?),
-        GpuDtype::Bf16 => Box::new(crate::backends::cuda::model::CudaModel::<half::bf16>::load(
+        GpuDtype::Bf16 => Box::new(crate::backend::cuda::model::CudaModel::<half::bf16>::load(
             ctx,
             ckpt,
             cfg,

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::backends::cpu::pooling::l2_normalize;
+use crate::backend::cpu::pooling::l2_normalize;
 use crate::engine::Embedder;
 use crate::error::{Error, Result};
 use crate::model::tokenize::Kind;
@@ -117,7 +117,7 @@ pub struct EvalOutcome {
     pub documents: EmbedCounts,
     pub timings: Timings,
     /// The engine that embedded (typed; also written to the metrics JSON).
-    pub engine: crate::engine::backend::BackendInfo,
+    pub engine: crate::backend::BackendInfo,
     pub scorer: String,
 }
 

@@ -369,7 +369,7 @@ impl<P: TileProduct> Scorer for BlockedScorer<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::cpu::pooling::l2_normalize;
+    use crate::backend::cpu::pooling::l2_normalize;
 
     /// Deterministic pseudo-random values in [-1, 1) (splitmix64).
     fn values(n: usize, seed: u64) -> Vec<f32> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use crate::backends::cuda::gemm::Gemm;
+use crate::backend::cuda::gemm::Gemm;
 use crate::error::{Error, Result};
 use crate::eval::search::TileProduct;
 
@@ -26,7 +26,7 @@ fn err(what: &str, e: impl std::fmt::Debug) -> Error {
 
 impl GpuProduct {
     pub fn new(ordinal: usize) -> Result<Self> {
-        let ctx = crate::backends::cuda::device::open(ordinal)?;
+        let ctx = crate::backend::cuda::device::open(ordinal)?;
         let stream = ctx.default_stream();
         let one = || stream.alloc_zeros::<f32>(1).map_err(|e| err("alloc", e));
         Ok(GpuProduct {

@@ -6,7 +6,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::backends::cpu::pooling::l2_normalize;
+use crate::backend::cpu::pooling::l2_normalize;
 use crate::model::tokenize::{py_rstrip, Kind};
 use crate::server::errors::{ApiError, ErrorKind};
 

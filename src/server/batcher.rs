@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::batch::PackedBatch;
+use crate::backend::batch::PackedBatch;
 use crate::server::metrics::Metrics;
 
 /// The engine as the worker sees it: a packed batch in, embeddings [S, H] out.

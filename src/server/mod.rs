@@ -31,7 +31,7 @@
 //! operator or orchestrator); a device out of memory fails its batch with 503 and the server
 //! goes on.
 //!
-//! The server only sees the engine through [`crate::engine::Backend`], so it serves whichever
+//! The server only sees the engine through [`crate::backend::Backend`], so it serves whichever
 //! backend `Embedder::open` built.
 
 pub mod api;
@@ -55,7 +55,7 @@ use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
-use crate::engine::batch::PackedBatch;
+use crate::backend::batch::PackedBatch;
 use crate::engine::Embedder;
 use crate::model::tokenize::Kind;
 use batcher::Batcher;

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use sgpt::backends::cpu::CpuModel;
-use sgpt::engine::batch::PackedBatch;
-use sgpt::engine::{Backend, Embedder, DEFAULT_MAX_BATCH_TOKENS};
+use sgpt::backend::batch::PackedBatch;
+use sgpt::backend::cpu::CpuModel;
+use sgpt::backend::Backend;
+use sgpt::engine::{Embedder, DEFAULT_MAX_BATCH_TOKENS};
 use sgpt::model::ModelDir;
 use sgpt::server::{serve, ServeError, ServeOptions};
 
@@ -450,7 +451,7 @@ impl Backend for GatedBackend {
         drop(closed);
         self.inner.embed(batch)
     }
-    fn info(&self) -> sgpt::engine::backend::BackendInfo {
+    fn info(&self) -> sgpt::backend::BackendInfo {
         self.inner.info()
     }
 }
@@ -510,7 +511,7 @@ impl Backend for FaultyBackend {
         }
         Ok(out)
     }
-    fn info(&self) -> sgpt::engine::backend::BackendInfo {
+    fn info(&self) -> sgpt::backend::BackendInfo {
         self.inner.info()
     }
 }

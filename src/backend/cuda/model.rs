@@ -1,5 +1,5 @@
 //! The BLOOM forward on the GPU, over one packed batch, top to bottom — the same steps as
-//! `src/backends/cpu/model.rs`, with the residual stream in f32 and everything else in T (f16/bf16).
+//! `src/backend/cpu/model.rs`, with the residual stream in f32 and everything else in T (f16/bf16).
 //!
 //! Glossary: T tokens in the packed batch, S sequences, H hidden, n heads, d head dim, L blocks,
 //! V embedding rows, F = 4H. All activation buffers are sized once for `max_tokens`; nothing is
@@ -14,16 +14,16 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
 };
 
-use crate::backends::cuda::gemm::Gemm;
-use crate::backends::cuda::ops::{skinny_fits, Act, Kernels, ATTENTION_MMA_DIMS};
-use crate::engine::backend::{AttentionKernel, GemmKernel, KernelChoices};
-use crate::engine::batch::PackedBatch;
+use crate::backend::batch::PackedBatch;
+use crate::backend::cuda::gemm::Gemm;
+use crate::backend::cuda::ops::{skinny_fits, Act, Kernels, ATTENTION_MMA_DIMS};
+use crate::backend::{AttentionKernel, GemmKernel, KernelChoices};
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
 use crate::model::weights::{Checkpoint, DType, TensorRef};
 
 fn err(what: &str, e: impl std::fmt::Debug) -> Error {
-    crate::backends::cuda::error(what, e)
+    crate::backend::cuda::error(what, e)
 }
 
 /// What loading cost, for the operator (and `sgpt bench`).
@@ -250,7 +250,7 @@ impl<T: Act> CudaModel<T> {
         let t0 = Instant::now();
         let kernels = Kernels::load(
             &ctx,
-            crate::backends::cuda::nvrtc::default_cache_dir().as_deref(),
+            crate::backend::cuda::nvrtc::default_cache_dir().as_deref(),
         )?;
         let compile_seconds = t0.elapsed().as_secs_f64();
 
@@ -558,12 +558,12 @@ impl<T: Act> CudaModel<T> {
     }
 }
 
-impl<T: Act> crate::engine::backend::Backend for CudaModel<T> {
+impl<T: Act> crate::backend::Backend for CudaModel<T> {
     fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
         self.forward(batch)
     }
-    fn info(&self) -> crate::engine::backend::BackendInfo {
-        crate::engine::backend::BackendInfo {
+    fn info(&self) -> crate::backend::BackendInfo {
+        crate::backend::BackendInfo {
             kind: "cuda",
             device: format!("{} ({})", self.report.device, self.report.arch),
             dtype: T::SUFFIX,
@@ -589,7 +589,7 @@ impl<T: Act> crate::engine::backend::Backend for CudaModel<T> {
 #[cfg(test)]
 mod tests {
     use super::pick_attention;
-    use crate::engine::backend::AttentionKernel::{Auto, Mma, Tc, V1};
+    use crate::backend::AttentionKernel::{Auto, Mma, Tc, V1};
 
     #[test]
     fn attention_kernel_by_length_and_head_dim() {

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
-use crate::backends::cuda::gemm::Gemm;
-use crate::backends::cuda::ops::{Act, Kernels, SKINNY_MAX_ROWS};
+use crate::backend::cuda::gemm::Gemm;
+use crate::backend::cuda::ops::{Act, Kernels, SKINNY_MAX_ROWS};
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
 
 fn err(what: &str, e: impl std::fmt::Debug) -> Error {
-    crate::backends::cuda::error(what, e)
+    crate::backend::cuda::error(what, e)
 }
 
 /// Median milliseconds of `reps` runs of `f` (after one warm-up), timed with events.
@@ -75,7 +75,7 @@ pub struct KernelTime {
 }
 
 fn seeded<T: Act>(s: &Arc<CudaStream>, n: usize, scale: f32, seed: u64) -> Result<CudaSlice<T>> {
-    let v: Vec<T> = crate::bench::uniform(n, seed, scale)
+    let v: Vec<T> = crate::seeded::uniform(n, seed, scale)
         .into_iter()
         .map(T::from_f32)
         .collect();
@@ -83,7 +83,7 @@ fn seeded<T: Act>(s: &Arc<CudaStream>, n: usize, scale: f32, seed: u64) -> Resul
 }
 
 fn seeded32(s: &Arc<CudaStream>, n: usize, scale: f32, seed: u64) -> Result<CudaSlice<f32>> {
-    s.clone_htod(&crate::bench::uniform(n, seed, scale))
+    s.clone_htod(&crate::seeded::uniform(n, seed, scale))
         .map_err(|e| err("upload", e))
 }
 

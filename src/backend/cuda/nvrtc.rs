@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use cudarc::nvrtc::{result, sys};
 
-use crate::backends::cuda::kernels::KernelSource;
+use crate::backend::cuda::kernels::KernelSource;
 use crate::error::{Error, Result};
 
 /// A compiled kernel file.

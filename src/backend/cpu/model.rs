@@ -4,12 +4,12 @@
 //! L blocks, V embedding rows. Activations are f32 row-major; weights are f32 views of the
 //! memory map (or converted copies for f16/bf16 checkpoints).
 
-use crate::backends::cpu::attention::{alibi_attention, alibi_slopes};
-use crate::backends::cpu::gelu::gelu_inplace;
-use crate::backends::cpu::layernorm::layernorm;
-use crate::backends::cpu::linear::linear;
-use crate::backends::cpu::pooling::weighted_mean_pool;
-use crate::engine::batch::PackedBatch;
+use crate::backend::batch::PackedBatch;
+use crate::backend::cpu::attention::{alibi_attention, alibi_slopes};
+use crate::backend::cpu::gelu::gelu_inplace;
+use crate::backend::cpu::layernorm::layernorm;
+use crate::backend::cpu::linear::linear;
+use crate::backend::cpu::pooling::weighted_mean_pool;
 use crate::error::Result;
 use crate::model::config::BloomConfig;
 use crate::model::weights::{Checkpoint, F32Buf, TensorRef};
@@ -135,12 +135,12 @@ impl CpuModel {
     }
 }
 
-impl crate::engine::backend::Backend for CpuModel {
+impl crate::backend::Backend for CpuModel {
     fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
         CpuModel::embed(self, batch)
     }
-    fn info(&self) -> crate::engine::backend::BackendInfo {
-        crate::engine::backend::BackendInfo {
+    fn info(&self) -> crate::backend::BackendInfo {
+        crate::backend::BackendInfo {
             kind: "cpu",
             device: "cpu".into(),
             dtype: "f32",

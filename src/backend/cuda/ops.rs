@@ -12,12 +12,12 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use crate::backends::cuda::kernels::KERNELS;
-use crate::backends::cuda::nvrtc;
+use crate::backend::cuda::kernels::KERNELS;
+use crate::backend::cuda::nvrtc;
 use crate::error::{Error, Result};
 
 /// Activation element types: the kernels' `T`.
-pub trait Act: crate::backends::cuda::gemm::GemmElem {
+pub trait Act: crate::backend::cuda::gemm::GemmElem {
     /// Suffix of the kernel names (`_f16`, `_bf16`).
     const SUFFIX: &'static str;
     /// Host-side conversions (tests, small host uploads).
@@ -53,7 +53,7 @@ const ATTN_WARPS: u32 = 4;
 const SMEM_LIMIT: usize = 48 * 1024 - 32 * 4;
 
 fn err(what: &str, e: impl std::fmt::Debug) -> Error {
-    crate::backends::cuda::error(what, e)
+    crate::backend::cuda::error(what, e)
 }
 
 fn grid_stride(n: usize) -> LaunchConfig {

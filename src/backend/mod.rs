@@ -1,10 +1,16 @@
-//! The engine seam: the [`Backend`] trait both backends implement, the typed description each
-//! gives of itself, and the kernel choices an engine is built with. This module depends on
-//! neither backend; `cpu` and `cuda` depend on it.
+//! The engine seam: the [`Backend`] trait, the typed description each backend gives of itself,
+//! the GPU kernel choices, and the packed batch that crosses the seam ([`batch`]). This module
+//! depends on neither implementation; each of them — the readable CPU forward, also the oracle
+//! of every GPU test ([`cpu`]), and the CUDA forward with hand-written kernels ([`cuda`]) —
+//! depends on it and on `model` only.
+
+pub mod batch;
+pub mod cpu;
+pub mod cuda;
 
 use serde::Serialize;
 
-use crate::engine::batch::PackedBatch;
+use crate::backend::batch::PackedBatch;
 use crate::error::Result;
 
 /// A packed batch in, embeddings [S, H] out.

@@ -45,7 +45,7 @@ const MAX_PLANS: usize = 512;
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 fn err(what: &str, e: impl std::fmt::Debug) -> Error {
-    crate::backends::cuda::error(&format!("cuBLASLt {what}"), e)
+    crate::backend::cuda::error(&format!("cuBLASLt {what}"), e)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
