@@ -21,7 +21,7 @@ use pyo3::exceptions::{
 };
 use pyo3::prelude::*;
 
-use sgpt::backends::cuda::device::GpuDtype;
+use sgpt::backend::cuda::device::GpuDtype;
 use sgpt::engine::{Device, Embedder, EngineOptions};
 use sgpt::model::tokenize::{py_rstrip, Kind};
 use sgpt::Error;
