@@ -24,12 +24,3 @@ pub mod seeded;
 pub mod server;
 
 pub use error::{Error, Result};
-
-// The paths of the layout before `model/`, `engine/` and `backend/`, kept while the Python
-// binding moves over; not used inside the crate.
-#[doc(hidden)]
-pub use backend::{batch, cpu, cuda};
-#[doc(hidden)]
-pub use io::output;
-#[doc(hidden)]
-pub use model::{config, schema, tokenize, weights};

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use common::{assert_close, cosine, load_golden};
 use cudarc::driver::{CudaSlice, CudaStream};
 use sgpt::backend::batch::PackedBatch;
+use sgpt::backend::cpu;
 use sgpt::backend::cuda::device::{unavailable_reason, GpuDtype};
 use sgpt::backend::cuda::gemm::Gemm;
 use sgpt::backend::cuda::ops::{skinny_fits, Act, Kernels};
 use sgpt::backend::KernelChoices;
-use sgpt::cpu;
 use sgpt::engine::{Device, Embedder, EngineOptions};
 use sgpt::model::ModelDir;
 

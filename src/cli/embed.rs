@@ -110,7 +110,7 @@ where
     if n == 0 {
         bail!("{source}: no texts to embed");
     }
-    // Checked and opened before the model loads; complete or absent (sgpt::output).
+    // Checked and opened before the model loads; complete or absent (sgpt::io::output).
     sgpt::io::output::remove_temps_on_signal()?;
     let out = a.output.as_deref().map(OutputFile::create).transpose()?;
     let embedder = setup(&a.common, a.quiet)?;

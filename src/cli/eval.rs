@@ -74,7 +74,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         Err(_) => Duration::ZERO,
     };
     // Output files are checked and opened before any work, so a bad path fails at once; each
-    // is put in place only when complete (sgpt::output).
+    // is put in place only when complete (sgpt::io::output).
     sgpt::io::output::remove_temps_on_signal()?;
     let run_out = a.run.as_deref().map(OutputFile::create).transpose()?;
     let metrics_out = a.metrics.as_deref().map(OutputFile::create).transpose()?;

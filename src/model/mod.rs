@@ -10,8 +10,3 @@ pub mod tokenize;
 pub mod weights;
 
 pub use dir::ModelDir;
-
-// The engine's types at their paths before the move, for the Python binding until it moves
-// over; not used inside the crate.
-#[doc(hidden)]
-pub use crate::engine::{Device, Embedder, EngineOptions};
