@@ -468,7 +468,7 @@ fn messages_floats_and_trailing_blank_lines() {
         &[
             "embed", "-m", &model, "--device", "cpu", "--dtype", "bf16", "x",
         ],
-        "--dtype chooses the GPU's type",
+        "the dtype (--dtype) chooses the GPU's type",
     );
 
     let o = sgpt(&["embed", "-m", &model, "--device", "cpu", "x"]);

@@ -424,7 +424,7 @@ fn forward_matches_cpu_and_reference() {
                     &golden.model_dir,
                     EngineOptions {
                         device: Device::Cuda(0),
-                        dtype,
+                        dtype: Some(dtype),
                         max_batch_tokens: None,
                         kernels,
                     },
@@ -469,7 +469,7 @@ fn batch_invariance_on_gpu() {
         &golden.model_dir,
         EngineOptions {
             device: Device::Cuda(0),
-            dtype: GpuDtype::F16,
+            dtype: Some(GpuDtype::F16),
             max_batch_tokens: None,
             kernels: KernelChoices::default(),
         },
@@ -563,7 +563,7 @@ fn repeated_batches_are_identical() {
             &golden.model_dir,
             EngineOptions {
                 device: Device::Cuda(0),
-                dtype: GpuDtype::F16,
+                dtype: Some(GpuDtype::F16),
                 max_batch_tokens: None,
                 kernels,
             },

@@ -290,7 +290,7 @@ fn a_50_mb_line_embeds_in_bounded_memory() {
 fn thread_counts_are_bounded() {
     for n in ["0", "100000"] {
         let o = run(&["embed", "-m", &m(), "--device", "cpu", "--threads", n, "hi"]);
-        expect_fail(&o, "--threads must be between 1 and");
+        expect_fail(&o, "threads (--threads) must be between 1 and");
     }
 }
 

@@ -107,13 +107,8 @@ fn interruptible<T: Send>(work: impl FnOnce(&AtomicBool) -> PyResult<T> + Send) 
     })
 }
 
-/// Most threads a model may ask for, as the CLI's --threads: 4 × the cores, at least 4.
-fn max_threads() -> (usize, usize) {
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    ((4 * cores).max(4), cores)
-}
-
-/// The options the CLI's engine flags would give, with its checks and messages.
+/// The engine options from Python's arguments; the library checks them (the CLI's checks and
+/// messages) when the engine is built.
 fn engine_options(
     device: &str,
     dtype: Option<&str>,
@@ -130,20 +125,14 @@ fn engine_options(
             )))
         }
     };
-    if device == Device::Cpu && dtype.is_some() {
-        return Err(PyValueError::new_err(
-            "dtype chooses the GPU's type; the CPU backend always computes in f32",
-        ));
-    }
-    if max_batch_tokens == Some(0) {
-        return Err(PyValueError::new_err("max_batch_tokens must be positive"));
-    }
-    Ok(EngineOptions {
+    let opts = EngineOptions {
         device,
-        dtype: dtype.unwrap_or(GpuDtype::F16),
+        dtype,
         max_batch_tokens,
         ..EngineOptions::default()
-    })
+    };
+    opts.check().map_err(to_py)?;
+    Ok(opts)
 }
 
 /// The 0-based indices of empty or whitespace-only texts (after Python's `str.rstrip()`, as the
@@ -218,12 +207,7 @@ impl Engine {
     ) -> PyResult<Self> {
         let opts = engine_options(device, dtype, max_batch_tokens)?;
         if let Some(n) = threads {
-            let (max, cores) = max_threads();
-            if n == 0 || n > max {
-                return Err(PyValueError::new_err(format!(
-                    "threads must be between 1 and {max} (4 × the {cores} cores here)"
-                )));
-            }
+            sgpt::engine::options::check_threads(n).map_err(to_py)?;
         }
         py.detach(move || {
             no_panic(|| {

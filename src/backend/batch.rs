@@ -81,6 +81,13 @@ impl PackedBatch {
     }
 }
 
+/// The packing rule, written once (for `plan_batches` and the server's batcher): a batch of
+/// `seqs` sequences and `tokens` tokens takes a sequence of `len` tokens if it is empty or the
+/// sequence still fits `max_tokens`, so a sequence longer than the budget gets a batch alone.
+pub fn takes(seqs: usize, tokens: usize, len: usize, max_tokens: usize) -> bool {
+    seqs == 0 || tokens + len <= max_tokens
+}
+
 /// Splits sequences (given by their lengths, in input order) into consecutive batches of at most
 /// `max_tokens` tokens; a sequence longer than the budget gets a batch of its own. Input order
 /// is kept so results can be streamed out as they come.
@@ -88,7 +95,7 @@ pub fn plan_batches(lengths: &[usize], max_tokens: usize) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut tokens) = (0, 0);
     for (i, &n) in lengths.iter().enumerate() {
-        if i > start && tokens + n > max_tokens {
+        if !takes(i - start, tokens, n, max_tokens) {
             out.push(start..i);
             start = i;
             tokens = 0;

@@ -9,7 +9,7 @@ mod serve;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -87,34 +87,26 @@ impl EngineArgs {
 
     /// Applies --threads (once per process) and checks the budget; the engine options.
     fn apply(&self) -> Result<EngineOptions> {
-        if let Some(n) = self.threads {
-            // Thousands of threads take minutes to start and only slow the GEMMs down.
-            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-            let max = (4 * cores).max(4);
-            if n == 0 || n > max {
-                bail!("--threads must be between 1 and {max} (4 × the {cores} cores here)");
-            }
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build_global()
-                .context("setting up the thread pool")?;
-        }
-        if self.max_batch_tokens == Some(0) {
-            bail!("--max-batch-tokens must be positive");
-        }
-        if self.device == Device::Cpu && self.dtype.is_some() {
-            bail!("--dtype chooses the GPU's type; the CPU backend always computes in f32");
-        }
-        Ok(EngineOptions {
+        let opts = EngineOptions {
             device: self.device,
-            dtype: self.gpu_dtype(),
+            dtype: self.dtype,
             max_batch_tokens: self.max_batch_tokens,
             kernels: KernelChoices {
                 attention: self.attention,
                 gemm: self.gemm,
                 cuda_graphs: self.cuda_graphs,
             },
-        })
+        };
+        // All checks first, so a bad flag fails before anything (a thread pool) is set up.
+        opts.check()?;
+        if let Some(n) = self.threads {
+            sgpt::engine::options::check_threads(n)?;
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .context("setting up the thread pool")?;
+        }
+        Ok(opts)
     }
 }
 

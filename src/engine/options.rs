@@ -49,19 +49,64 @@ impl std::fmt::Display for Device {
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
     pub device: Device,
-    /// Activation/weight type on the GPU (the CPU always computes in f32).
-    pub dtype: GpuDtype,
+    /// Activation/weight type on the GPU, f16 when None; the CPU always computes in f32, so
+    /// asking it for one is an error.
+    pub dtype: Option<GpuDtype>,
     /// Most tokens in one packed batch; None: the backend's default.
     pub max_batch_tokens: Option<usize>,
     /// GPU kernel choices (the CPU has one implementation of each op).
     pub kernels: KernelChoices,
 }
 
+impl EngineOptions {
+    /// Every check of the options on their own, with the messages the CLI and the Python
+    /// package share: run by [`build_backend`].
+    pub fn check(&self) -> Result<()> {
+        if self.max_batch_tokens == Some(0) {
+            return Err(Error::Input(
+                "max_batch_tokens (--max-batch-tokens) must be positive".into(),
+            ));
+        }
+        if self.device == Device::Cpu && self.dtype.is_some() {
+            return Err(Error::Input(
+                "the dtype (--dtype) chooses the GPU's type; the CPU backend always computes in f32"
+                    .into(),
+            ));
+        }
+        if self.device == Device::Cpu && self.kernels != KernelChoices::default() {
+            return Err(Error::Input(format!(
+                "GPU kernel choices ({}) were given with --device cpu: the CPU backend has one \
+                 implementation of each op",
+                self.kernels
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Most CPU threads an engine may be given: 4 × the cores (at least 4); thousands of threads
+/// take minutes to start and only slow the GEMMs down. Returns (most, cores).
+pub fn max_threads() -> (usize, usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    ((4 * cores).max(4), cores)
+}
+
+/// Refuses a thread count of 0 or over [`max_threads`].
+pub fn check_threads(n: usize) -> Result<()> {
+    let (max, cores) = max_threads();
+    if n == 0 || n > max {
+        return Err(Error::Input(format!(
+            "threads (--threads) must be between 1 and {max} (4 × the {cores} cores here)"
+        )));
+    }
+    Ok(())
+}
+
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             device: Device::Auto,
-            dtype: GpuDtype::F16,
+            dtype: None,
             max_batch_tokens: None,
             kernels: KernelChoices::default(),
         }
@@ -99,14 +144,8 @@ pub fn build_backend(
             .is_none()
             .then_some(0),
     };
+    opts.check()?;
     let gpu_only = opts.kernels != KernelChoices::default();
-    if opts.device == Device::Cpu && gpu_only {
-        return Err(Error::Input(format!(
-            "GPU kernel choices ({}) were given with --device cpu: the CPU backend has one \
-             implementation of each op",
-            opts.kernels
-        )));
-    }
     let notice = match opts.device {
         Device::Auto if gpu.is_none() => {
             crate::backend::cuda::device::unavailable_reason(0).map(|why| {
@@ -134,7 +173,7 @@ pub fn build_backend(
         .unwrap_or(DEFAULT_GPU_MAX_BATCH_TOKENS)
         .max(max_seq_length);
     let ctx = crate::backend::cuda::device::open(ordinal)?;
-    let backend: Box<dyn Backend> = match opts.dtype {
+    let backend: Box<dyn Backend> = match opts.dtype.unwrap_or(GpuDtype::F16) {
         GpuDtype::F16 => Box::new(crate::backend::cuda::model::CudaModel::<half::f16>::load(
             ctx,
             ckpt,

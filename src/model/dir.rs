@@ -19,13 +19,17 @@ pub struct ModelDir {
 
 impl ModelDir {
     pub fn open(dir: &Path) -> Result<Self> {
+        use std::io::ErrorKind;
         let why = match std::fs::metadata(dir) {
             Ok(m) if m.is_dir() => None,
-            Ok(_) => Some("not a directory: give the model's directory, not a file in it"),
-            Err(_) => Some("model directory not found"),
+            Ok(_) => Some((
+                ErrorKind::NotADirectory,
+                "not a directory: give the model's directory, not a file in it",
+            )),
+            Err(_) => Some((ErrorKind::NotFound, "model directory not found")),
         };
-        if let Some(why) = why {
-            return Err(Error::io(dir, std::io::Error::other(why)));
+        if let Some((kind, why)) = why {
+            return Err(Error::io(dir, std::io::Error::new(kind, why)));
         }
         let config = BloomConfig::from_file(&dir.join("config.json"))?;
         let sentence = SentenceConfig::from_dir(dir, config.hidden)?;

@@ -3,9 +3,9 @@
 //! packs them into one batch (no padding), runs the backend, and hands each request its own
 //! rows, in its own order, through a oneshot channel.
 //!
-//! Packing rule: walk the queue in order and take each text while the batch is empty or the
-//! text still fits `max_batch_tokens`; stop at the first that does not fit (a text longer than
-//! the budget gets a batch of its own). A request's texts may span several batches. For one
+//! Packing rule (`batch::takes`, shared with `batch::plan_batches`): walk the queue in order
+//! and take each text while the batch is empty or the text still fits `max_batch_tokens`; stop
+//! at the first that does not fit (a text longer than the budget gets a batch of its own). A request's texts may span several batches. For one
 //! request alone this is exactly `batch::plan_batches`, so the server reproduces `sgpt embed`
 //! bit for bit; mixed with other requests a text sits at another offset of another batch,
 //! which changes nothing but GEMM blocking (the engine's weights are 1..n and it never pads).
@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::batch::PackedBatch;
+use crate::backend::batch::{takes, PackedBatch};
 use crate::server::metrics::Metrics;
 
 /// The engine as the worker sees it: a packed batch in, embeddings [S, H] out.
@@ -212,7 +212,7 @@ fn worker(
         'jobs: for (j, job) in pending.iter().enumerate() {
             let mut taken = 0;
             for s in &job.seqs[job.done..] {
-                if batch.num_seqs() > 0 && batch.num_tokens() + s.len() > budget {
+                if !takes(batch.num_seqs(), batch.num_tokens(), s.len(), budget) {
                     if taken > 0 {
                         parts.push((j, taken));
                     }
