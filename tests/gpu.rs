@@ -520,7 +520,7 @@ fn gpu_search_matches_cpu_search() {
     ));
     let gpu_hits = run(Box::new(
         BlockedScorer::with_product(
-            GpuProduct::new(0).unwrap(),
+            GpuProduct::new(&sgpt::backend::cuda::device::open(0).unwrap()).unwrap(),
             queries.clone(),
             h,
             plan,

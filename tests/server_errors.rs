@@ -415,3 +415,22 @@ fn aborted_uploads_are_counted_as_aborted() {
         200
     );
 }
+
+/// OpenAI clients discover the model with GET /v1/models (was 404); `--host localhost` is
+/// accepted (was refused while the docs' examples used it).
+#[test]
+fn models_route_and_localhost() {
+    let s = ServerProcess::start(&[
+        "--host",
+        "localhost",
+        "--served-model-name",
+        "sgpt-tiny-test",
+    ]);
+    let r = request(s.addr, "GET", "/v1/models", &[], b"").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "sgpt-tiny-test");
+    assert_eq!(v["data"][0]["object"], "model");
+    assert!(s.addr.ip().is_loopback());
+}

@@ -27,6 +27,11 @@ pub trait Backend: Send + Sync {
     fn load_summary(&self) -> Option<String> {
         None
     }
+    /// The CUDA context this backend runs in, if any: other GPU work that belongs with the
+    /// embeddings (eval's exact search, bench's ceilings and kernel timings) runs there too.
+    fn cuda_context(&self) -> Option<std::sync::Arc<cudarc::driver::CudaContext>> {
+        None
+    }
 }
 
 /// Which backend, on what, computing in what, with which kernels.

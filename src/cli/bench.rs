@@ -177,10 +177,10 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     }
 
     // Ceilings, measured now on this machine.
-    let (h, on_gpu) = (st.cfg.hidden, b.gpu.is_some());
-    let (copy_bw, gemm_rate, mem_used, weight_bytes_per_param) = match b.gpu {
-        Some(ordinal) => {
-            let ctx = sgpt::backend::cuda::device::open(ordinal)?;
+    let ctx = b.backend.cuda_context();
+    let (h, on_gpu) = (st.cfg.hidden, ctx.is_some());
+    let (copy_bw, gemm_rate, mem_used, weight_bytes_per_param) = match ctx {
+        Some(ctx) => {
             let s = ctx.default_stream();
             let gemm = match a.engine.gpu_dtype() {
                 GpuDtype::F16 => {
@@ -301,10 +301,9 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
 }
 
 fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
-    let Some(ordinal) = b.gpu else {
+    let Some(ctx) = b.backend.cuda_context() else {
         bail!("`sgpt bench kernels` times the GPU kernels and needs a GPU; `cargo bench` measures the CPU ops");
     };
-    let ctx = sgpt::backend::cuda::device::open(ordinal)?;
     let k = sgpt::backend::cuda::ops::Kernels::load(
         &ctx,
         sgpt::backend::cuda::nvrtc::default_cache_dir().as_deref(),

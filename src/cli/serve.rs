@@ -9,9 +9,10 @@ use super::{file_name, setup, Common, KindArg};
 pub struct ServeArgs {
     #[command(flatten)]
     common: Common,
-    /// Address to listen on. The default, 127.0.0.1, takes connections from this machine only;
-    /// 0.0.0.0 (or ::) exposes the server to the network (then also set --api-key).
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address to listen on: an IP address or `localhost`. The default, 127.0.0.1, takes
+    /// connections from this machine only; 0.0.0.0 (or ::) exposes the server to the network
+    /// (then also set --api-key).
+    #[arg(long, default_value = "127.0.0.1", value_parser = parse_host)]
     host: std::net::IpAddr,
     /// TCP port; 0 picks a free one (the address is printed on stderr).
     #[arg(long, short, default_value_t = 8080)]
@@ -124,4 +125,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
     // A model load still running after a shutdown signal is not waited for.
     rt.shutdown_background();
     result.map_err(anyhow::Error::from)
+}
+
+/// An IP address, or `localhost` as 127.0.0.1 (not resolved: /etc/hosts may map it elsewhere).
+fn parse_host(s: &str) -> Result<std::net::IpAddr, String> {
+    if s.eq_ignore_ascii_case("localhost") {
+        return Ok(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    s.parse().map_err(|_| {
+        format!("{s:?} is not an IP address or localhost (e.g. 127.0.0.1, 0.0.0.0, ::)")
+    })
 }

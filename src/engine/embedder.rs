@@ -45,8 +45,6 @@ pub struct Embedder {
     pub max_batch_tokens: usize,
     /// Set when `--device auto` fell back to the CPU: the reason, for the operator.
     pub notice: Option<String>,
-    /// The GPU the backend runs on, if any (other GPU work, e.g. `sgpt eval`'s search, follows).
-    pub gpu: Option<usize>,
 }
 
 impl Embedder {
@@ -75,7 +73,6 @@ impl Embedder {
             backend: built.backend,
             max_batch_tokens: built.max_batch_tokens,
             notice: built.notice,
-            gpu: built.gpu,
         })
     }
 

@@ -125,8 +125,6 @@ pub struct BuiltBackend {
     pub backend: Box<dyn Backend>,
     pub max_batch_tokens: usize,
     pub notice: Option<String>,
-    /// The GPU ordinal in use, if any.
-    pub gpu: Option<usize>,
 }
 
 /// Builds the backend `opts` asks for over a checkpoint (from a model directory or random
@@ -164,7 +162,6 @@ pub fn build_backend(
             backend: Box::new(CpuModel::load(ckpt, cfg)?),
             max_batch_tokens: opts.max_batch_tokens.unwrap_or(DEFAULT_MAX_BATCH_TOKENS),
             notice,
-            gpu: None,
         });
     };
     // Buffers must hold the longest single sequence even under a small budget.
@@ -193,6 +190,5 @@ pub fn build_backend(
         backend,
         max_batch_tokens: budget,
         notice,
-        gpu: Some(ordinal),
     })
 }

@@ -361,9 +361,9 @@ pub fn evaluate(
             .collect(),
     };
     // Exact search where the embeddings were made: the GPU when the engine runs there.
-    let mut scorer: Box<dyn Scorer> = match embedder.gpu {
-        Some(ordinal) => Box::new(BlockedScorer::with_product(
-            search_gpu::GpuProduct::new(ordinal)?,
+    let mut scorer: Box<dyn Scorer> = match embedder.backend.cuda_context() {
+        Some(ctx) => Box::new(BlockedScorer::with_product(
+            search_gpu::GpuProduct::new(&ctx)?,
             queries,
             h,
             plan,

@@ -25,8 +25,8 @@ fn err(what: &str, e: impl std::fmt::Debug) -> Error {
 }
 
 impl GpuProduct {
-    pub fn new(ordinal: usize) -> Result<Self> {
-        let ctx = crate::backend::cuda::device::open(ordinal)?;
+    /// Works in `ctx`, the engine's own context (`Backend::cuda_context`).
+    pub fn new(ctx: &Arc<cudarc::driver::CudaContext>) -> Result<Self> {
         let stream = ctx.default_stream();
         let one = || stream.alloc_zeros::<f32>(1).map_err(|e| err("alloc", e));
         Ok(GpuProduct {

@@ -39,6 +39,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/info", get(info))
         .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
         .merge(embedding)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -54,6 +55,7 @@ fn route_label(path: &str) -> &'static str {
         "/health" => "/health",
         "/info" => "/info",
         "/metrics" => "/metrics",
+        "/v1/models" => "/v1/models",
         _ => "other",
     }
 }
@@ -163,6 +165,16 @@ async fn info(State(st): St) -> Response {
         Ok(e) => Json(e.info.clone()).into_response(),
         Err(e) => e.into_response(Style::Tei),
     }
+}
+
+/// OpenAI's model list: clients and tools call it to discover what the server serves. Open like
+/// /info (it tells nothing /info does not); the one model is the served model name.
+async fn models(State(st): St) -> Response {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": st.opts.model_name, "object": "model", "created": 0, "owned_by": "sgpt"}],
+    }))
+    .into_response()
 }
 
 async fn metrics(State(st): St) -> Response {

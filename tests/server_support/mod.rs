@@ -465,7 +465,6 @@ pub fn gated_embedder(gate: Gate) -> sgpt::Result<Embedder> {
         backend: Box::new(GatedBackend { inner, gate }),
         max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
         notice: None,
-        gpu: None,
     })
 }
 
@@ -525,6 +524,5 @@ pub fn faulty_embedder(next: Arc<std::sync::atomic::AtomicU8>) -> sgpt::Result<E
         backend: Box::new(FaultyBackend { inner, next }),
         max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
         notice: None,
-        gpu: None,
     })
 }

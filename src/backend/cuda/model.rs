@@ -571,6 +571,9 @@ impl<T: Act> crate::backend::Backend for CudaModel<T> {
             kernels: Some(self.choices),
         }
     }
+    fn cuda_context(&self) -> Option<Arc<CudaContext>> {
+        Some(self.ctx.clone())
+    }
     fn load_summary(&self) -> Option<String> {
         let r = &self.report;
         Some(format!(
