@@ -10,6 +10,7 @@
 //!   complete or absent.
 //! - [`eval`]: retrieval quality on BEIR-format data (`sgpt eval`).
 //! - [`server`]: `sgpt serve`, the HTTP server with dynamic batching.
+//! - [`hash`]: the one hash (FNV-1a) for cache keys and checksums.
 //! - [`seeded`]: deterministic inputs for tests and benches.
 //! - [`bench`]: random checkpoints at named shapes, synthetic corpora, ceilings (`sgpt bench`).
 
@@ -18,6 +19,7 @@ pub mod bench;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod hash;
 pub mod io;
 pub mod model;
 pub mod seeded;

@@ -25,39 +25,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::hash::Fnv;
+use crate::io::npy_header;
 
 /// Manifest format; bump when the layout changes (old caches are then rebuilt).
 const FORMAT: u32 = 1;
-
-/// FNV-1a, 64 bit: a stable, dependency-free hash for cache keys and shard checksums (not for
-/// security: the manifest keeps the full identity, so a collision cannot reuse a wrong cache).
-#[derive(Debug, Clone, Copy)]
-pub struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    pub fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= b as u64;
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    /// Length-prefixed, so ("ab", "c") and ("a", "bc") hash differently.
-    pub fn write_str(&mut self, s: &str) {
-        self.write(&(s.len() as u64).to_le_bytes());
-        self.write(s.as_bytes());
-    }
-
-    pub fn hex(self) -> String {
-        format!("{:016x}", self.0)
-    }
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ShardEntry {
@@ -92,18 +64,6 @@ pub struct ShardCache {
     manifest: Manifest,
     /// Held for the life of the cache; the OS releases it if the process dies.
     _lock: File,
-}
-
-fn npy_header(rows: usize, cols: usize) -> Vec<u8> {
-    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
-    let unpadded = 10 + dict.len() + 1;
-    let pad = (64 - unpadded % 64) % 64;
-    let mut h = b"\x93NUMPY\x01\x00".to_vec();
-    h.extend_from_slice(&((dict.len() + pad + 1) as u16).to_le_bytes());
-    h.extend_from_slice(dict.as_bytes());
-    h.extend(std::iter::repeat_n(b' ', pad));
-    h.push(b'\n');
-    h
 }
 
 fn checksum(data: &[f32]) -> String {

@@ -30,8 +30,9 @@ use crate::error::{Error, Result};
 use crate::model::tokenize::Kind;
 use crate::model::ModelDir;
 
+use crate::hash::Fnv;
 use beir::Dataset;
-use cache::{Fnv, ShardCache};
+use cache::ShardCache;
 use metrics::Metrics;
 use search::{BlockedScorer, CpuScorer, Hit, Scorer, SearchPlan, DOC_BLOCK, QUERY_BLOCK};
 

@@ -18,6 +18,7 @@ use std::collections::BinaryHeap;
 
 use rayon::prelude::*;
 
+use crate::backend::cpu::gemm::{matmul, Parallelism};
 use crate::error::{Error, Result};
 
 /// One retrieved document.
@@ -181,26 +182,16 @@ impl TileProduct for CpuProduct {
         // docs [n, H] with row stride 1 and column stride H: element (c, j) = docs[j·H + c],
         // j < n, c < H, inside docs.len() = n·H. dst is a fresh &mut, disjoint from both.
         unsafe {
-            gemm::gemm(
-                qn,
-                n,
-                h,
+            matmul(
+                (qn, n, h),
                 out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
+                n,
                 lhs.as_ptr(),
-                1,
-                h as isize,
+                (h, 1),
                 docs.as_ptr(),
-                h as isize,
-                1,
-                0.0,
-                1.0,
+                (1, h),
                 false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                Parallelism::Rayon(rayon::current_num_threads()),
             );
         }
         Ok(())

@@ -320,8 +320,8 @@ impl EmbeddingWriter {
 }
 
 /// NPY format 1.0 header for a C-order little-endian float32 matrix; the header is padded so
-/// the data starts at a multiple of 64 bytes, as numpy writes it.
-fn npy_header(rows: usize, cols: usize) -> Vec<u8> {
+/// the data starts at a multiple of 64 bytes, as numpy writes it. (Also the eval cache's shards.)
+pub fn npy_header(rows: usize, cols: usize) -> Vec<u8> {
     let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
     let unpadded = 10 + dict.len() + 1;
     let pad = (64 - unpadded % 64) % 64;

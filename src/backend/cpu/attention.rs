@@ -8,6 +8,8 @@
 
 use rayon::prelude::*;
 
+use super::gemm::{matmul, Parallelism};
+
 /// ALiBi slopes as transformers' `build_alibi_tensor` computes them (f32 base raised to integer
 /// powers), including the interleaved extra slopes when n is not a power of two.
 pub fn alibi_slopes(n: usize) -> Vec<f32> {
@@ -24,44 +26,6 @@ pub fn alibi_slopes(n: usize) -> Vec<f32> {
 /// Query rows per block: scores for a block of queries against all keys up to its last row,
 /// so the causal upper triangle is (mostly) never computed.
 const BLOCK: usize = 64;
-
-/// `dst[m, n] = lhs[m, k] · rhs[k, n]`, each operand given by pointer and (row, column) strides.
-///
-/// # Safety
-/// Every element `ptr + r·rs + c·cs` inside the stated shape must be in bounds of its buffer;
-/// `dst` must not overlap `lhs` or `rhs`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        false,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
-}
 
 /// See the module comment for layouts. `heads` = n, `slopes` has n entries.
 pub fn alibi_attention(
@@ -103,6 +67,8 @@ pub fn alibi_attention(
                         (3 * h, 1),
                         k.as_ptr(),
                         (1, 3 * h),
+                        false,
+                        Parallelism::None,
                     );
                 }
                 for (r, row) in p.chunks_mut(i1).take(rows).enumerate() {
@@ -130,6 +96,8 @@ pub fn alibi_attention(
                         (i1, 1),
                         v.as_ptr(),
                         (3 * h, 1),
+                        false,
+                        Parallelism::None,
                     );
                 }
             }

@@ -1,7 +1,10 @@
 //! Linear layers `y = x·Wᵀ + b` with W stored `[out, in]` as in the checkpoint. The product runs
-//! in the `gemm` crate (packed, SIMD, multi-threaded); W is read through strides, never transposed.
+//! in the `gemm` crate through [`super::gemm::matmul`] (packed, SIMD, multi-threaded); W is read
+//! through strides, never transposed.
 
 use rayon::prelude::*;
+
+use super::gemm::{matmul, Parallelism};
 
 /// out[T, out] = x[T, in]·Wᵀ + b, or with `accumulate` out += x·Wᵀ + b (the residual add fused
 /// into the GEMM: BLOOM's `x + dense(ctx)` and `x + mlp(m)`).
@@ -24,26 +27,16 @@ pub fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], accumulate: bool
     // column stride 1), lhs T×in row-major, rhs = Wᵀ (in×out) read from W [out,in] with row
     // stride 1 and column stride in. The three buffers do not overlap (&mut vs &).
     unsafe {
-        gemm::gemm(
-            t,
-            n_out,
-            n_in,
+        matmul(
+            (t, n_out, n_in),
             out.as_mut_ptr(),
-            1,
-            n_out as isize,
-            true,
+            n_out,
             x.as_ptr(),
-            1,
-            n_in as isize,
+            (n_in, 1),
             w.as_ptr(),
-            n_in as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            (1, n_in),
+            true,
+            Parallelism::Rayon(rayon::current_num_threads()),
         );
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod gelu;
+pub mod gemm;
 pub mod layernorm;
 pub mod linear;
 pub mod model;

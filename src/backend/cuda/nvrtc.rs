@@ -177,16 +177,11 @@ fn compile_inner(
 
 /// FNV-1a over the source, the architecture and the NVRTC version.
 fn cache_key(src: &str, arch: &str, (major, minor): (i32, i32)) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in src
-        .bytes()
-        .chain(arch.bytes())
-        .chain(format!("{major}.{minor}").bytes())
-    {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    let mut h = crate::hash::Fnv::default();
+    h.write(src.as_bytes());
+    h.write(arch.as_bytes());
+    h.write(format!("{major}.{minor}").as_bytes());
+    h.value()
 }
 
 /// The default cache: `$SGPT_CACHE_DIR`, else `$XDG_CACHE_HOME/sgpt/kernels`, else
