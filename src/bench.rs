@@ -183,9 +183,10 @@ pub fn cpu_copy_bandwidth() -> f64 {
 
 /// The `gemm` crate's f32 rate in FLOP/s at [m × k]·[k × n] on all threads.
 pub fn cpu_gemm_rate(m: usize, k: usize, n: usize) -> f64 {
-    let a = vec![0.5f32; m * k];
-    let w = vec![0.25f32; n * k];
-    let b = vec![0f32; n];
+    // Random operands like every other bench: constants could take shortcuts no real run gets.
+    let a = crate::seeded::uniform(m * k, 1, 1.0);
+    let w = crate::seeded::uniform(n * k, 2, 0.02);
+    let b = crate::seeded::uniform(n, 3, 0.02);
     let mut y = vec![0f32; m * n];
     let t = best_of(3, || {
         crate::backend::cpu::linear::linear(&a, &w, &b, &mut y, false)
