@@ -37,6 +37,27 @@ fn offset_non_finite(e: Error, start: usize) -> Error {
     }
 }
 
+/// How [`Embedder::embed_stream_with`] cuts its input into chunks (the unit of tokenization,
+/// batching and memory).
+#[derive(Clone, Copy)]
+pub struct Chunks<'a> {
+    /// Where the chunk that starts at text `start` ends (exclusive, counted in texts).
+    pub end: &'a (dyn Fn(usize) -> usize + Sync),
+    /// A chunk also ends once it holds this many bytes of text (None: no byte limit; a caller
+    /// that needs batch boundaries to depend only on `end`, like eval's resumable shards).
+    pub max_bytes: Option<usize>,
+}
+
+/// One packed batch's results, handed out in input order.
+pub struct Embedded<'a> {
+    /// Index in the stream of the batch's first text.
+    pub first: usize,
+    /// The batch's texts as tokenized (ids with brackets, truncation flag).
+    pub seqs: &'a [Encoded],
+    /// Their embeddings, [seqs.len(), H].
+    pub vectors: &'a [f32],
+}
+
 /// Tokenizer + backend: texts in, embeddings out.
 pub struct Embedder {
     pub model: ModelDir,
@@ -129,8 +150,9 @@ impl Embedder {
     /// Texts → embeddings in input order, tokenizing the next chunk of texts on another thread
     /// while the backend embeds the current one, so the engine never waits for the tokenizer and
     /// only one chunk of texts and token ids is held at a time: `texts` may be a stream larger
-    /// than memory (an error from it stops the run). `truncated` gets the index of every text cut
-    /// to the length limit; `sink` gets (index of the first text, embeddings [S, H]).
+    /// than memory (an error from it stops the run). A chunk is 4096 texts or 64 MiB of text,
+    /// whichever comes first. `truncated` gets the index of every text cut to the length limit;
+    /// `sink` gets (index of the first text, embeddings [S, H]).
     pub fn embed_stream<I>(
         &self,
         texts: I,
@@ -141,37 +163,84 @@ impl Embedder {
     where
         I: Iterator<Item = Result<(String, Kind)>> + Send,
     {
-        const CHUNK: usize = 4096;
+        let chunks = Chunks {
+            end: &|start| start + 4096,
+            max_bytes: Some(64 << 20),
+        };
+        self.embed_stream_with(texts, normalize, chunks, &mut |b| {
+            b.seqs
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.truncated)
+                .for_each(|(i, _)| truncated(b.first + i));
+            sink(b.first, b.vectors)
+        })
+    }
+
+    /// The pipeline itself, the one every caller uses (`embed`, `eval`, the Python package):
+    /// texts are cut into chunks by `chunks`, each tokenized on a thread while the previous one
+    /// is embedded; each chunk is packed into batches (`batch::plan_batches`) and every batch's
+    /// results go to `sink` in input order, with the texts' ids.
+    pub fn embed_stream_with<I>(
+        &self,
+        texts: I,
+        normalize: bool,
+        chunks: Chunks<'_>,
+        sink: &mut dyn FnMut(Embedded<'_>) -> Result<()>,
+    ) -> Result<()>
+    where
+        I: Iterator<Item = Result<(String, Kind)>> + Send,
+    {
         std::thread::scope(|scope| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<Encoded>)>>(1);
             scope.spawn(move || {
-                let mut texts = texts;
+                let mut texts = texts.peekable();
                 let mut start = 0;
-                loop {
-                    let chunk: Result<Vec<(String, Kind)>> = texts.by_ref().take(CHUNK).collect();
-                    let r = chunk.and_then(|c| self.encode(&c));
-                    let (n, failed) = match &r {
-                        Ok(enc) => (enc.len(), false),
-                        Err(_) => (0, true),
-                    };
-                    if n == 0 && !failed {
-                        break; // the stream is done
+                while texts.peek().is_some() {
+                    let end = (chunks.end)(start).max(start + 1);
+                    let mut chunk = Vec::new();
+                    let mut bytes = 0;
+                    let mut failed = None;
+                    while start + chunk.len() < end
+                        && chunks
+                            .max_bytes
+                            .is_none_or(|m| chunk.is_empty() || bytes < m)
+                    {
+                        match texts.next() {
+                            Some(Ok(t)) => {
+                                bytes += t.0.len();
+                                chunk.push(t);
+                            }
+                            Some(Err(e)) => {
+                                failed = Some(e);
+                                break;
+                            }
+                            None => break,
+                        }
                     }
+                    let r = match failed {
+                        Some(e) => Err(e),
+                        None => self.encode(&chunk),
+                    };
+                    let failed = r.is_err();
                     // A closed channel means the consumer stopped on an error: stop too.
                     if tx.send(r.map(|e| (start, e))).is_err() || failed {
                         break;
                     }
-                    start += n;
+                    start += chunk.len();
                 }
             });
             for msg in rx {
                 let (start, enc) = msg?;
-                enc.iter()
-                    .enumerate()
-                    .filter(|(_, e)| e.truncated)
-                    .for_each(|(i, _)| truncated(start + i));
-                self.embed_encoded(&enc, normalize, &mut |first, out| sink(start + first, out))
-                    .map_err(|e| offset_non_finite(e, start))?;
+                self.embed_encoded(&enc, normalize, &mut |first, out| {
+                    let rows = out.len() / self.hidden().max(1);
+                    sink(Embedded {
+                        first: start + first,
+                        seqs: &enc[first..first + rows],
+                        vectors: out,
+                    })
+                })
+                .map_err(|e| offset_non_finite(e, start))?;
             }
             Ok(())
         })

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::backend::cpu::pooling::l2_normalize;
+use crate::engine::embedder::Chunks;
 use crate::engine::Embedder;
 use crate::error::{Error, Result};
 use crate::model::tokenize::Kind;
@@ -259,56 +260,56 @@ fn embed_cached(
         cached,
     });
 
-    // 2. The rest, in chunks that start at multiples of shard_rows: a resumed run tokenizes and
-    // batches exactly as an uninterrupted one (shards end on batch boundaries).
+    // 2. The rest, through the engine's pipeline (the next chunk tokenized while this one is
+    // embedded); a shard closes at each chunk's end or after shard_seconds, on a batch end.
     let t_embed = Instant::now();
     let step = opts.shard_rows.max(1);
-    let mut pos = cached;
+    let pos = cached;
     let mut buf: Vec<f32> = Vec::new();
     let mut buf_start = pos;
     let mut opened = Instant::now();
     let mut block_time = Duration::ZERO;
-    while pos < texts.len() {
-        let chunk_end = ((pos / step + 1) * step).min(texts.len());
-        let pairs: Vec<(String, Kind)> = texts[pos..chunk_end]
-            .iter()
-            .map(|t| (t.to_string(), kind))
-            .collect();
-        let enc = embedder.encode(&pairs)?;
-        counts.truncated += enc.iter().filter(|e| e.truncated).count();
-        let chunk_start = pos;
-        embedder.embed_encoded(&enc, false, &mut |first, e| {
-            let rows = e.len() / h;
-            let start = chunk_start + first;
-            check(start, e)?;
-            buf.extend_from_slice(e);
-            let tokens: usize = enc[first..first + rows].iter().map(|x| x.ids.len()).sum();
-            counts.embedded += rows;
-            counts.tokens_embedded += tokens;
-            on_event(Event::Embedded { what, rows, tokens });
-            let end = start + rows;
-            if end == chunk_end || opened.elapsed().as_secs_f64() >= opts.shard_seconds {
-                cache.append(buf_start, &buf)?;
-                counts.shards_written += 1;
-                on_event(Event::Shard {
-                    what,
-                    start: buf_start,
-                    end,
-                });
-                let t_block = Instant::now();
-                on_block(buf_start, &buf)?;
-                block_time += t_block.elapsed();
-                buf.clear();
-                buf_start = end;
-                opened = Instant::now();
-                if !opts.pause_after_shard.is_zero() {
-                    std::thread::sleep(opts.pause_after_shard);
-                }
+    let total = texts.len();
+    let rest = texts[pos..].iter().map(|t| Ok((t.to_string(), kind)));
+    // Chunks end at multiples of shard_rows (counted from the corpus' first row): a resumed
+    // run starts at a shard end, which is a batch end of the uninterrupted run, so it packs the
+    // same batches from there.
+    let chunks = Chunks {
+        end: &|s| ((pos + s) / step + 1) * step - pos,
+        max_bytes: None,
+    };
+    embedder.embed_stream_with(rest, false, chunks, &mut |b| {
+        let rows = b.seqs.len();
+        let start = pos + b.first;
+        check(start, b.vectors)?;
+        buf.extend_from_slice(b.vectors);
+        let tokens: usize = b.seqs.iter().map(|x| x.ids.len()).sum();
+        counts.embedded += rows;
+        counts.tokens_embedded += tokens;
+        counts.truncated += b.seqs.iter().filter(|e| e.truncated).count();
+        on_event(Event::Embedded { what, rows, tokens });
+        let end = start + rows;
+        let chunk_done = end % step == 0 || end == total;
+        if chunk_done || opened.elapsed().as_secs_f64() >= opts.shard_seconds {
+            cache.append(buf_start, &buf)?;
+            counts.shards_written += 1;
+            on_event(Event::Shard {
+                what,
+                start: buf_start,
+                end,
+            });
+            let t_block = Instant::now();
+            on_block(buf_start, &buf)?;
+            block_time += t_block.elapsed();
+            buf.clear();
+            buf_start = end;
+            opened = Instant::now();
+            if !opts.pause_after_shard.is_zero() {
+                std::thread::sleep(opts.pause_after_shard);
             }
-            Ok(())
-        })?;
-        pos = chunk_end;
-    }
+        }
+        Ok(())
+    })?;
     // The caller's work on each block (scoring) is not embedding time.
     counts.seconds = t_embed.elapsed().saturating_sub(block_time).as_secs_f64();
     on_event(Event::Done { what });
