@@ -29,6 +29,9 @@ pub trait Backend: Send + Sync {
     }
     /// The CUDA context this backend runs in, if any: other GPU work that belongs with the
     /// embeddings (eval's exact search, bench's ceilings and kernel timings) runs there too.
+    /// cudarc's cross-stream event tracking may be off in it (the CUDA backend turns it off for
+    /// graphs), so a caller must keep each of its buffers on one stream of its own and gets no
+    /// automatic synchronization with the backend's stream.
     fn cuda_context(&self) -> Option<std::sync::Arc<cudarc::driver::CudaContext>> {
         None
     }
@@ -124,7 +127,8 @@ pub struct KernelChoices {
 }
 
 impl KernelChoices {
-    /// Every selectable configuration, defaults first: what the GPU tests run.
+    /// Every selectable configuration, the defaults first and those on trial (mma attention,
+    /// the skinny GEMM) last: what the GPU tests run, in that order.
     pub fn all() -> Vec<KernelChoices> {
         use clap::ValueEnum;
         let mut v = Vec::new();
@@ -139,6 +143,9 @@ impl KernelChoices {
                 }
             }
         }
+        v.sort_by_key(|k| {
+            u8::from(k.attention == AttentionKernel::Mma) + u8::from(k.gemm == GemmKernel::Skinny)
+        });
         v
     }
 }
@@ -170,6 +177,11 @@ mod tests {
         assert_eq!(all[0], KernelChoices::default());
         let unique: std::collections::HashSet<_> = all.iter().collect();
         assert_eq!(unique.len(), all.len());
+        // Proven choices before those on trial, so a trial's failure cannot hide them.
+        let trial =
+            |k: &KernelChoices| k.attention == AttentionKernel::Mma || k.gemm == GemmKernel::Skinny;
+        let first_trial = all.iter().position(trial).unwrap();
+        assert!(all[first_trial..].iter().all(trial), "{all:?}");
     }
 
     #[test]
