@@ -522,3 +522,69 @@ fn eval_output_paths_are_checked_first() {
     ]);
     expect_fail(&o, "is a directory");
 }
+
+// ---- found by the attack run after the fixes --------------------------------------------------
+
+/// `-o /dev/stdout` writes through the process's stdout: into a shell's `>>` redirection after
+/// what is already there (it used to follow /proc/self/fd/1 to the file and replace it, losing
+/// the earlier content), and into a pipe (it used to fail).
+#[test]
+fn output_to_dev_stdout_goes_through_the_stream() {
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("log.txt");
+    std::fs::write(&log, "previous\n").unwrap();
+    let sh = format!(
+        "{{ echo before; '{}' embed -m '{}' --device cpu -q -o /dev/stdout a b; echo \"after $?\"; }} >> '{}'",
+        env!("CARGO_BIN_EXE_sgpt"),
+        m(),
+        log.display()
+    );
+    assert!(Command::new("sh")
+        .args(["-c", &sh])
+        .status()
+        .unwrap()
+        .success());
+    let got = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 5, "{got}");
+    assert_eq!(
+        (lines[0], lines[1], lines[4]),
+        ("previous", "before", "after 0")
+    );
+    assert!(lines[2].starts_with("{\"embedding\":[") && lines[3].starts_with("{\"embedding\":["));
+    assert!(partials(d.path()).is_empty());
+
+    let sh = format!(
+        "'{}' embed -m '{}' --device cpu -q -o /dev/stdout a b | wc -l",
+        env!("CARGO_BIN_EXE_sgpt"),
+        m()
+    );
+    let o = Command::new("sh").args(["-c", &sh]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "2",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A JSONL file written with a UTF-8 byte-order mark is JSONL (it used to be read as plain text,
+/// BOM and braces embedded, exit 0).
+#[test]
+fn a_jsonl_file_with_a_byte_order_mark_is_jsonl() {
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("bom.jsonl");
+    std::fs::write(&input, "\u{feff}{\"text\": \"a\"}\n").unwrap();
+    let o = run(&[
+        "embed",
+        "-m",
+        &m(),
+        "--device",
+        "cpu",
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plain = run(&["embed", "-m", &m(), "--device", "cpu", "a"]);
+    assert_eq!(o.stdout, plain.stdout);
+}

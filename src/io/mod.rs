@@ -47,6 +47,8 @@ struct JsonInput {
 /// (caught by [`EmptyTexts`]). Lines end in `\n` or `\r\n`; the input's line `i` is text `i`.
 pub struct InputReader<R> {
     lines: std::io::Lines<R>,
+    /// Nothing read from `lines` yet (a byte-order mark is dropped from the first line).
+    at_start: bool,
     /// Lines read ahead to detect the format (blank lines, then the first non-blank one).
     ahead: std::collections::VecDeque<String>,
     jsonl: bool,
@@ -61,6 +63,7 @@ impl<R: BufRead> InputReader<R> {
     pub fn new(reader: R, source: &str, format: InputFormat, default_kind: Kind) -> Result<Self> {
         let mut r = InputReader {
             lines: reader.lines(),
+            at_start: true,
             ahead: Default::default(),
             jsonl: format == InputFormat::Jsonl,
             source: source.to_string(),
@@ -68,7 +71,7 @@ impl<R: BufRead> InputReader<R> {
             line: 0,
         };
         if format == InputFormat::Auto {
-            while let Some(l) = r.lines.next() {
+            while let Some(l) = r.read_line() {
                 let l = l.map_err(|e| r.read_error(r.ahead.len() + 1, e))?;
                 let blank = l.trim().is_empty();
                 r.ahead.push_back(l);
@@ -119,8 +122,21 @@ impl<R: BufRead> InputReader<R> {
     fn next_raw(&mut self) -> Option<std::io::Result<String>> {
         match self.ahead.pop_front() {
             Some(l) => Some(Ok(l)),
-            None => self.lines.next(),
+            None => self.read_line(),
         }
+    }
+
+    /// The reader's next line; a UTF-8 byte-order mark at the very start (as Windows tools
+    /// write) is dropped, so it neither hides a JSONL file nor ends up in the first text.
+    fn read_line(&mut self) -> Option<std::io::Result<String>> {
+        let line = self.lines.next()?;
+        if !std::mem::replace(&mut self.at_start, false) {
+            return Some(line);
+        }
+        Some(line.map(|l| match l.strip_prefix('\u{feff}') {
+            Some(rest) => rest.to_string(),
+            None => l,
+        }))
     }
 }
 
@@ -413,6 +429,23 @@ mod tests {
         assert!(v.unwrap_err().to_string().contains("x:1"));
         let v = parse_inputs("\n  \nplain", "x", InputFormat::Auto, Kind::Query).unwrap();
         assert_eq!((v.len(), v[2].line, v[2].text.as_str()), (3, 3, "plain"));
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_dropped() {
+        let j = parse_inputs(
+            "\u{feff}{\"text\": \"a\"}\n",
+            "x",
+            InputFormat::Auto,
+            Kind::Query,
+        )
+        .unwrap();
+        assert_eq!(j[0].text, "a");
+        let p = parse_inputs("\u{feff}plain\nnext\n", "x", InputFormat::Auto, Kind::Query).unwrap();
+        assert_eq!((p[0].text.as_str(), p[1].text.as_str()), ("plain", "next"));
+        // Only at the very start: elsewhere it is text.
+        let p = parse_inputs("a\n\u{feff}b\n", "x", InputFormat::Lines, Kind::Query).unwrap();
+        assert_eq!(p[1].text, "\u{feff}b");
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //!   only when complete. Two runs writing the same target each write their own temp file: the
 //!   target ends up as one run's complete output, never a mix.
 //! - A symlink is followed: the file it points to is what gets replaced, the link stays.
+//! - This process's own streams named as paths (`/dev/stdout`, `/dev/stderr`, `/dev/fd/N`,
+//!   `/proc/self/fd/N`) are written through the open stream, never resolved to the file behind
+//!   it (that would replace a shell's redirection target, or fail on a pipe).
 //! - Anything else that exists (a FIFO, a character device such as `/dev/null` or `/dev/stdout`,
 //!   a pipe) is written directly: it is a stream, not a file to replace.
 //! - A temp file is removed on every error path (drop) and, once [`remove_temps_on_signal`] is
@@ -46,6 +49,37 @@ pub fn remove_temps_on_signal() -> Result<()> {
         .map_err(|e| Error::Input(format!("installing the signal handler: {e}")))
 }
 
+/// The descriptor a path names when it is one of this process's own streams.
+fn own_stream(path: &Path) -> Option<u32> {
+    let s = path.to_str()?;
+    match s {
+        "/dev/stdout" => Some(1),
+        "/dev/stderr" => Some(2),
+        _ => s
+            .strip_prefix("/dev/fd/")
+            .or_else(|| s.strip_prefix("/proc/self/fd/"))
+            .and_then(|n| n.parse().ok()),
+    }
+}
+
+/// Opens one of this process's streams for writing: stdout and stderr are duplicated (so the
+/// bytes go where the shell's redirection points, at its current offset); another descriptor
+/// (a pipe from process substitution) is opened through its path, appending.
+fn open_stream(path: &Path, fd: u32) -> Result<File> {
+    use std::os::fd::AsFd;
+    let dup = match fd {
+        1 => std::io::stdout().as_fd().try_clone_to_owned(),
+        2 => std::io::stderr().as_fd().try_clone_to_owned(),
+        _ => {
+            return OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::io(path, e))
+        }
+    };
+    dup.map(File::from).map_err(|e| Error::io(path, e))
+}
+
 /// The file a path finally names: symlinks followed (relative links against their own
 /// directory), up to a depth that stops loops.
 fn resolve_links(path: &Path) -> Result<PathBuf> {
@@ -71,6 +105,9 @@ fn resolve_links(path: &Path) -> Result<PathBuf> {
 /// Checks that `path` can be written (see [`OutputFile::create`]) without creating or opening
 /// anything: for a command that writes its output only at the end.
 pub fn check(path: &Path) -> Result<()> {
+    if own_stream(path).is_some() {
+        return Ok(());
+    }
     let dst = resolve_links(path)?;
     match std::fs::metadata(&dst) {
         Ok(m) if m.is_dir() => Err(Error::io(
@@ -112,6 +149,13 @@ impl OutputFile {
     /// Checks the target and opens the temp file (or the stream). Fails before any work is
     /// done if the target is a directory or its directory does not exist.
     pub fn create(path: &Path) -> Result<Self> {
+        if let Some(fd) = own_stream(path) {
+            return Ok(OutputFile {
+                target: Some(Target::Direct(open_stream(path, fd)?)),
+                shown: path.to_path_buf(),
+                temp_path: None,
+            });
+        }
         let dst = resolve_links(path)?;
         let err = |msg: &str| Error::io(path, std::io::Error::other(msg.to_string()));
         match std::fs::metadata(&dst) {
