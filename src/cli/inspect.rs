@@ -43,7 +43,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     if !bad.is_empty() {
         let more = bad.len().saturating_sub(10);
         bail!(
-            "{}: {} tensor(s) hold NaN or Inf: {}{}; every embedding would be garbage",
+            "{}: {} tensor(s) hold NaN or Inf: {}{}; any text whose forward touches them gets no embedding",
             m.dir.display(),
             bad.len(),
             bad[..bad.len().min(10)].join(", "),

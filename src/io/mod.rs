@@ -102,6 +102,13 @@ impl<R: BufRead> InputReader<R> {
                 line: line_no,
             });
         }
+        if is_blank(line) {
+            return Err(Error::Input(format!(
+                "{}:{line_no}: blank line in JSONL input (one JSON object per line; blank lines \
+                 are allowed only at the end)",
+                self.source
+            )));
+        }
         let obj: JsonInput = serde_json::from_str(line).map_err(|e| {
             Error::Input(format!(
                 "{}:{line_no}: expected a JSON object with a string \"text\" and optional \
@@ -376,7 +383,8 @@ mod tests {
             InputFormat::Jsonl,
             Kind::Query,
         );
-        assert!(blank.unwrap_err().to_string().contains("f:2"));
+        let e = blank.unwrap_err().to_string();
+        assert!(e.contains("f:2: blank line in JSONL"), "{e}");
         let kind = parse_inputs(
             "{\"text\": \"a\", \"kind\": \"doc\"}",
             "f",
