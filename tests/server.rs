@@ -351,6 +351,13 @@ fn a_model_that_fails_to_load_stops_the_server() {
     assert_eq!(status.code(), Some(1), "{}", s.stderr());
     assert!(s.stderr().contains("loading the model"), "{}", s.stderr());
     assert!(!s.stderr().contains("panicked"), "{}", s.stderr());
+    // The cause is said once (it used to be printed twice, after "loading the model: ").
+    let err = s.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("sgpt: error:"))
+        .unwrap_or_default();
+    assert_eq!(line.matches("config.json").count(), 1, "{line}");
 }
 
 /// One request held in the engine uses the only permit: the next is refused at once.

@@ -190,13 +190,14 @@ impl ServeOptions {
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("loading the model: {0}")]
+    // The cause is the error's source, so a chain printer (anyhow's `{:#}`) says it once.
+    #[error("loading the model")]
     Load(#[from] crate::Error),
     #[error("warm-up: {0}")]
     Warmup(String),
-    #[error("metrics: {0}")]
+    #[error("metrics")]
     Metrics(#[from] prometheus::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// The shutdown deadline passed with connections still open; they were closed.
     #[error(
