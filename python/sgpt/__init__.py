@@ -139,6 +139,9 @@ class Model:
         threads: CPU threads of a pool owned by this model, for the forward (default: rayon's
             global pool, all cores; tokenization uses the global pool either way). 1 to 4 × the
             cores.
+        attention, gemm, cuda_graphs: the GPU kernel choices, as the CLI's ``--attention``
+            (auto, v1, tc, mma), ``--gemm`` (cublaslt, skinny) and ``--cuda-graphs``; anything
+            but the defaults with device="cpu" is a ValueError.
 
     Raises:
         FileNotFoundError: the directory or one of its files is missing.
@@ -153,6 +156,9 @@ class Model:
         dtype: Optional[str] = None,
         max_batch_tokens: Optional[int] = None,
         threads: Optional[int] = None,
+        attention: str = "auto",
+        gemm: str = "cublaslt",
+        cuda_graphs: bool = False,
     ) -> None:
         for name, value in (("max_batch_tokens", max_batch_tokens), ("threads", threads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -160,7 +166,9 @@ class Model:
         global _engine_pid
         _check_not_forked()
         _engine_pid = os.getpid()
-        self._engine = _Engine(path, device, dtype, max_batch_tokens, threads)
+        self._engine = _Engine(
+            path, device, dtype, max_batch_tokens, threads, attention, gemm, cuda_graphs
+        )
         self.path = str(path)
         self.device = device
         self._info: dict[str, Any] = json.loads(self._engine.info_json)

@@ -18,6 +18,9 @@ class Engine:
         dtype: Optional[str] = None,
         max_batch_tokens: Optional[int] = None,
         threads: Optional[int] = None,
+        attention: str = "auto",
+        gemm: str = "cublaslt",
+        cuda_graphs: bool = False,
     ) -> Engine: ...
     @property
     def hidden_size(self) -> int: ...

@@ -22,6 +22,7 @@ use pyo3::exceptions::{
 use pyo3::prelude::*;
 
 use sgpt::backend::cuda::device::GpuDtype;
+use sgpt::backend::KernelChoices;
 use sgpt::engine::{Device, Embedder, EngineOptions};
 use sgpt::model::tokenize::{py_rstrip, Kind};
 use sgpt::Error;
@@ -113,6 +114,7 @@ fn engine_options(
     device: &str,
     dtype: Option<&str>,
     max_batch_tokens: Option<usize>,
+    (attention, gemm, cuda_graphs): (&str, &str, bool),
 ) -> PyResult<EngineOptions> {
     let device = Device::from_str(device).map_err(PyValueError::new_err)?;
     let dtype = match dtype {
@@ -125,11 +127,16 @@ fn engine_options(
             )))
         }
     };
+    let kernels = KernelChoices {
+        attention: attention.parse().map_err(PyValueError::new_err)?,
+        gemm: gemm.parse().map_err(PyValueError::new_err)?,
+        cuda_graphs,
+    };
     let opts = EngineOptions {
         device,
         dtype,
         max_batch_tokens,
-        ..EngineOptions::default()
+        kernels,
     };
     opts.check().map_err(to_py)?;
     Ok(opts)
@@ -196,7 +203,8 @@ impl Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (path, device="auto", dtype=None, max_batch_tokens=None, threads=None))]
+    #[pyo3(signature = (path, device="auto", dtype=None, max_batch_tokens=None, threads=None, attention="auto", gemm="cublaslt", cuda_graphs=false))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -204,8 +212,16 @@ impl Engine {
         dtype: Option<&str>,
         max_batch_tokens: Option<usize>,
         threads: Option<usize>,
+        attention: &str,
+        gemm: &str,
+        cuda_graphs: bool,
     ) -> PyResult<Self> {
-        let opts = engine_options(device, dtype, max_batch_tokens)?;
+        let opts = engine_options(
+            device,
+            dtype,
+            max_batch_tokens,
+            (attention, gemm, cuda_graphs),
+        )?;
         if let Some(n) = threads {
             sgpt::engine::options::check_threads(n).map_err(to_py)?;
         }

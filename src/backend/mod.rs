@@ -116,6 +116,32 @@ pub enum GemmKernel {
     Skinny,
 }
 
+/// Parses a choice by its flag value (`auto`, `v1`, … / `cublaslt`, `skinny`), naming the
+/// accepted values when it is none of them.
+fn parse_choice<T: clap::ValueEnum>(s: &str, what: &str) -> std::result::Result<T, String> {
+    T::from_str(s, false).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+            .collect();
+        format!("unknown {what} {s:?}: expected one of {}", names.join(", "))
+    })
+}
+
+impl std::str::FromStr for AttentionKernel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        parse_choice(s, "attention kernel")
+    }
+}
+
+impl std::str::FromStr for GemmKernel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        parse_choice(s, "GEMM kernel")
+    }
+}
+
 /// The kernel choices of the CUDA backend: typed engine options with CLI flags, never
 /// environment variables. The defaults are the measured ones; anything on trial is opt-in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
@@ -182,6 +208,14 @@ mod tests {
             |k: &KernelChoices| k.attention == AttentionKernel::Mma || k.gemm == GemmKernel::Skinny;
         let first_trial = all.iter().position(trial).unwrap();
         assert!(all[first_trial..].iter().all(trial), "{all:?}");
+    }
+
+    #[test]
+    fn choices_parse_by_their_flag_values() {
+        assert_eq!("mma".parse::<AttentionKernel>(), Ok(AttentionKernel::Mma));
+        assert_eq!("skinny".parse::<GemmKernel>(), Ok(GemmKernel::Skinny));
+        let e = "v9".parse::<AttentionKernel>().unwrap_err();
+        assert!(e.contains("expected one of auto, v1, tc, mma"), "{e}");
     }
 
     #[test]

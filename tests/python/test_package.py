@@ -272,6 +272,15 @@ def test_bad_options_are_value_errors():
         sgpt.Model(MODEL, device="cpu", threads=100_000)
     with pytest.raises(ValueError, match="max_batch_tokens"):
         sgpt.Model(MODEL, device="cpu", max_batch_tokens=0)
+    # The GPU kernel choices: typed, refused on the CPU, an unknown value named.
+    with pytest.raises(ValueError, match="GPU kernel choices"):
+        sgpt.Model(MODEL, device="cpu", attention="mma")
+    with pytest.raises(ValueError, match="GPU kernel choices"):
+        sgpt.Model(MODEL, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="unknown attention kernel 'v9'|unknown attention kernel \"v9\""):
+        sgpt.Model(MODEL, device="cpu", attention="v9")
+    with pytest.raises(ValueError, match="expected one of cublaslt, skinny"):
+        sgpt.Model(MODEL, device="cpu", gemm="cutlass")
 
 
 def test_unusable_gpu_is_runtime_error():
