@@ -46,9 +46,11 @@ struct JsonInput {
 /// Every line is one input: a blank line is an error in JSONL, and an empty text in plain lines
 /// (caught by [`EmptyTexts`]). Lines end in `\n` or `\r\n`; the input's line `i` is text `i`.
 pub struct InputReader<R> {
-    lines: std::io::Lines<R>,
-    /// Nothing read from `lines` yet (a byte-order mark is dropped from the first line).
+    reader: R,
+    /// Nothing read yet (a byte-order mark is dropped from the first line).
     at_start: bool,
+    /// Most bytes of a plain-text line kept (see [`MAX_LINE_BYTES`]).
+    line_cap: usize,
     /// Lines read ahead to detect the format (blank lines, then the first non-blank one).
     ahead: std::collections::VecDeque<String>,
     jsonl: bool,
@@ -62,8 +64,9 @@ impl<R: BufRead> InputReader<R> {
     /// character decides: `{` means JSONL, anything else plain lines.
     pub fn new(reader: R, source: &str, format: InputFormat, default_kind: Kind) -> Result<Self> {
         let mut r = InputReader {
-            lines: reader.lines(),
+            reader,
             at_start: true,
+            line_cap: MAX_LINE_BYTES,
             ahead: Default::default(),
             jsonl: format == InputFormat::Jsonl,
             source: source.to_string(),
@@ -71,26 +74,60 @@ impl<R: BufRead> InputReader<R> {
             line: 0,
         };
         if format == InputFormat::Auto {
-            while let Some(l) = r.read_line() {
-                let l = l.map_err(|e| r.read_error(r.ahead.len() + 1, e))?;
-                let blank = l.trim().is_empty();
-                r.ahead.push_back(l);
-                if !blank {
-                    let first = r.ahead.back().map(String::as_str).unwrap_or_default();
-                    r.jsonl = first.trim_start().starts_with('{');
-                    break;
-                }
-            }
+            r.detect()?;
         }
         Ok(r)
     }
 
-    fn read_error(&self, line: usize, e: std::io::Error) -> Error {
-        if e.kind() == std::io::ErrorKind::InvalidData {
-            Error::Input(format!("{}:{line}: not valid UTF-8", self.source))
-        } else {
-            Error::Input(format!("{}:{line}: {e}", self.source))
+    /// Plain-text lines keep at most `cap` bytes (tests use a small one).
+    pub fn with_line_cap(mut self, cap: usize) -> Self {
+        self.line_cap = cap.max(4);
+        self
+    }
+
+    /// Auto-detection: the first non-blank character decides, found by peeking at the bytes, so
+    /// a huge first line is never read whole just to see how it starts. Blank lines before it
+    /// are read as lines (they are inputs too).
+    fn detect(&mut self) -> Result<()> {
+        loop {
+            let line_no = self.ahead.len() + 1;
+            let buf = match self.reader.fill_buf() {
+                Ok(b) => b,
+                Err(e) => return Err(read_error(&self.source, line_no, e)),
+            };
+            let mut i = 0;
+            if self.at_start && self.ahead.is_empty() && buf.starts_with(BOM) {
+                i = BOM.len();
+            }
+            while i < buf.len() && matches!(buf[i], b' ' | b'\t' | b'\r') {
+                i += 1;
+            }
+            let first = buf.get(i).copied();
+            match first {
+                None if buf.is_empty() => return Ok(()), // no input at all
+                Some(b'\n') | None => {
+                    // A blank line, or spaces longer than the buffer: read the line itself.
+                    let Some(l) = self.read_line() else {
+                        return Ok(());
+                    };
+                    let l = l.map_err(|e| self.read_error(self.ahead.len() + 1, e))?;
+                    let start = l.trim_start().chars().next();
+                    self.ahead.push_back(l);
+                    if let Some(c) = start {
+                        self.jsonl = c == '{';
+                        return Ok(());
+                    }
+                }
+                Some(b) => {
+                    self.jsonl = b == b'{';
+                    return Ok(());
+                }
+            }
         }
+    }
+
+    fn read_error(&self, line: usize, e: std::io::Error) -> Error {
+        read_error(&self.source, line, e)
     }
 
     fn parse(&self, line: &str, line_no: usize) -> Result<InputText> {
@@ -135,8 +172,14 @@ impl<R: BufRead> InputReader<R> {
 
     /// The reader's next line; a UTF-8 byte-order mark at the very start (as Windows tools
     /// write) is dropped, so it neither hides a JSONL file nor ends up in the first text.
+    /// A plain-text line keeps at most `line_cap` bytes (JSONL lines are parsed whole).
     fn read_line(&mut self) -> Option<std::io::Result<String>> {
-        let line = self.lines.next()?;
+        let cap = if self.jsonl {
+            usize::MAX
+        } else {
+            self.line_cap
+        };
+        let line = read_capped_line(&mut self.reader, cap)?;
         if !std::mem::replace(&mut self.at_start, false) {
             return Some(line);
         }
@@ -145,6 +188,101 @@ impl<R: BufRead> InputReader<R> {
             None => l,
         }))
     }
+}
+
+fn read_error(source: &str, line: usize, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        Error::Input(format!("{source}:{line}: not valid UTF-8"))
+    } else {
+        Error::Input(format!("{source}:{line}: {e}"))
+    }
+}
+
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
+/// Most bytes of one plain-text line that are kept. A text is only ever tokenized up to a
+/// prefix that yields its first `max_seq_length - 3` ids (`model::tokenize`): the first such
+/// prefix is tried at 16 KiB plus at most 64 KiB to a cut point, and grows only while it has
+/// too few ids, so 4 MiB is never reached unless 4 MiB of text makes fewer than 298 tokens
+/// (tokens averaging over 14 KB). Keeping more would change no id; it would only cost memory.
+pub const MAX_LINE_BYTES: usize = 4 << 20;
+
+/// Reads one line (without `\n`) keeping at most `cap` bytes of it; None at the end of input.
+/// The rest of a longer line is read and checked (UTF-8) but not kept. If that rest holds any
+/// text besides whitespace, the kept prefix gets a trailing NUL, so that stripping trailing
+/// whitespace (as the reference does to the whole text) cannot eat into the kept prefix: the
+/// whole line's rstrip ends in the discarded part. The ids used come from far before the NUL.
+fn read_capped_line<R: BufRead>(r: &mut R, cap: usize) -> Option<std::io::Result<String>> {
+    use std::io::{Error as IoError, ErrorKind};
+    let invalid = || IoError::new(ErrorKind::InvalidData, "stream did not contain valid UTF-8");
+    let mut kept: Vec<u8> = Vec::new();
+    let mut rest: Vec<u8> = Vec::new(); // the discarded part's unchecked bytes (≤ 3 carried)
+    let (mut any, mut cut, mut rest_has_text) = (false, false, false);
+    // Checks `rest` as UTF-8 up to an incomplete tail, noting any non-whitespace character.
+    let mut check = |rest: &mut Vec<u8>, end: bool| -> std::io::Result<()> {
+        let valid = match std::str::from_utf8(rest) {
+            Ok(_) => rest.len(),
+            Err(e) if e.error_len().is_none() && !end => e.valid_up_to(),
+            Err(_) => return Err(invalid()),
+        };
+        let text = std::str::from_utf8(&rest[..valid]).map_err(|_| invalid())?;
+        rest_has_text |= text
+            .chars()
+            .any(|c| !crate::model::tokenize::py_whitespace(c));
+        rest.drain(..valid);
+        Ok(())
+    };
+    loop {
+        let buf = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Some(Err(e)),
+        };
+        if buf.is_empty() {
+            break;
+        }
+        any = true;
+        let newline = buf.iter().position(|&b| b == b'\n');
+        let line_part = &buf[..newline.unwrap_or(buf.len())];
+        let take = cap.saturating_sub(kept.len()).min(line_part.len());
+        kept.extend_from_slice(&line_part[..take]);
+        if take < line_part.len() {
+            if !cut {
+                cut = true;
+                // The cap may split a character: its first bytes go with the rest.
+                match std::str::from_utf8(&kept) {
+                    Ok(_) => {}
+                    Err(e) if e.error_len().is_none() => rest.extend(kept.drain(e.valid_up_to()..)),
+                    Err(_) => return Some(Err(invalid())),
+                }
+            }
+            rest.extend_from_slice(&line_part[take..]);
+            if let Err(e) = check(&mut rest, false) {
+                return Some(Err(e));
+            }
+        }
+        let used = newline.map_or(buf.len(), |i| i + 1);
+        r.consume(used);
+        if newline.is_some() {
+            break;
+        }
+    }
+    if !any {
+        return None;
+    }
+    if cut {
+        if let Err(e) = check(&mut rest, true) {
+            return Some(Err(e));
+        }
+    }
+    let mut line = match String::from_utf8(kept) {
+        Ok(l) => l,
+        Err(_) => return Some(Err(invalid())),
+    };
+    if cut && rest_has_text {
+        line.push('\0');
+    }
+    Some(Ok(line))
 }
 
 fn is_blank(l: &str) -> bool {
@@ -437,6 +575,90 @@ mod tests {
         assert!(v.unwrap_err().to_string().contains("x:1"));
         let v = parse_inputs("\n  \nplain", "x", InputFormat::Auto, Kind::Query).unwrap();
         assert_eq!((v.len(), v[2].line, v[2].text.as_str()), (3, 3, "plain"));
+    }
+
+    fn capped(input: &[u8], cap: usize) -> Result<Vec<String>> {
+        InputReader::new(input, "in.txt", InputFormat::Auto, Kind::Query)?
+            .with_line_cap(cap)
+            .map(|t| t.map(|t| t.text))
+            .collect()
+    }
+
+    #[test]
+    fn a_long_plain_line_keeps_a_capped_prefix() {
+        // More text after the cap: the prefix is kept and marked so rstrip cannot shorten it.
+        assert_eq!(
+            capped(b"abcdefghij\nnext\n", 8).unwrap(),
+            ["abcdefgh\0", "next"]
+        );
+        // Only whitespace after the cap: the whole line's rstrip would reach into the prefix,
+        // so it is kept unmarked (and rstripped later, as the whole line would be).
+        assert_eq!(
+            capped(b"abcdefgh  \t \r\nnext", 8).unwrap(),
+            ["abcdefgh", "next"]
+        );
+        // A character split by the cap goes with the discarded part.
+        assert_eq!(capped("aaaaaaaé!\n".as_bytes(), 8).unwrap(), ["aaaaaaa\0"]);
+        // The discarded part is still checked.
+        let e = capped(b"ok\nabcdefgh\xff\xfe\n", 8)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("in.txt:2: not valid UTF-8"), "{e}");
+        // JSONL lines are never cut (they are parsed whole).
+        let j = format!("{{\"text\": \"{}\"}}\n", "x".repeat(100));
+        assert_eq!(capped(j.as_bytes(), 8).unwrap()[0].len(), 100);
+        // Detection peeks at bytes: blank lines first still count, a BOM is skipped.
+        let e = capped(b"\n  \n{\"text\": \"a\"}\n", 8)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("in.txt:1: blank line in JSONL"), "{e}");
+        assert_eq!(
+            capped("\u{feff}{\"text\": \"a\"}".as_bytes(), 8).unwrap(),
+            ["a"]
+        );
+    }
+
+    /// The cap changes no id: texts far longer than it, read through the reader, tokenize to
+    /// the same kept ids and truncation flag as the whole texts (a smaller cap than the real
+    /// 4 MiB, still above the first prefix the tokenizer tries: 16 KiB + 64 KiB).
+    #[test]
+    fn capped_lines_tokenize_like_whole_lines() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/sgpt-tiny/tokenizer.json");
+        let tok = crate::model::tokenize::SpecbTokenizer::from_file(&p, 300, usize::MAX).unwrap();
+        let cap = 256 << 10;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut words = String::new();
+        while words.len() < 700_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            words.push_str(
+                [
+                    "the ", "capital", "  ", "東京", ". ", "\t", "🙂", "x", "...",
+                ][(seed % 9) as usize],
+            );
+        }
+        let cases = [
+            ("words", words),
+            ("spaces then a word", format!("x{}y", " ".repeat(700_000))),
+            ("one long piece", "ab".repeat(400_000)),
+            (
+                "text then trailing spaces",
+                format!("{}{}", "word ".repeat(60_000), " ".repeat(400_000)),
+            ),
+        ];
+        for (what, text) in &cases {
+            let line = format!("{text}\n");
+            let read = capped(line.as_bytes(), cap).unwrap();
+            assert!(read[0].len() <= cap + 1, "{what}: not capped");
+            for kind in [Kind::Query, Kind::Document] {
+                let got = tok.encode(&read[0], kind).unwrap();
+                let want = tok.encode(text, kind).unwrap();
+                assert_eq!(got.ids, want.ids, "{what}: ids differ");
+                assert_eq!(got.truncated, want.truncated, "{what}: truncation differs");
+            }
+        }
     }
 
     #[test]

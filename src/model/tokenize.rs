@@ -261,7 +261,12 @@ pub fn safe_cut(text: &str, from: usize) -> Option<usize> {
 /// Python's `str.rstrip()` with no argument: Rust's `char::is_whitespace` plus U+001C..U+001F,
 /// which Python also counts as whitespace (they are Unicode "B"/"S" separators).
 pub fn py_rstrip(s: &str) -> &str {
-    s.trim_end_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+    s.trim_end_matches(py_whitespace)
+}
+
+/// Whether Python's `str.isspace()` holds for `c` (what `rstrip()` removes).
+pub fn py_whitespace(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
 /// A document with a title is embedded as `title + " " + text` (SGPT's BEIR code).
