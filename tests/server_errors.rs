@@ -420,11 +420,14 @@ fn aborted_uploads_are_counted_as_aborted() {
 /// accepted (was refused while the docs' examples used it).
 #[test]
 fn models_route_and_localhost() {
+    // --kind: embed's spelling of --default-input-type.
     let s = ServerProcess::start(&[
         "--host",
         "localhost",
         "--served-model-name",
         "sgpt-tiny-test",
+        "--kind",
+        "document",
     ]);
     let r = request(s.addr, "GET", "/v1/models", &[], b"").unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
@@ -433,4 +436,6 @@ fn models_route_and_localhost() {
     assert_eq!(v["data"][0]["id"], "sgpt-tiny-test");
     assert_eq!(v["data"][0]["object"], "model");
     assert!(s.addr.ip().is_loopback());
+    let info = request(s.addr, "GET", "/info", &[], b"").unwrap().json();
+    assert_eq!(info["default_input_type"], "document");
 }

@@ -37,7 +37,8 @@ pub struct ServeArgs {
     #[arg(long)]
     api_key: Option<String>,
     /// Kind of the texts of a request that has no "input_type": query ([ ]) or document ({ }).
-    #[arg(long, value_enum, default_value = "query")]
+    /// Also spelled --kind, as `sgpt embed` spells it.
+    #[arg(long, visible_alias = "kind", value_enum, default_value = "query")]
     default_input_type: KindArg,
     /// Model name echoed in OpenAI responses when a request gives none, and shown by /info
     /// (default: the model directory's name).
