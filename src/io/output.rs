@@ -102,27 +102,41 @@ fn resolve_links(path: &Path) -> Result<PathBuf> {
     ))
 }
 
+/// What an output path names, decided once for [`check`] and [`OutputFile::create`].
+enum Dest {
+    /// One of this process's streams (fd).
+    Stream(u32),
+    /// An existing FIFO, device or other non-regular file, after symlinks.
+    InPlace(PathBuf),
+    /// A regular file (existing or not) `dst` in the existing directory `dir`.
+    File { dst: PathBuf, dir: PathBuf },
+}
+
+fn classify(path: &Path) -> Result<Dest> {
+    if let Some(fd) = own_stream(path) {
+        return Ok(Dest::Stream(fd));
+    }
+    let dst = resolve_links(path)?;
+    let err = |msg: String| Error::io(path, std::io::Error::other(msg));
+    match std::fs::metadata(&dst) {
+        Ok(m) if m.is_dir() => return Err(err("is a directory, not a file to write".into())),
+        Ok(m) if !m.is_file() => return Ok(Dest::InPlace(dst)),
+        _ => {}
+    }
+    let dir = match dst.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(err(format!("directory {} does not exist", dir.display())));
+    }
+    Ok(Dest::File { dst, dir })
+}
+
 /// Checks that `path` can be written (see [`OutputFile::create`]) without creating or opening
 /// anything: for a command that writes its output only at the end.
 pub fn check(path: &Path) -> Result<()> {
-    if own_stream(path).is_some() {
-        return Ok(());
-    }
-    let dst = resolve_links(path)?;
-    match std::fs::metadata(&dst) {
-        Ok(m) if m.is_dir() => Err(Error::io(
-            path,
-            std::io::Error::other("is a directory, not a file to write"),
-        )),
-        Ok(m) if !m.is_file() => Ok(()),
-        _ => match dst.parent() {
-            Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => Err(Error::io(
-                path,
-                std::io::Error::other(format!("directory {} does not exist", d.display())),
-            )),
-            _ => Ok(()),
-        },
-    }
+    classify(path).map(drop)
 }
 
 enum Target {
@@ -149,40 +163,22 @@ impl OutputFile {
     /// Checks the target and opens the temp file (or the stream). Fails before any work is
     /// done if the target is a directory or its directory does not exist.
     pub fn create(path: &Path) -> Result<Self> {
-        if let Some(fd) = own_stream(path) {
-            return Ok(OutputFile {
-                target: Some(Target::Direct(open_stream(path, fd)?)),
-                shown: path.to_path_buf(),
-                temp_path: None,
-            });
-        }
-        let dst = resolve_links(path)?;
-        let err = |msg: &str| Error::io(path, std::io::Error::other(msg.to_string()));
-        match std::fs::metadata(&dst) {
-            Ok(m) if m.is_dir() => return Err(err("is a directory, not a file to write")),
-            Ok(m) if !m.is_file() => {
+        let direct = |f: File| OutputFile {
+            target: Some(Target::Direct(f)),
+            shown: path.to_path_buf(),
+            temp_path: None,
+        };
+        let (dst, dir) = match classify(path)? {
+            Dest::Stream(fd) => return Ok(direct(open_stream(path, fd)?)),
+            Dest::InPlace(dst) => {
                 let f = OpenOptions::new()
                     .write(true)
                     .open(&dst)
                     .map_err(|e| Error::io(path, e))?;
-                return Ok(OutputFile {
-                    target: Some(Target::Direct(f)),
-                    shown: path.to_path_buf(),
-                    temp_path: None,
-                });
+                return Ok(direct(f));
             }
-            _ => {}
-        }
-        let dir = match dst.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
+            Dest::File { dst, dir } => (dst, dir),
         };
-        if !dir.is_dir() {
-            return Err(Error::io(
-                path,
-                std::io::Error::other(format!("directory {} does not exist", dir.display())),
-            ));
-        }
         let name = dst
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
