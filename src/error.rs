@@ -52,7 +52,7 @@ pub enum Error {
     Input(String),
     /// The backend produced NaN or Inf (e.g. a checkpoint with non-finite weights): never
     /// returned as an embedding. `seqs`: the failing texts, 0-based, in the caller's order.
-    #[error("the model produced NaN or Inf for {} text(s) (0-based: {}); no embedding is returned for them. Check the weights with `sgpt inspect`", seqs.len(), crate::error::list_some(seqs))]
+    #[error("the model produced NaN or Inf for {} text(s) (0-based: {}); no embedding is returned for them. Check the weights with `sgpt inspect`", seqs.len(), crate::error::list_some(seqs, seqs.len()))]
     NonFinite { seqs: Vec<usize> },
     /// A request the engine understands but does not (yet) support.
     #[error("{0}")]
@@ -61,10 +61,11 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// At most the first ten numbers, comma-separated, with "and N more".
-pub(crate) fn list_some(v: &[usize]) -> String {
-    let shown: Vec<String> = v.iter().take(10).map(usize::to_string).collect();
-    let more = v.len().saturating_sub(shown.len());
+/// The first (at most ten) of `total` things, comma-separated, with "and N more" for the rest:
+/// how every message names a long list (texts, lines, tensors).
+pub fn list_some<T: std::fmt::Display>(first: &[T], total: usize) -> String {
+    let shown: Vec<String> = first.iter().take(10).map(T::to_string).collect();
+    let more = total.saturating_sub(shown.len());
     if more > 0 {
         format!("{} and {more} more", shown.join(", "))
     } else {

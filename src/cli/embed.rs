@@ -136,17 +136,12 @@ fn report_truncation(n: usize, cut: &[usize], max: usize) {
     if cut.is_empty() {
         return;
     }
-    let lines: Vec<String> = cut.iter().take(10).map(|&i| (i + 1).to_string()).collect();
-    let more = if cut.len() > 10 {
-        format!(" and {} more", cut.len() - 10)
-    } else {
-        String::new()
-    };
+    let lines: Vec<usize> = cut.iter().take(10).map(|&i| i + 1).collect();
     eprintln!(
         "sgpt: note: {} of {} texts were longer than {max} tokens and were truncated on the right, \
-         as the reference does (line/argument {}{more})",
+         as the reference does (line/argument {})",
         cut.len(),
         n,
-        lines.join(", ")
+        sgpt::error::list_some(&lines, cut.len())
     );
 }

@@ -41,17 +41,11 @@ pub fn run(a: InspectArgs) -> Result<()> {
         }
     }
     if !bad.is_empty() {
-        let more = bad.len().saturating_sub(10);
         bail!(
-            "{}: {} tensor(s) hold NaN or Inf: {}{}; any text whose forward touches them gets no embedding",
+            "{}: {} tensor(s) hold NaN or Inf: {}; any text whose forward touches them gets no embedding",
             m.dir.display(),
             bad.len(),
-            bad[..bad.len().min(10)].join(", "),
-            if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            }
+            sgpt::error::list_some(&bad, bad.len())
         );
     }
     let c = &m.config;

@@ -363,17 +363,11 @@ impl EmptyTexts {
         if self.count == 0 {
             return Ok(());
         }
-        let shown: Vec<String> = self.first.iter().map(usize::to_string).collect();
-        let more = if self.count > shown.len() {
-            format!(" and {} more", self.count - shown.len())
-        } else {
-            String::new()
-        };
         Err(Error::Input(format!(
-            "{source}: {} empty or whitespace-only text(s) at line/argument {}{more}; \
+            "{source}: {} empty or whitespace-only text(s) at line/argument {}; \
              pass --allow-empty to embed them as the reference does (brackets only)",
             self.count,
-            shown.join(", ")
+            crate::error::list_some(&self.first, self.count)
         )))
     }
 }
