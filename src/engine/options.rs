@@ -170,21 +170,19 @@ pub fn build_backend(
         .unwrap_or(DEFAULT_GPU_MAX_BATCH_TOKENS)
         .max(max_seq_length);
     let ctx = crate::backend::cuda::device::open(ordinal)?;
-    let backend: Box<dyn Backend> = match opts.dtype.unwrap_or(GpuDtype::F16) {
-        GpuDtype::F16 => Box::new(crate::backend::cuda::model::CudaModel::<half::f16>::load(
-            ctx,
-            ckpt,
-            cfg,
-            budget,
-            opts.kernels,
-        )?),
-        GpuDtype::Bf16 => Box::new(crate::backend::cuda::model::CudaModel::<half::bf16>::load(
-            ctx,
-            ckpt,
-            cfg,
-            budget,
-            opts.kernels,
-        )?),
+    fn load<T: crate::backend::cuda::ops::Act>(
+        ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+        ckpt: &Checkpoint,
+        cfg: &BloomConfig,
+        budget: usize,
+        kernels: KernelChoices,
+    ) -> Result<Box<dyn Backend>> {
+        let m = crate::backend::cuda::model::CudaModel::<T>::load(ctx, ckpt, cfg, budget, kernels)?;
+        Ok(Box::new(m))
+    }
+    let backend = match opts.dtype.unwrap_or(GpuDtype::F16) {
+        GpuDtype::F16 => load::<half::f16>(ctx, ckpt, cfg, budget, opts.kernels)?,
+        GpuDtype::Bf16 => load::<half::bf16>(ctx, ckpt, cfg, budget, opts.kernels)?,
     };
     Ok(BuiltBackend {
         backend,
