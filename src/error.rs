@@ -40,6 +40,10 @@ pub enum Error {
     /// The CUDA driver, NVRTC or cuBLASLt failed, or no usable GPU is present.
     #[error("cuda: {0}")]
     Cuda(String),
+    /// The device asked for cannot be used here (no driver, no such device); the message
+    /// names it.
+    #[error("{0}")]
+    DeviceUnavailable(String),
     /// The device ran out of memory: this call failed, the device is still usable.
     #[error("cuda: out of memory: {0}")]
     DeviceOutOfMemory(String),

@@ -286,7 +286,7 @@ fn normalize_and_truncation_notice() {
 #[test]
 fn inspect_describes_both_layouts() {
     for (dir, dtype, files) in [(tiny_model(), "F32", 1), (tiny_b_model(), "F16", 2)] {
-        let o = sgpt(&["inspect", "--json", &m(&dir)]);
+        let o = sgpt(&["inspect", "--json", "-", &m(&dir)]);
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(v["files"].as_array().unwrap().len(), files);
@@ -599,7 +599,7 @@ fn bad_texts_and_flags() {
     expect_error(&["embed", "-m", &model], "no texts");
     expect_error(
         &["embed", "-m", &model, "--device", "cuda", "x"],
-        "cuda: --device cuda:0: no NVIDIA driver",
+        "sgpt: error: --device cuda:0: no NVIDIA driver",
     );
     let o = sgpt(&["embed", "-m", &model, "--device", "tpu", "x"]);
     assert!(
@@ -607,10 +607,28 @@ fn bad_texts_and_flags() {
         "{}",
         stderr(&o)
     );
-    // auto falls back to the CPU and says why
+    // auto falls back to the CPU and says why, naming the GPU-only flags it ignores
     let o = sgpt(&["embed", "-m", &model, "x"]);
     assert!(
         o.status.success() && stderr(&o).contains("using the CPU: no NVIDIA driver"),
+        "{}",
+        stderr(&o)
+    );
+    let o = sgpt(&[
+        "embed",
+        "-m",
+        &model,
+        "--dtype",
+        "bf16",
+        "--cuda-graphs",
+        "x",
+    ]);
+    assert!(
+        o.status.success()
+            && stderr(&o).contains(
+                "; ignoring the GPU-only --dtype bf16 and the GPU kernel choices (attention auto, \
+                 gemm cublaslt, cuda graphs on)"
+            ),
         "{}",
         stderr(&o)
     );
@@ -753,4 +771,229 @@ fn bench_reports_throughput_ceilings_and_refuses_bad_requests() {
         &["bench", "--device", "cpu"],
         "give --model DIR or --shape NAME",
     );
+}
+
+/// `--json FILE` means the same on inspect, bench and eval: the result as one JSON document in
+/// FILE beside the human-readable report on stdout; with `-`, stdout holds the JSON alone.
+#[test]
+fn json_flag_means_the_same_everywhere() {
+    let model = m(&tiny_model());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::root().join("tests/fixtures/beir-synthetic");
+    let cache = tmp.path().join("cache");
+    let commands: [(&str, Vec<&str>, &str); 3] = [
+        ("inspect", vec!["inspect", "-m", &model], "hidden"),
+        (
+            "bench",
+            vec![
+                "bench",
+                "-m",
+                &model,
+                "--device",
+                "cpu",
+                "--texts",
+                "8",
+                "--latency-reps",
+                "1",
+            ],
+            "tokens_per_s",
+        ),
+        (
+            "eval",
+            vec![
+                "eval",
+                "-m",
+                &model,
+                "--device",
+                "cpu",
+                "--data",
+                data.to_str().unwrap(),
+                "--cache-dir",
+                cache.to_str().unwrap(),
+            ],
+            "ndcg@10",
+        ),
+    ];
+    for (name, args, key) in commands {
+        let file = tmp.path().join(format!("{name}.json"));
+        let mut with_file = args.clone();
+        with_file.extend(["--json", file.to_str().unwrap()]);
+        let o = sgpt(&with_file);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let table = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            !table.trim().is_empty() && serde_json::from_str::<serde_json::Value>(&table).is_err(),
+            "{name}: expected the human report on stdout, got {table:?}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert!(!v[key].is_null(), "{name}: no {key:?} in {v}");
+
+        let mut to_stdout = args.clone();
+        to_stdout.extend(["--json", "-"]);
+        let o = sgpt(&to_stdout);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{name}: stdout is not one JSON document ({e})"));
+        assert!(!v[key].is_null(), "{name}: no {key:?} in {v}");
+    }
+}
+
+/// The most common mistakes, each answered by exactly one line on stderr (pinned here word for
+/// word: a change to one of these messages is a change users see) and exit status 1.
+#[test]
+fn common_errors_are_one_pinned_line() {
+    let model = m(&tiny_model());
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name).display().to_string();
+    let no_tokenizer = copy_model(&tiny_model());
+    std::fs::remove_file(no_tokenizer.path().join("tokenizer.json")).unwrap();
+    let truncated = copy_model(&tiny_model());
+    let weights = truncated.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..1000]).unwrap();
+    std::fs::write(t("blank.txt"), "a\n\nb\n").unwrap();
+    std::fs::write(t("bad.jsonl"), "{\"text\": \"a\"}\n{bad\n").unwrap();
+    let (nt, tr) = (m(no_tokenizer.path()), m(truncated.path()));
+    let config = m(&tiny_model().join("config.json"));
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec!["embed".into(), "-m".into(), t("nope"), "x".into()],
+            format!("{}: model directory not found", t("nope")),
+        ),
+        (
+            vec!["embed".into(), "-m".into(), config.clone(), "x".into()],
+            format!("{config}: not a directory: give the model's directory, not a file in it"),
+        ),
+        (
+            vec!["embed".into(), "-m".into(), nt.clone(), "x".into()],
+            format!("{nt}/tokenizer.json: No such file or directory (os error 2)"),
+        ),
+        (
+            vec!["inspect".into(), "-m".into(), tr.clone()],
+            format!("{tr}/model.safetensors: not a valid safetensors file: invalid header length"),
+        ),
+        (
+            vec!["embed".into(), "-m".into(), model.clone(), "".into()],
+            "arguments: 1 empty or whitespace-only text(s) at line/argument 1; pass --allow-empty \
+             to embed them as the reference does (brackets only)"
+                .into(),
+        ),
+        (
+            vec![
+                "embed".into(),
+                "-m".into(),
+                model.clone(),
+                "--input".into(),
+                t("blank.txt"),
+            ],
+            format!(
+                "{}: 1 empty or whitespace-only text(s) at line/argument 2; pass --allow-empty \
+                 to embed them as the reference does (brackets only)",
+                t("blank.txt")
+            ),
+        ),
+        (
+            vec![
+                "embed".into(),
+                "-m".into(),
+                model.clone(),
+                "--input".into(),
+                t("missing.txt"),
+            ],
+            format!(
+                "reading {}: No such file or directory (os error 2)",
+                t("missing.txt")
+            ),
+        ),
+        (
+            vec![
+                "embed".into(),
+                "-m".into(),
+                model.clone(),
+                "-o".into(),
+                t("no/dir/x.npy"),
+                "x".into(),
+            ],
+            format!(
+                "{}: directory {} does not exist",
+                t("no/dir/x.npy"),
+                t("no/dir")
+            ),
+        ),
+        (
+            vec![
+                "embed".into(),
+                "-m".into(),
+                model.clone(),
+                "--input".into(),
+                t("bad.jsonl"),
+            ],
+            format!(
+                "{}:2: expected a JSON object with a string \"text\" and optional \"kind\" \
+                 (\"query\"|\"document\") and \"title\": key must be a string at line 1 column 2",
+                t("bad.jsonl")
+            ),
+        ),
+        (
+            vec![
+                "embed".into(),
+                "-m".into(),
+                model.clone(),
+                "--device".into(),
+                "cpu".into(),
+                "--dtype".into(),
+                "bf16".into(),
+                "x".into(),
+            ],
+            "the dtype (--dtype) chooses the GPU's type; the CPU backend always computes in f32"
+                .into(),
+        ),
+        (
+            vec![
+                "eval".into(),
+                "-m".into(),
+                model.clone(),
+                "--data".into(),
+                t("nodata"),
+            ],
+            format!("{}: dataset directory not found", t("nodata")),
+        ),
+        (
+            vec!["serve".into(), "-m".into(), t("nope")],
+            format!("{}: model directory not found", t("nope")),
+        ),
+    ];
+    for (args, line) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = sgpt(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), format!("sgpt: error: {line}\n"), "{args:?}");
+    }
+    // The device asked for is named, once (the reason depends on the machine).
+    let o = sgpt(&["embed", "-m", &model, "--device", "cuda:7", "x"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.starts_with("sgpt: error: --device cuda:7: ") && e.lines().count() == 1,
+        "{e}"
+    );
+}
+
+/// A model load reports each block as it is loaded, in order, ending at the layer count (what
+/// the CLI's load bar shows for a multi-GB checkpoint).
+#[test]
+fn model_load_reports_progress_per_block() {
+    let seen = std::sync::Mutex::new(Vec::new());
+    let opts = sgpt::engine::EngineOptions {
+        device: Device::Cpu,
+        ..Default::default()
+    };
+    let e = Embedder::open_reporting(&tiny_model(), opts, &|done, all| {
+        seen.lock().unwrap().push((done, all))
+    })
+    .unwrap();
+    let layers = e.model.config.layers;
+    let want: Vec<(usize, usize)> = (1..=layers).map(|i| (i, layers)).collect();
+    assert_eq!(*seen.lock().unwrap(), want);
 }

@@ -128,7 +128,7 @@ fn run_file_is_well_formed_and_a_rerun_embeds_nothing() {
             cache.display().to_string(),
             "--run".into(),
             run.display().to_string(),
-            "--metrics".into(),
+            "--json".into(),
             metrics.display().to_string(),
         ]
     };
@@ -380,7 +380,7 @@ fn killed_run_resumes_from_the_last_complete_shard() {
                 &path("cache"),
                 "--run",
                 &path("resumed.trec"),
-                "--metrics",
+                "--json",
                 &m,
             ][..],
             &shard,
@@ -421,7 +421,7 @@ fn damaged_shards_are_recomputed() {
             cache.display().to_string(),
             "--run".into(),
             path(run),
-            "--metrics".into(),
+            "--json".into(),
             path(m),
             "--shard-docs".into(),
             "50".into(),

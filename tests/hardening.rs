@@ -486,7 +486,7 @@ fn eval_refuses_non_finite_embeddings() {
         cache.to_str().unwrap(),
         "--run",
         run_file.to_str().unwrap(),
-        "--metrics",
+        "--json",
         metrics.to_str().unwrap(),
         "-q",
     ]);
@@ -517,7 +517,7 @@ fn eval_output_paths_are_checked_first() {
         "/nonexistent",
         "--data",
         &eval_fixture(),
-        "--metrics",
+        "--json",
         d.path().to_str().unwrap(),
     ]);
     expect_fail(&o, "is a directory");

@@ -179,7 +179,7 @@ fi
 if want eval && fits 15 60 "sgpt eval"; then
   step "eval"
   timeout "$LIM" .device/sgpt eval --model models/sgpt-tiny --data tests/fixtures/beir-synthetic --device cuda \
-    --cache-dir /tmp/sgpt-eval-cache --metrics "$LOGS/eval-gpu.json" > "$LOGS/eval.txt" 2>&1 || status=1
+    --cache-dir /tmp/sgpt-eval-cache --json "$LOGS/eval-gpu.json" > "$LOGS/eval.txt" 2>&1 || status=1
   sed 's/^/    /' "$LOGS/eval.txt" | tail -n 12 >> "$report"
 fi
 echo -e "\n## Result: $([ $status = 0 ] && echo 'all checks passed' || echo 'SOME CHECKS FAILED') (steps: ${STEPS:1:-1}; $(( $(date +%s) - T0 )) s)" >> "$report"

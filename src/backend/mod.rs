@@ -14,6 +14,10 @@ use crate::backend::batch::PackedBatch;
 use crate::error::Result;
 
 /// A packed batch in, embeddings [S, H] out.
+/// What a loader reports as it goes: (blocks loaded, blocks in all), after each transformer
+/// block, so a caller can show progress while gigabytes of weights are read or uploaded.
+pub type LoadProgress<'a> = &'a dyn Fn(usize, usize);
+
 pub trait Backend: Send + Sync {
     fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>>;
     /// What runs the forward, typed: shown by `/info`, `sgpt bench --json`, the eval metrics,

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::EngineArgs;
+use super::{progress_bar, report, EngineArgs, JsonOut, LoadBar, TEXTS};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
@@ -57,11 +57,13 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
             let dtype = if on_gpu { DType::F16 } else { DType::F32 };
             let t = Instant::now();
             let ckpt = random_checkpoint(&cfg, dtype, 1)?;
-            eprintln!(
-                "sgpt: random {name} weights ({}) built in {:.1} s",
-                dtype.name(),
-                t.elapsed().as_secs_f64()
-            );
+            if !a.quiet {
+                eprintln!(
+                    "sgpt: random {name} weights ({}) built in {:.1} s",
+                    dtype.name(),
+                    t.elapsed().as_secs_f64()
+                );
+            }
             Ok(Setup {
                 cfg,
                 ckpt,
@@ -92,9 +94,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bail!("--device cuda:{n}: {why}");
         }
     }
-    if let Some(p) = &a.json {
-        sgpt::io::output::check(p)?; // written at the end
-    }
+    a.json.check()?;
     if a.shape.is_some() && !a.quiet {
         eprintln!(
             "sgpt: building random {} weights in memory, then timing {} texts (this takes a while on a CPU)…",
@@ -103,14 +103,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     let st = setup(&a)?;
-    let built = build_backend(&st.ckpt, &st.cfg, opts, st.max_text_tokens + 3)?;
-    for line in built
-        .notice
-        .iter()
-        .cloned()
-        .chain(built.backend.load_summary())
-    {
-        eprintln!("sgpt: {line}");
+    let bar = LoadBar::new(a.quiet);
+    let built = build_backend(&st.ckpt, &st.cfg, opts, st.max_text_tokens + 3, &|d, n| {
+        bar.step(d, n)
+    })?;
+    bar.done();
+    if !a.quiet {
+        for line in built
+            .notice
+            .iter()
+            .cloned()
+            .chain(built.backend.load_summary())
+        {
+            eprintln!("sgpt: {line}");
+        }
     }
     match a.what {
         BenchWhat::Corpus => corpus(&a, &st, &built),
@@ -139,14 +145,20 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
     let tokens: usize = lengths.iter().sum();
     let backend = &b.backend;
+    let show = a.json.human();
 
     // Warm-up: one batch touches every weight page and, on the GPU, plans the GEMMs.
     backend.embed(&PackedBatch::from_seqs(&seqs[..1]))?;
+    // The bar costs an atomic add per batch, nothing next to a batch's forward.
+    let bar = progress_bar(seqs.len() as u64, a.quiet, TEXTS);
     let t0 = Instant::now();
     for range in sgpt::backend::batch::plan_batches(&lengths, b.max_batch_tokens) {
+        let n = range.len() as u64;
         backend.embed(&PackedBatch::from_seqs(&seqs[range]))?;
+        bar.inc(n);
     }
     let corpus_s = t0.elapsed().as_secs_f64();
+    bar.finish_and_clear();
 
     // Latency of small batches of short queries (12 tokens with brackets), one batch at a time.
     let query = synthetic_corpus(
@@ -227,44 +239,54 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         "query_latency_over_floor": query_p50 / floor_ms,
         (if on_gpu { "device_memory_used_bytes" } else { "peak_rss_bytes" }): mem_used,
     });
-    println!("backend            {}", backend.describe());
-    println!(
+    report!(show, "backend            {}", backend.describe());
+    report!(
+        show,
         "model              {} (H {h}, L {}, n {})",
-        st.label, st.cfg.layers, st.cfg.heads
+        st.label,
+        st.cfg.layers,
+        st.cfg.heads
     );
-    println!(
+    report!(
+        show,
         "corpus             {} texts, {tokens} tokens in {corpus_s:.3} s",
         seqs.len()
     );
-    println!(
+    report!(
+        show,
         "throughput         {:.1} tokens/s, {:.2} texts/s",
         tokens as f64 / corpus_s,
         seqs.len() as f64 / corpus_s
     );
     for (k, v) in report["latency"].as_object().into_iter().flatten() {
-        println!(
+        report!(
+            show,
             "latency {k:<10} p50 {:.2} ms, p99 {:.2} ms ({} tokens)",
             v["p50_ms"].as_f64().unwrap_or(0.0),
             v["p99_ms"].as_f64().unwrap_or(0.0),
             v["tokens"]
         );
     }
-    println!(
+    report!(
+        show,
         "ceilings           copy {:.1} GB/s, GEMM {:.2} TFLOP/s (measured now)",
         copy_bw / 1e9,
         gemm_rate / 1e12
     );
-    println!(
+    report!(
+        show,
         "MFU                {:.1}% ({:.2} TFLOP/s achieved)",
         100.0 * achieved / gemm_rate,
         achieved / 1e12
     );
-    println!(
+    report!(
+        show,
         "query vs floor     {:.2}× the memory floor of {floor_ms:.2} ms ({:.2} GB of weights)",
         query_p50 / floor_ms,
         weight_bytes / 1e9
     );
-    println!(
+    report!(
+        show,
         "{}      {:.2} GB",
         if on_gpu {
             "device memory"
@@ -282,14 +304,16 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
             .as_f64()
             .with_context(|| format!("{}: no \"tokens_per_s\"", p.display()))?;
         let ratio = tokens as f64 / corpus_s / bt;
-        println!(
+        report!(
+            show,
             "vs baseline        {ratio:.2}× its throughput ({bt:.1} tokens/s, {})",
             p.display()
         );
         report["baseline"] =
             json!({"file": p.display().to_string(), "tokens_per_s": bt, "throughput_ratio": ratio});
         if let Some(bq) = base["query_p50_ms"].as_f64() {
-            println!(
+            report!(
+                show,
                 "                   {:.2}× its single-query p50 latency ({bq:.2} ms)",
                 query_p50 / bq
             );
@@ -297,7 +321,7 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
             report["baseline"]["latency_ratio"] = json!(query_p50 / bq);
         }
     }
-    write_json(a, &report)
+    a.json.write(&report)
 }
 
 fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
@@ -310,6 +334,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     )?;
     let s = ctx.default_stream();
     let h = st.cfg.hidden;
+    let show = a.json.human();
     let copy_bw = sgpt::backend::cuda::bench::copy_bandwidth(&s)?;
     let (gemm_rate, times) = match a.engine.gpu_dtype() {
         GpuDtype::F16 => (
@@ -325,7 +350,8 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
             )?,
         ),
     };
-    println!(
+    report!(
+        show,
         "{} at {} ({} sequences × {} tokens), {}",
         ctx.name().unwrap_or_default(),
         st.label,
@@ -333,14 +359,20 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         a.seq_len,
         a.engine.gpu_dtype().name()
     );
-    println!(
+    report!(
+        show,
         "ceilings: copy {:.1} GB/s, GEMM {:.1} TFLOP/s (measured now)",
         copy_bw / 1e9,
         gemm_rate / 1e12
     );
-    println!(
+    report!(
+        show,
         "{:<22} {:>9} {:>10} {:>10} {:>9}",
-        "op", "ms", "GB/s", "TFLOP/s", "ceiling"
+        "op",
+        "ms",
+        "GB/s",
+        "TFLOP/s",
+        "ceiling"
     );
     let mut rows = Vec::new();
     for t in &times {
@@ -351,7 +383,8 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         } else {
             t.bytes / (t.ms / 1e3) / copy_bw
         };
-        println!(
+        report!(
+            show,
             "{:<22} {:>9.4} {:>10.1} {:>10.2} {:>8.1}%",
             t.name,
             t.ms,
@@ -363,14 +396,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     }
     let report = json!({"device": ctx.name().unwrap_or_default(), "model": st.label, "dtype": a.engine.gpu_dtype().name(),
         "seqs": a.seqs, "seq_len": a.seq_len, "copy_bandwidth_gb_s": copy_bw / 1e9, "gemm_tflop_s": gemm_rate / 1e12, "ops": rows});
-    write_json(a, &report)
-}
-
-fn write_json(a: &BenchArgs, v: &serde_json::Value) -> Result<()> {
-    if let Some(p) = &a.json {
-        sgpt::io::output::write_file(p, serde_json::to_string_pretty(v)?.as_bytes())?;
-    }
-    Ok(())
+    a.json.write(&report)
 }
 
 fn read_ids(p: &Path) -> Result<Vec<Vec<u32>>> {
@@ -432,9 +458,8 @@ pub(crate) struct BenchArgs {
     seqs: usize,
     #[arg(long, default_value_t = 300)]
     seq_len: usize,
-    /// Also write the results as JSON to FILE.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    json: JsonOut,
     /// No progress messages on stderr.
     #[arg(long, short)]
     quiet: bool,

@@ -10,7 +10,7 @@ use sgpt::io::output::OutputFile;
 use sgpt::io::{check_empty, EmbeddingWriter, EmptyTexts, InputFormat, InputReader, InputText};
 use sgpt::model::tokenize::Kind;
 
-use super::{progress_bar, setup, Common, KindArg};
+use super::{progress_bar, setup, Common, KindArg, TEXTS};
 
 #[derive(Args)]
 pub struct EmbedArgs {
@@ -115,7 +115,7 @@ where
     let out = a.output.as_deref().map(OutputFile::create).transpose()?;
     let embedder = setup(&a.common, a.quiet)?;
     let mut writer = EmbeddingWriter::create(out, n, embedder.hidden())?;
-    let bar = progress_bar(n as u64, a.quiet);
+    let bar = progress_bar(n as u64, a.quiet, TEXTS);
     let h = embedder.hidden();
     let mut cut = Vec::new();
     embedder.embed_stream(stream, a.normalize, &mut |i| cut.push(i), &mut |_, e| {

@@ -32,9 +32,10 @@ pub struct EvalArgs {
     #[arg(long, value_name = "FILE")]
     run: Option<PathBuf>,
     /// Write the metrics to FILE as JSON ("ndcg@10", "recall@100", "map@100", "mrr@10", plus
-    /// counts, timings and per-query values).
-    #[arg(long, value_name = "FILE")]
-    metrics: Option<PathBuf>,
+    /// counts, timings and per-query values); `-` puts them on stdout in place of the table.
+    /// (Formerly --metrics, still accepted.)
+    #[arg(long, value_name = "FILE", alias = "metrics")]
+    json: Option<PathBuf>,
     /// Where embeddings are cached, in shards written as they are computed, so an interrupted
     /// run resumes where it stopped and a repeated run embeds nothing (default: DATA/.sgpt-cache).
     /// Safe to delete; one subdirectory per (model files, texts, backend).
@@ -51,7 +52,7 @@ pub struct EvalArgs {
     /// most about this much work when interrupted.
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     shard_seconds: f64,
-    /// No progress bar or notices on stderr (the table is still printed on stdout).
+    /// No progress bar or notices on stderr (the result is still printed on stdout).
     #[arg(long, short)]
     quiet: bool,
 }
@@ -77,7 +78,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     // is put in place only when complete (sgpt::io::output).
     sgpt::io::output::remove_temps_on_signal()?;
     let run_out = a.run.as_deref().map(OutputFile::create).transpose()?;
-    let metrics_out = a.metrics.as_deref().map(OutputFile::create).transpose()?;
+    let metrics_out = a.json.as_deref().map(OutputFile::create).transpose()?;
     let data = Dataset::load(&a.data, &a.split)?;
     if a.run.is_some() {
         data.check_ids_for_run_file()?;
@@ -107,7 +108,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let json = report::metrics_json(&data, &outcome, &a.common.model, &opts);
         out.write_all_and_commit((serde_json::to_string_pretty(&json)? + "\n").as_bytes())?;
     }
-    print!("{}", report::table(&data, &outcome));
+    if a.json.as_deref() != Some(std::path::Path::new("-")) {
+        print!("{}", report::table(&data, &outcome));
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use sgpt::model::tokenize::Kind;
 use sgpt::model::weights::DType;
 use sgpt::model::ModelDir;
 
-use super::{file_name, human};
+use super::{file_name, human, progress_bar, report, JsonOut, BYTES};
 
 #[derive(Args)]
 pub struct InspectArgs {
@@ -23,23 +23,33 @@ pub struct InspectArgs {
         conflicts_with = "dir"
     )]
     model_flag: Option<PathBuf>,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    json: JsonOut,
+    /// No progress bar for the scan of the weights on stderr.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// Every check `embed` runs (config, tokenizer, schema: names, shapes, dtypes, layer count,
 /// duplicates) via `ModelDir::open`, then a scan of every weight for NaN/Inf; exit 1 on any.
 pub fn run(a: InspectArgs) -> Result<()> {
     let dir = a.dir.or(a.model_flag).context("give the model directory")?;
+    a.json.check()?;
     let m = ModelDir::open(&dir)?;
     let mut bad = Vec::new();
-    for n in m.checkpoint.names() {
-        let k = m.checkpoint.get(n)?.count_non_finite();
+    let names = m.checkpoint.names();
+    // Reading every weight of a multi-GB checkpoint takes a while from a cold disk.
+    let total = m.checkpoint.total_bytes() as u64;
+    let bar = progress_bar(total, a.quiet || total < 1 << 28, BYTES);
+    for n in &names {
+        let t = m.checkpoint.get(n)?;
+        let k = t.count_non_finite();
         if k > 0 {
             bad.push(format!("`{n}` ({k} values)"));
         }
+        bar.inc(t.bytes().len() as u64);
     }
+    bar.finish_and_clear();
     if !bad.is_empty() {
         bail!(
             "{}: {} tensor(s) hold NaN or Inf: {}; any text whose forward touches them gets no embedding",
@@ -49,7 +59,6 @@ pub fn run(a: InspectArgs) -> Result<()> {
         );
     }
     let c = &m.config;
-    let names = m.checkpoint.names();
     let mut params = 0usize;
     let mut dtypes = std::collections::BTreeMap::<DType, usize>::new();
     for n in &names {
@@ -78,44 +87,53 @@ pub fn run(a: InspectArgs) -> Result<()> {
         "bytes": m.checkpoint.total_bytes(),
         "files": files.iter().map(|(f, b)| serde_json::json!({"file": f, "bytes": b})).collect::<Vec<_>>(),
     });
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
-        return Ok(());
-    }
-    println!("model            {}", m.dir.display());
-    println!("hidden H         {}", c.hidden);
-    println!("layers L         {}", c.layers);
-    println!("heads n          {} (head dim {})", c.heads, c.head_dim());
-    println!(
+    let show = a.json.human();
+    report!(show, "model            {}", m.dir.display());
+    report!(show, "hidden H         {}", c.hidden);
+    report!(show, "layers L         {}", c.layers);
+    report!(
+        show,
+        "heads n          {} (head dim {})",
+        c.heads,
+        c.head_dim()
+    );
+    report!(
+        show,
         "vocab            {} embedding rows, {} tokenizer tokens",
         c.vocab,
         m.tokenizer.vocab_size()
     );
-    println!("layernorm eps    {:e}", c.eps);
-    println!(
+    report!(show, "layernorm eps    {:e}", c.eps);
+    report!(
+        show,
         "max_seq_length   {} ({} text tokens + brackets)",
         m.sentence.max_seq_length,
         m.tokenizer.max_text_tokens()
     );
-    println!("pooling          weighted mean");
-    println!("brackets         query [{qo} … {qc}], document [{doc_o} … {doc_c}]");
-    println!("tensors          {} (lm_head ignored)", names.len());
+    report!(show, "pooling          weighted mean");
+    report!(
+        show,
+        "brackets         query [{qo} … {qc}], document [{doc_o} … {doc_c}]"
+    );
+    report!(show, "tensors          {} (lm_head ignored)", names.len());
     let dt: Vec<String> = dtypes
         .iter()
         .map(|(d, n)| format!("{} × {n}", d.name()))
         .collect();
-    println!("dtypes           {}", dt.join(", "));
-    println!(
+    report!(show, "dtypes           {}", dt.join(", "));
+    report!(
+        show,
         "parameters       {} ({} outside the embedding)",
         human(params as f64, ""),
         human(c.non_embedding_params() as f64, "")
     );
-    println!(
+    report!(
+        show,
         "bytes            {}",
         human(m.checkpoint.total_bytes() as f64, "B")
     );
     for (f, b) in files {
-        println!("  {f:<40} {}", human(b as f64, "B"));
+        report!(show, "  {f:<40} {}", human(b as f64, "B"));
     }
-    Ok(())
+    a.json.write(&info)
 }

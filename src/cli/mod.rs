@@ -6,8 +6,10 @@ mod eval;
 mod inspect;
 mod serve;
 
+use std::cell::OnceCell;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -110,6 +112,49 @@ impl EngineArgs {
     }
 }
 
+/// `--json FILE`, the same on every command that reports a result (inspect, bench, eval).
+#[derive(Args, Clone)]
+pub(crate) struct JsonOut {
+    /// Also write the result as one JSON document to FILE; `-` puts it on stdout in place of
+    /// the human-readable report.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+impl JsonOut {
+    /// Whether the human-readable report goes to stdout (not when the JSON takes it).
+    pub(crate) fn human(&self) -> bool {
+        self.json.as_deref() != Some(Path::new("-"))
+    }
+
+    /// Fails now, before any work, if FILE cannot be written; it is written only at the end.
+    pub(crate) fn check(&self) -> Result<()> {
+        match &self.json {
+            Some(p) => Ok(sgpt::io::output::check(p)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the result (pretty-printed, one trailing newline), complete or not at all.
+    pub(crate) fn write(&self, v: &serde_json::Value) -> Result<()> {
+        if let Some(p) = &self.json {
+            let text = serde_json::to_string_pretty(v)? + "\n";
+            sgpt::io::output::write_file(p, text.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// `println!` when the human-readable report is on (see [`JsonOut::human`]).
+macro_rules! report {
+    ($on:expr, $($arg:tt)*) => {
+        if $on {
+            println!($($arg)*);
+        }
+    };
+}
+pub(crate) use report;
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum KindArg {
     Query,
@@ -141,7 +186,10 @@ pub fn main() {
 }
 
 fn setup(c: &Common, quiet: bool) -> Result<Embedder> {
-    let e = Embedder::open_with(&c.model, c.engine.apply()?)?;
+    let opts = c.engine.apply()?;
+    let bar = LoadBar::new(quiet);
+    let e = Embedder::open_reporting(&c.model, opts, &|done, all| bar.step(done, all))?;
+    bar.done();
     if !quiet {
         for line in e.notice.iter().cloned().chain(e.backend.load_summary()) {
             eprintln!("sgpt: {line}");
@@ -150,14 +198,59 @@ fn setup(c: &Common, quiet: bool) -> Result<Embedder> {
     Ok(e)
 }
 
-fn progress_bar(n: u64, quiet: bool) -> ProgressBar {
+/// Progress of a model load (blocks read or uploaded), on a terminal and without --quiet, from
+/// one second in: a small model loads without a flash of bar, a multi-GB one is not silent.
+pub(crate) struct LoadBar {
+    on: bool,
+    started: Instant,
+    bar: OnceCell<ProgressBar>,
+}
+
+impl LoadBar {
+    pub(crate) fn new(quiet: bool) -> Self {
+        LoadBar {
+            on: !quiet && std::io::stderr().is_terminal(),
+            started: Instant::now(),
+            bar: OnceCell::new(),
+        }
+    }
+
+    pub(crate) fn step(&self, done: usize, all: usize) {
+        if !self.on || (self.bar.get().is_none() && self.started.elapsed().as_secs_f64() < 1.0) {
+            return;
+        }
+        let bar = self.bar.get_or_init(|| {
+            let bar = ProgressBar::with_draw_target(Some(all as u64), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "loading weights {bar:40} {pos}/{len} blocks  {elapsed}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        bar.set_position(done as u64);
+    }
+
+    pub(crate) fn done(&self) {
+        if let Some(bar) = self.bar.get() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Bar templates: a count of texts, or of bytes.
+const TEXTS: &str = "{bar:40} {pos}/{len} texts  {per_sec}  eta {eta}";
+const BYTES: &str = "{bar:40} {bytes}/{total_bytes}  {bytes_per_sec}  eta {eta}";
+
+/// A bar over `n` units on a terminal; hidden with --quiet, when piped, or for small `n`.
+fn progress_bar(n: u64, quiet: bool, template: &str) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() || n < 64 {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} texts  {per_sec}  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
 }

@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// is refused with 429. At least --payload-limit.
     #[arg(long, default_value_t = sgpt::server::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT)]
     max_body_bytes_in_flight: usize,
+    /// No notices or load progress on stderr (the listening address and errors are still
+    /// printed).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -116,11 +120,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr().context("reading the bound address")?;
     eprintln!("sgpt: listening on http://{local} (loading the model; GET /health says when ready)");
-    let common = a.common;
+    let (common, quiet) = (a.common, a.quiet);
     let result = rt.block_on(serve(
         listener,
         opts,
-        move || setup(&common, false).map_err(|e| sgpt::Error::Input(format!("{e:#}"))),
+        move || setup(&common, quiet).map_err(|e| sgpt::Error::Input(format!("{e:#}"))),
         shutdown_signal(),
     ));
     // A model load still running after a shutdown signal is not waited for.

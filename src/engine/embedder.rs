@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::backend::batch::{plan_batches, PackedBatch};
 use crate::backend::cpu::pooling::l2_normalize;
-use crate::backend::Backend;
+use crate::backend::{Backend, LoadProgress};
 use crate::engine::options::{build_backend, Device, EngineOptions};
 use crate::error::{Error, Result};
 use crate::model::tokenize::{Encoded, Kind};
@@ -82,12 +82,18 @@ impl Embedder {
 
     /// Opens `dir` and builds the backend the options ask for.
     pub fn open_with(dir: &Path, opts: EngineOptions) -> Result<Self> {
+        Self::open_reporting(dir, opts, &|_, _| {})
+    }
+
+    /// [`Embedder::open_with`], calling `progress` as the weights load (see [`LoadProgress`]).
+    pub fn open_reporting(dir: &Path, opts: EngineOptions, progress: LoadProgress) -> Result<Self> {
         let model = ModelDir::open(dir)?;
         let built = build_backend(
             &model.checkpoint,
             &model.config,
             opts,
             model.sentence.max_seq_length,
+            progress,
         )?;
         Ok(Embedder {
             model,

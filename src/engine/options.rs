@@ -3,7 +3,7 @@
 
 use crate::backend::cpu::CpuModel;
 use crate::backend::cuda::device::GpuDtype;
-use crate::backend::{Backend, KernelChoices};
+use crate::backend::{Backend, KernelChoices, LoadProgress};
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
 use crate::model::weights::Checkpoint;
@@ -128,12 +128,14 @@ pub struct BuiltBackend {
 }
 
 /// Builds the backend `opts` asks for over a checkpoint (from a model directory or random
-/// weights); `max_seq_length` bounds the longest single sequence the GPU buffers must hold.
+/// weights); `max_seq_length` bounds the longest single sequence the GPU buffers must hold;
+/// `progress` is called after each block is loaded.
 pub fn build_backend(
     ckpt: &Checkpoint,
     cfg: &BloomConfig,
     opts: EngineOptions,
     max_seq_length: usize,
+    progress: LoadProgress,
 ) -> Result<BuiltBackend> {
     let gpu = match opts.device {
         Device::Cpu => None,
@@ -143,14 +145,20 @@ pub fn build_backend(
             .then_some(0),
     };
     opts.check()?;
-    let gpu_only = opts.kernels != KernelChoices::default();
+    // GPU-only options given with `auto` that fell back are named, not silently dropped.
+    let mut ignored = Vec::new();
+    if let Some(d) = opts.dtype {
+        ignored.push(format!("--dtype {}", d.name()));
+    }
+    if opts.kernels != KernelChoices::default() {
+        ignored.push(format!("the GPU kernel choices ({})", opts.kernels));
+    }
     let notice = match opts.device {
         Device::Auto if gpu.is_none() => {
             crate::backend::cuda::device::unavailable_reason(0).map(|why| {
-                let ignored = if gpu_only {
-                    "; the GPU kernel choices do not apply"
-                } else {
-                    ""
+                let ignored = match ignored.is_empty() {
+                    true => String::new(),
+                    false => format!("; ignoring the GPU-only {}", ignored.join(" and ")),
                 };
                 format!("using the CPU: {why}{ignored}")
             })
@@ -159,7 +167,7 @@ pub fn build_backend(
     };
     let Some(ordinal) = gpu else {
         return Ok(BuiltBackend {
-            backend: Box::new(CpuModel::load(ckpt, cfg)?),
+            backend: Box::new(CpuModel::load_reporting(ckpt, cfg, progress)?),
             max_batch_tokens: opts.max_batch_tokens.unwrap_or(DEFAULT_MAX_BATCH_TOKENS),
             notice,
         });
@@ -176,13 +184,16 @@ pub fn build_backend(
         cfg: &BloomConfig,
         budget: usize,
         kernels: KernelChoices,
+        progress: LoadProgress,
     ) -> Result<Box<dyn Backend>> {
-        let m = crate::backend::cuda::model::CudaModel::<T>::load(ctx, ckpt, cfg, budget, kernels)?;
+        let m = crate::backend::cuda::model::CudaModel::<T>::load(
+            ctx, ckpt, cfg, budget, kernels, progress,
+        )?;
         Ok(Box::new(m))
     }
     let backend = match opts.dtype.unwrap_or(GpuDtype::F16) {
-        GpuDtype::F16 => load::<half::f16>(ctx, ckpt, cfg, budget, opts.kernels)?,
-        GpuDtype::Bf16 => load::<half::bf16>(ctx, ckpt, cfg, budget, opts.kernels)?,
+        GpuDtype::F16 => load::<half::f16>(ctx, ckpt, cfg, budget, opts.kernels, progress)?,
+        GpuDtype::Bf16 => load::<half::bf16>(ctx, ckpt, cfg, budget, opts.kernels, progress)?,
     };
     Ok(BuiltBackend {
         backend,

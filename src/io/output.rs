@@ -49,11 +49,11 @@ pub fn remove_temps_on_signal() -> Result<()> {
         .map_err(|e| Error::Input(format!("installing the signal handler: {e}")))
 }
 
-/// The descriptor a path names when it is one of this process's own streams.
+/// The descriptor a path names when it is one of this process's own streams (`-`: stdout).
 fn own_stream(path: &Path) -> Option<u32> {
     let s = path.to_str()?;
     match s {
-        "/dev/stdout" => Some(1),
+        "-" | "/dev/stdout" => Some(1),
         "/dev/stderr" => Some(2),
         _ => s
             .strip_prefix("/dev/fd/")

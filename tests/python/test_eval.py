@@ -60,7 +60,7 @@ def evaluated(tmp_path_factory):
     cmd = [
         str(BIN), "eval", "--model", str(MODEL), "--data", str(DATA),
         "--cache-dir", str(d / "cache"), "--run", str(d / "run.trec"),
-        "--metrics", str(d / "metrics.json"), "--quiet",
+        "--json", str(d / "metrics.json"), "--quiet",
     ]
     subprocess.run(cmd, check=True, capture_output=True)
     lines = read_run(d / "run.trec")

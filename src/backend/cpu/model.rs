@@ -10,6 +10,7 @@ use crate::backend::cpu::gelu::gelu_inplace;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::backend::cpu::linear::linear;
 use crate::backend::cpu::pooling::weighted_mean_pool;
+use crate::backend::LoadProgress;
 use crate::error::Result;
 use crate::model::config::BloomConfig;
 use crate::model::weights::{Checkpoint, F32Buf, TensorRef};
@@ -45,6 +46,15 @@ pub struct CpuModel {
 impl CpuModel {
     /// Reads every tensor the forward needs, after checking the checkpoint against the schema.
     pub fn load(ckpt: &Checkpoint, cfg: &BloomConfig) -> Result<Self> {
+        Self::load_reporting(ckpt, cfg, &|_, _| {})
+    }
+
+    /// [`CpuModel::load`], calling `progress` after each block.
+    pub fn load_reporting(
+        ckpt: &Checkpoint,
+        cfg: &BloomConfig,
+        progress: LoadProgress,
+    ) -> Result<Self> {
         crate::model::schema::check(ckpt, cfg)?;
         let h = cfg.hidden;
         let norm = |p: &str| -> Result<Norm> {
@@ -64,14 +74,16 @@ impl CpuModel {
         let emb = ckpt.get_shaped("word_embeddings.weight", &[cfg.vocab, h])?;
         let blocks = (0..cfg.layers)
             .map(|i| {
-                Ok(Block {
+                let block = Block {
                     ln1: norm(&format!("h.{i}.input_layernorm"))?,
                     qkv: lin(&format!("h.{i}.self_attention.query_key_value"), 3 * h, h)?,
                     dense: lin(&format!("h.{i}.self_attention.dense"), h, h)?,
                     ln2: norm(&format!("h.{i}.post_attention_layernorm"))?,
                     fc1: lin(&format!("h.{i}.mlp.dense_h_to_4h"), 4 * h, h)?,
                     fc2: lin(&format!("h.{i}.mlp.dense_4h_to_h"), h, 4 * h)?,
-                })
+                };
+                progress(i + 1, cfg.layers);
+                Ok(block)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(CpuModel {

@@ -59,7 +59,9 @@ pub fn unavailable_reason(ordinal: usize) -> Option<String> {
 /// Opens device `ordinal`, or says why it cannot.
 pub fn open(ordinal: usize) -> Result<Arc<CudaContext>> {
     if let Some(why) = unavailable_reason(ordinal) {
-        return Err(Error::Cuda(format!("--device cuda:{ordinal}: {why}")));
+        return Err(Error::DeviceUnavailable(format!(
+            "--device cuda:{ordinal}: {why}"
+        )));
     }
     CudaContext::new(ordinal).map_err(|e| Error::Cuda(format!("opening device {ordinal}: {e:?}")))
 }

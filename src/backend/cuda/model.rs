@@ -234,6 +234,7 @@ impl<T: Act> CudaModel<T> {
         cfg: &BloomConfig,
         max_tokens: usize,
         choices: KernelChoices,
+        progress: crate::backend::LoadProgress,
     ) -> Result<Self> {
         crate::model::schema::check(ckpt, cfg)?;
         // Graphs cannot be captured on the legacy default stream: they need a stream of our own,
@@ -294,6 +295,7 @@ impl<T: Act> CudaModel<T> {
                 fc2_w: mat(&mut up, format!("{p}.mlp.dense_4h_to_h.weight"), &[h, f])?,
                 fc2_b: mat(&mut up, format!("{p}.mlp.dense_4h_to_h.bias"), &[h])?,
             });
+            progress(i + 1, cfg.layers);
         }
         let ln_f = norm(&mut up, "ln_f")?;
         stream.synchronize().map_err(|e| err("upload", e))?;
