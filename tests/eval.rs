@@ -716,6 +716,7 @@ fn the_cache_misses_whenever_the_engine_or_model_changes() {
         dtype,
         threads: None,
         kernels: Some(kernels),
+        replicas: None,
     };
     let k = KernelChoices::default();
     let engines = [

@@ -7,17 +7,18 @@
 pub mod batch;
 pub mod cpu;
 pub mod cuda;
+pub mod replicas;
 
 use serde::Serialize;
 
 use crate::backend::batch::PackedBatch;
 use crate::error::Result;
 
-/// A packed batch in, embeddings [S, H] out.
 /// What a loader reports as it goes: (blocks loaded, blocks in all), after each transformer
 /// block, so a caller can show progress while gigabytes of weights are read or uploaded.
 pub type LoadProgress<'a> = &'a dyn Fn(usize, usize);
 
+/// A packed batch in, embeddings [S, H] out.
 pub trait Backend: Send + Sync {
     fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>>;
     /// What runs the forward, typed: shown by `/info`, `sgpt bench --json`, the eval metrics,
@@ -39,6 +40,15 @@ pub trait Backend: Send + Sync {
     fn cuda_context(&self) -> Option<std::sync::Arc<cudarc::driver::CudaContext>> {
         None
     }
+    /// How many batches can usefully run at once: `embed` called from that many threads
+    /// (more than 1 only for a replica set, [`replicas::Replicas`]).
+    fn concurrency(&self) -> usize {
+        1
+    }
+    /// Each replica's counters and state (empty for a single engine).
+    fn replica_stats(&self) -> Vec<replicas::ReplicaStats> {
+        Vec::new()
+    }
 }
 
 /// Which backend, on what, computing in what, with which kernels.
@@ -56,6 +66,10 @@ pub struct BackendInfo {
     /// GPU kernel choices (None on the CPU, which has one implementation of each op).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernels: Option<KernelChoices>,
+    /// How many identical replicas run the forward (`--device cuda:all`); None for one. Not
+    /// part of the identity: every replica computes the same vectors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<usize>,
 }
 
 impl BackendInfo {
@@ -76,7 +90,10 @@ impl std::fmt::Display for BackendInfo {
         write!(f, "{}", self.kind)?;
         let mut parts = Vec::new();
         if self.kind != "cpu" {
-            parts.push(self.device.clone());
+            parts.push(match self.replicas {
+                Some(n) => format!("{n} × {}", self.device),
+                None => self.device.clone(),
+            });
         }
         parts.push(self.dtype.to_string());
         if let Some(t) = self.threads {
@@ -230,6 +247,7 @@ mod tests {
             dtype: "f32",
             threads: Some(threads),
             kernels: None,
+            replicas: None,
         };
         assert_eq!(cpu(1).identity(), cpu(8).identity());
         let gpu = |dtype, kernels| BackendInfo {
@@ -238,6 +256,7 @@ mod tests {
             dtype,
             threads: None,
             kernels: Some(kernels),
+            replicas: None,
         };
         let base = gpu("f16", KernelChoices::default());
         for other in [

@@ -84,7 +84,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let no_gpu = match opts.device {
         Device::Cpu => true,
         Device::Auto => sgpt::backend::cuda::device::unavailable_reason(0).is_some(),
-        Device::Cuda(_) => false,
+        Device::Cuda(_) | Device::CudaAll | Device::CudaList(_) => false,
     };
     if a.what == BenchWhat::Kernels && no_gpu {
         bail!("`sgpt bench kernels` times the GPU kernels and needs --device cuda; `cargo bench` measures the CPU ops");
@@ -94,6 +94,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bail!("--device cuda:{n}: {why}");
         }
     }
+    opts.device.replica_ordinals()?;
     a.json.check()?;
     if a.shape.is_some() && !a.quiet {
         eprintln!(

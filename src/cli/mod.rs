@@ -55,7 +55,8 @@ struct Common {
 /// How the engine runs (shared by every command that embeds).
 #[derive(Args, Clone, Copy)]
 pub(crate) struct EngineArgs {
-    /// Where to run: auto (the GPU when usable, else the CPU, saying why), cpu, cuda, cuda:N.
+    /// Where to run: auto (the GPU when usable, else the CPU, saying why), cpu, cuda, cuda:N,
+    /// or one engine replica per GPU: cuda:all, or a list such as cuda:0,2.
     #[arg(long, default_value = "auto")]
     device: Device,
     /// Activation and weight type on the GPU [default: f16]; the CPU always computes in f32,

@@ -2,6 +2,7 @@
 //! (tokenize the next chunk while the backend embeds this one; order kept; bounded memory) that
 //! `sgpt embed`, `sgpt eval` and the Python package use.
 
+use std::ops::Range;
 use std::path::Path;
 
 use crate::backend::batch::{plan_batches, PackedBatch};
@@ -126,7 +127,8 @@ impl Embedder {
     }
 
     /// Embeds already tokenized sequences in token-budget batches, calling `sink` with each
-    /// batch's first index and its embeddings [S, H], in input order.
+    /// batch's first index and its embeddings [S, H], in input order. With a replica set
+    /// ([`Backend::concurrency`] > 1) that many batches run at once.
     pub fn embed_encoded(
         &self,
         seqs: &[Encoded],
@@ -134,23 +136,29 @@ impl Embedder {
         sink: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
     ) -> Result<()> {
         let lengths: Vec<usize> = seqs.iter().map(|e| e.ids.len()).collect();
-        for range in plan_batches(&lengths, self.max_batch_tokens) {
-            let batch = PackedBatch::from_seqs(
-                &seqs[range.clone()]
-                    .iter()
-                    .map(|e| &e.ids[..])
-                    .collect::<Vec<_>>(),
-            );
+        let plans: Vec<Range<usize>> = plan_batches(&lengths, self.max_batch_tokens);
+        let run = |i: usize| -> Result<Vec<f32>> {
+            let range = plans[i].clone();
+            let ids: Vec<&[u32]> = seqs[range.clone()].iter().map(|e| &e.ids[..]).collect();
             // Name the inputs, not the positions within this batch.
             let mut out = self
-                .embed_batch(&batch)
+                .embed_batch(&PackedBatch::from_seqs(&ids))
                 .map_err(|e| offset_non_finite(e, range.start))?;
             if normalize {
                 l2_normalize(&mut out, self.hidden());
             }
-            sink(range.start, &out)?;
+            Ok(out)
+        };
+        let lanes = self.backend.concurrency().min(plans.len());
+        if lanes <= 1 {
+            for (i, range) in plans.iter().enumerate() {
+                sink(range.start, &run(i)?)?;
+            }
+            return Ok(());
         }
-        Ok(())
+        in_order(plans.len(), lanes, &run, &mut |i, out| {
+            sink(plans[i].start, &out)
+        })
     }
 
     /// Texts → embeddings in input order, tokenizing the next chunk of texts on another thread
@@ -274,5 +282,143 @@ impl Embedder {
             Ok(())
         })?;
         Ok(all)
+    }
+}
+
+/// Runs `work(0..n)` on `lanes` threads and hands each result to `deliver` in index order, as
+/// soon as its predecessors are delivered; no thread starts an item more than 2 × `lanes` ahead
+/// of delivery, so results held waiting stay bounded. The first error in index order is
+/// returned after the items before it are delivered (as a sequential loop would); an error
+/// stops new items from starting.
+fn in_order<T: Send>(
+    n: usize,
+    lanes: usize,
+    work: &(dyn Fn(usize) -> Result<T> + Sync),
+    deliver: &mut dyn FnMut(usize, T) -> Result<()>,
+) -> Result<()> {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Condvar, Mutex};
+
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let delivered = Mutex::new(0usize);
+    let advanced = Condvar::new();
+    let window = 2 * lanes;
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<T>)>();
+        for _ in 0..lanes {
+            let tx = tx.clone();
+            let (next, stop, delivered, advanced) = (&next, &stop, &delivered, &advanced);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                {
+                    let Ok(mut d) = delivered.lock() else { return };
+                    while i >= *d + window && !stop.load(Ordering::Relaxed) {
+                        match advanced.wait(d) {
+                            Ok(g) => d = g,
+                            Err(_) => return,
+                        }
+                    }
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let r = work(i);
+                if r.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                if tx.send((i, r)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(tx);
+        let halt = |e: Error| {
+            stop.store(true, Ordering::Relaxed);
+            advanced.notify_all();
+            e
+        };
+        let mut waiting: BTreeMap<usize, Result<T>> = BTreeMap::new();
+        let mut d = 0;
+        for (i, r) in rx {
+            waiting.insert(i, r);
+            while let Some(r) = waiting.remove(&d) {
+                deliver(d, r.map_err(halt)?).map_err(halt)?;
+                d += 1;
+                if let Ok(mut g) = delivered.lock() {
+                    *g = d;
+                }
+                advanced.notify_all();
+            }
+        }
+        // Every thread has stopped: an error stopped them, and it is the first one left.
+        match waiting.into_values().find_map(|r| r.err()) {
+            Some(e) => Err(e),
+            None if d == n => Ok(()),
+            None => Err(Error::Input(format!(
+                "only {d} of {n} batches were embedded"
+            ))),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Items finish out of order (later ones faster) yet are delivered in order; an error is
+    /// returned after exactly the items before it were delivered; no item starts more than
+    /// 2 × lanes ahead of delivery.
+    #[test]
+    fn in_order_delivers_in_order_and_stops_at_the_first_error() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let started = AtomicUsize::new(0);
+        let delivered_at_start = std::sync::Mutex::new(Vec::new());
+        let seen = std::sync::Mutex::new(0usize);
+        let work = |i: usize| -> Result<usize> {
+            started.fetch_add(1, Ordering::SeqCst);
+            delivered_at_start
+                .lock()
+                .unwrap()
+                .push((i, *seen.lock().unwrap()));
+            std::thread::sleep(std::time::Duration::from_millis(((20 - i % 20) * 2) as u64));
+            Ok(i * 10)
+        };
+        let mut got = Vec::new();
+        in_order(40, 3, &work, &mut |i, v| {
+            got.push((i, v));
+            *seen.lock().unwrap() = i + 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, (0..40).map(|i| (i, i * 10)).collect::<Vec<_>>());
+        for (i, d) in delivered_at_start.into_inner().unwrap() {
+            assert!(i < d + 6, "item {i} started with only {d} delivered");
+        }
+
+        let failing = |i: usize| -> Result<usize> {
+            std::thread::sleep(std::time::Duration::from_millis(if i == 5 {
+                30
+            } else {
+                1
+            }));
+            if i == 5 || i == 9 {
+                Err(Error::Input(format!("item {i}")))
+            } else {
+                Ok(i)
+            }
+        };
+        let mut got = Vec::new();
+        let e = in_order(30, 4, &failing, &mut |i, _| {
+            got.push(i);
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(e.to_string(), "item 5");
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
     }
 }

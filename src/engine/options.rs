@@ -3,12 +3,14 @@
 
 use crate::backend::cpu::CpuModel;
 use crate::backend::cuda::device::GpuDtype;
+use crate::backend::replicas::Replicas;
 use crate::backend::{Backend, KernelChoices, LoadProgress};
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
 use crate::model::weights::Checkpoint;
 
-/// Which engine runs the forward: `auto`, `cpu`, `cuda` or `cuda:N`.
+/// Which engine runs the forward: `auto`, `cpu`, `cuda`, `cuda:N`, or one replica per GPU
+/// with `cuda:all` or `cuda:0,2` (a list may name a device twice: two replicas on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     /// The GPU when one is usable, else the CPU (with a notice saying why).
@@ -17,20 +19,68 @@ pub enum Device {
     Cpu,
     /// CUDA device N.
     Cuda(usize),
+    /// One replica on every CUDA device of the machine.
+    CudaAll,
+    /// One replica on each listed CUDA device (at least two entries).
+    CudaList(DeviceList),
+}
+
+/// The ordinals of `cuda:0,2`, in order (kept in a fixed array so options stay `Copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceList {
+    ids: [u8; DeviceList::MAX],
+    len: u8,
+}
+
+impl DeviceList {
+    /// Most entries in a list.
+    pub const MAX: usize = 16;
+
+    pub fn ordinals(&self) -> Vec<usize> {
+        self.ids[..self.len as usize]
+            .iter()
+            .map(|&o| o as usize)
+            .collect()
+    }
 }
 
 impl std::str::FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let unknown = || {
+            format!(
+                "unknown device {s:?}: expected auto, cpu, cuda, cuda:N, cuda:all or a list such \
+                 as cuda:0,2"
+            )
+        };
         match s {
-            "auto" => Ok(Device::Auto),
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Device::Cuda)
-                .ok_or_else(|| format!("unknown device {s:?}: expected auto, cpu, cuda or cuda:N")),
+            "auto" => return Ok(Device::Auto),
+            "cpu" => return Ok(Device::Cpu),
+            "cuda" => return Ok(Device::Cuda(0)),
+            "cuda:all" => return Ok(Device::CudaAll),
+            _ => {}
+        }
+        let list = s.strip_prefix("cuda:").ok_or_else(unknown)?;
+        let ordinals: Vec<usize> = list
+            .split(',')
+            .map(|n| n.trim().parse::<usize>().map_err(|_| unknown()))
+            .collect::<std::result::Result<_, _>>()?;
+        match ordinals[..] {
+            [n] => Ok(Device::Cuda(n)),
+            _ if ordinals.len() > DeviceList::MAX => Err(format!(
+                "{s:?}: at most {} devices in a list",
+                DeviceList::MAX
+            )),
+            _ => {
+                let mut ids = [0u8; DeviceList::MAX];
+                for (slot, &o) in ids.iter_mut().zip(&ordinals) {
+                    *slot = u8::try_from(o).map_err(|_| unknown())?;
+                }
+                Ok(Device::CudaList(DeviceList {
+                    ids,
+                    len: ordinals.len() as u8,
+                }))
+            }
         }
     }
 }
@@ -41,7 +91,40 @@ impl std::fmt::Display for Device {
             Device::Auto => write!(f, "auto"),
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::CudaAll => write!(f, "cuda:all"),
+            Device::CudaList(l) => {
+                let ids: Vec<String> = l.ordinals().iter().map(usize::to_string).collect();
+                write!(f, "cuda:{}", ids.join(","))
+            }
         }
+    }
+}
+
+impl Device {
+    /// The CUDA ordinals of one replica each, for `cuda:all` and lists; None otherwise. An
+    /// error names the device asked for when a GPU is missing.
+    pub fn replica_ordinals(&self) -> Result<Option<Vec<usize>>> {
+        use crate::backend::cuda::device::unavailable_reason;
+        let ordinals = match self {
+            Device::CudaAll => {
+                if let Some(why) = unavailable_reason(0) {
+                    return Err(Error::DeviceUnavailable(format!("--device {self}: {why}")));
+                }
+                let n = cudarc::driver::CudaContext::device_count()
+                    .map_err(|e| Error::Cuda(format!("counting CUDA devices: {e:?}")))?;
+                (0..n.max(0) as usize).collect()
+            }
+            Device::CudaList(l) => l.ordinals(),
+            _ => return Ok(None),
+        };
+        for &o in &ordinals {
+            if let Some(why) = unavailable_reason(o) {
+                return Err(Error::DeviceUnavailable(format!(
+                    "--device {self}: cuda:{o}: {why}"
+                )));
+            }
+        }
+        Ok(Some(ordinals))
     }
 }
 
@@ -140,6 +223,8 @@ pub fn build_backend(
     let gpu = match opts.device {
         Device::Cpu => None,
         Device::Cuda(n) => Some(n),
+        // Replicas: each device of the list is opened below.
+        Device::CudaAll | Device::CudaList(_) => Some(0),
         Device::Auto => crate::backend::cuda::device::unavailable_reason(0)
             .is_none()
             .then_some(0),
@@ -177,7 +262,6 @@ pub fn build_backend(
         .max_batch_tokens
         .unwrap_or(DEFAULT_GPU_MAX_BATCH_TOKENS)
         .max(max_seq_length);
-    let ctx = crate::backend::cuda::device::open(ordinal)?;
     fn load<T: crate::backend::cuda::ops::Act>(
         ctx: std::sync::Arc<cudarc::driver::CudaContext>,
         ckpt: &Checkpoint,
@@ -191,9 +275,24 @@ pub fn build_backend(
         )?;
         Ok(Box::new(m))
     }
-    let backend = match opts.dtype.unwrap_or(GpuDtype::F16) {
-        GpuDtype::F16 => load::<half::f16>(ctx, ckpt, cfg, budget, opts.kernels, progress)?,
-        GpuDtype::Bf16 => load::<half::bf16>(ctx, ckpt, cfg, budget, opts.kernels, progress)?,
+    // One replica per listed device (`cuda:all`, `cuda:0,2`), or the one device.
+    let ordinals = opts.device.replica_ordinals()?.unwrap_or(vec![ordinal]);
+    let n = ordinals.len();
+    let mut members = Vec::with_capacity(n);
+    for (k, &o) in ordinals.iter().enumerate() {
+        let ctx = crate::backend::cuda::device::open(o)?;
+        let step = |done: usize, all: usize| progress(k * all + done, n * all);
+        let backend = match opts.dtype.unwrap_or(GpuDtype::F16) {
+            GpuDtype::F16 => load::<half::f16>(ctx, ckpt, cfg, budget, opts.kernels, &step)?,
+            GpuDtype::Bf16 => load::<half::bf16>(ctx, ckpt, cfg, budget, opts.kernels, &step)?,
+        };
+        members.push((format!("cuda:{o}"), backend));
+    }
+    let backend: Box<dyn Backend> = match opts.device {
+        Device::CudaAll | Device::CudaList(_) => Box::new(Replicas::new(members)?),
+        _ => members.pop().map(|(_, b)| b).ok_or_else(|| {
+            Error::DeviceUnavailable(format!("--device {}: no CUDA device", opts.device))
+        })?,
     };
     Ok(BuiltBackend {
         backend,

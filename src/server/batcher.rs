@@ -1,25 +1,31 @@
-//! Dynamic batching: requests' tokenized texts wait in one bounded queue; ONE engine worker
-//! thread (per device) takes as many queued texts as fit the token budget, in arrival order,
-//! packs them into one batch (no padding), runs the backend, and hands each request its own
-//! rows, in its own order, through a oneshot channel.
+//! Dynamic batching: requests' tokenized texts wait in one bounded queue; a packer thread takes
+//! as many queued texts as fit the token budget, in arrival order, packs them into one batch
+//! (no padding) and hands it to a free engine runner — one runner per replica of the engine
+//! (`--device cuda:all`), one otherwise — which runs the backend; each request gets its own
+//! rows, in its own order, through a oneshot channel. A batch is packed only when a runner is
+//! free, so while the engine is busy the queue grows and the next batch is fuller.
 //!
 //! Packing rule (`batch::takes`, shared with `batch::plan_batches`): walk the queue in order
 //! and take each text while the batch is empty or the text still fits `max_batch_tokens`; stop
-//! at the first that does not fit (a text longer than the budget gets a batch of its own). A request's texts may span several batches. For one
+//! at the first that does not fit (a text longer than the budget gets a batch of its own). A
+//! request's texts may span several batches (with several runners, running at once). For one
 //! request alone this is exactly `batch::plan_batches`, so the server reproduces `sgpt embed`
 //! bit for bit; mixed with other requests a text sits at another offset of another batch,
 //! which changes nothing but GEMM blocking (the engine's weights are 1..n and it never pads).
 //!
 //! A request whose client has gone away (its receiver dropped) is skipped before packing.
 //!
-//! A failing backend fails the requests of that batch only and the worker goes on: an ordinary
-//! error (e.g. non-finite output) or a device out of memory. A panic or a fatal device error
-//! leaves the engine in an unknown state (the CUDA context dead, a mutex poisoned), so the
-//! engine is marked broken: that batch fails, every later request is refused at once with
-//! [`BatchError::Broken`], and [`Batcher::health`] says why, until the process is restarted.
+//! A failing batch fails the requests it carries (whole: their other rows are dropped) and the
+//! engine goes on: an ordinary error (e.g. non-finite output), a device out of memory, or one
+//! replica of several failing (the replica set takes it out of service). A panic or a fatal
+//! device error leaves the engine in an unknown state (the CUDA context dead, a mutex
+//! poisoned), so the engine is marked broken: that batch fails, every later request is refused
+//! at once with [`BatchError::Broken`], and [`Batcher::health`] says why, until the process is
+//! restarted.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -54,11 +60,35 @@ type Reply = oneshot::Sender<Result<Vec<f32>, BatchError>>;
 
 struct Job {
     seqs: Vec<Vec<u32>>,
-    /// Texts already embedded (a prefix of `seqs`).
+    /// Texts packed into a batch so far (a prefix of `seqs`).
+    taken: usize,
+    /// Texts embedded so far (any of the taken ones; batches may finish out of order).
     done: usize,
-    /// Their embeddings, [done, H].
+    /// The embeddings, [seqs.len(), H] once the first rows arrive.
     out: Vec<f32>,
     reply: Reply,
+}
+
+/// Rows `[offset, offset + count)` of job `job` (its id) travel in a batch.
+struct Part {
+    job: u64,
+    offset: usize,
+    count: usize,
+}
+
+/// What the packer thread waits for.
+enum Event {
+    Job(Job),
+    /// The request queue is closed: finish what is queued, then stop.
+    Closed,
+    /// Runner `runner` finished a batch.
+    Done {
+        runner: usize,
+        parts: Vec<Part>,
+        seqs: usize,
+        tokens: usize,
+        result: Result<Vec<f32>, BatchError>,
+    },
 }
 
 /// The queue's sending side and the worker thread.
@@ -71,9 +101,21 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the worker thread. `capacity` bounds the queue in requests.
+    /// Starts the worker with one engine runner. `capacity` bounds the queue in requests.
     pub fn start(
         embed: EmbedFn,
+        hidden: usize,
+        max_batch_tokens: usize,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        Self::start_many(vec![embed], hidden, max_batch_tokens, capacity, metrics)
+    }
+
+    /// Starts the worker with one runner per `embeds` (one per engine replica), all fed from
+    /// the one queue.
+    pub fn start_many(
+        embeds: Vec<EmbedFn>,
         hidden: usize,
         max_batch_tokens: usize,
         capacity: usize,
@@ -83,9 +125,33 @@ impl Batcher {
         let m = metrics.clone();
         let broken = Arc::new(OnceLock::new());
         let b = broken.clone();
+        let (events, inbox) = std_mpsc::channel();
+        // The feeder moves requests from the async queue into the packer's inbox.
+        let feed = events.clone();
+        std::thread::Builder::new()
+            .name("sgpt-queue".into())
+            .spawn(move || {
+                let mut rx = rx;
+                while let Some(job) = rx.blocking_recv() {
+                    if feed.send(Event::Job(job)).is_err() {
+                        return;
+                    }
+                }
+                let _ = feed.send(Event::Closed);
+            })?;
+        let mut runners = Vec::with_capacity(embeds.len());
+        for (k, embed) in embeds.into_iter().enumerate() {
+            let (work, todo) = std_mpsc::channel::<(PackedBatch, Vec<Part>)>();
+            let done = events.clone();
+            std::thread::Builder::new()
+                .name(format!("sgpt-engine-{k}"))
+                .spawn(move || runner(k, embed, hidden, todo, done))?;
+            runners.push(work);
+        }
+        drop(events);
         let worker = std::thread::Builder::new()
-            .name("sgpt-engine".into())
-            .spawn(move || worker(rx, embed, hidden, max_batch_tokens.max(1), m, b))?;
+            .name("sgpt-packer".into())
+            .spawn(move || packer(inbox, runners, hidden, max_batch_tokens.max(1), m, b))?;
         Ok(Batcher {
             tx: Mutex::new(Some(tx)),
             worker: Mutex::new(Some(worker)),
@@ -113,6 +179,7 @@ impl Batcher {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             seqs,
+            taken: 0,
             done: 0,
             out: Vec::new(),
             reply,
@@ -168,69 +235,20 @@ impl Drop for Batcher {
     }
 }
 
-fn worker(
-    mut rx: mpsc::Receiver<Job>,
+/// One engine runner: runs each batch it is given and reports the outcome to the packer.
+fn runner(
+    k: usize,
     mut embed: EmbedFn,
     hidden: usize,
-    budget: usize,
-    metrics: Arc<Metrics>,
-    broken: Arc<OnceLock<String>>,
+    todo: std_mpsc::Receiver<(PackedBatch, Vec<Part>)>,
+    done: std_mpsc::Sender<Event>,
 ) {
-    let mut pending: VecDeque<Job> = VecDeque::new();
-    loop {
-        if pending.is_empty() {
-            match rx.blocking_recv() {
-                Some(job) => pending.push_back(job),
-                None => return, // queue closed and drained
-            }
-        }
-        while let Ok(job) = rx.try_recv() {
-            pending.push_back(job);
-        }
-        pending.retain(|j| {
-            let gone = j.reply.is_closed();
-            if gone {
-                metrics.queue_depth.sub((j.seqs.len() - j.done) as i64);
-            }
-            !gone
-        });
-        if let Some(why) = broken.get() {
-            // Never touch a broken engine again: refuse what is queued.
-            for job in pending.drain(..) {
-                metrics.queue_depth.sub((job.seqs.len() - job.done) as i64);
-                let _ = job.reply.send(Err(BatchError::Broken(why.clone())));
-            }
-            continue;
-        }
-        if pending.is_empty() {
-            continue;
-        }
-
-        // Pack: (job index, texts taken) in queue order.
-        let mut batch = PackedBatch::new();
-        let mut parts: Vec<(usize, usize)> = Vec::new();
-        'jobs: for (j, job) in pending.iter().enumerate() {
-            let mut taken = 0;
-            for s in &job.seqs[job.done..] {
-                if !takes(batch.num_seqs(), batch.num_tokens(), s.len(), budget) {
-                    if taken > 0 {
-                        parts.push((j, taken));
-                    }
-                    break 'jobs;
-                }
-                batch.push(s);
-                taken += 1;
-            }
-            parts.push((j, taken));
-        }
-        let (s_count, t_count) = (batch.num_seqs(), batch.num_tokens());
-        metrics.queue_depth.sub(s_count as i64);
-
-        let t0 = Instant::now();
+    for (batch, parts) in todo {
+        let (seqs, tokens) = (batch.num_seqs(), batch.num_tokens());
         let result = match catch_unwind(AssertUnwindSafe(|| embed(&batch))) {
-            Ok(Ok(out)) if out.len() == s_count * hidden => Ok(out),
+            Ok(Ok(out)) if out.len() == seqs * hidden => Ok(out),
             Ok(Ok(out)) => Err(BatchError::Failed(format!(
-                "the backend returned {} values for {s_count} texts of hidden size {hidden}",
+                "the backend returned {} values for {seqs} texts of hidden size {hidden}",
                 out.len()
             ))),
             Ok(Err(e @ crate::Error::DeviceOutOfMemory(_))) => {
@@ -247,50 +265,181 @@ fn worker(
                 Err(BatchError::Broken(format!("the backend panicked: {what}")))
             }
         };
-        metrics.batch_duration.observe(t0.elapsed().as_secs_f64());
-        metrics.batch_sequences.observe(s_count as f64);
-        metrics.batch_tokens.observe(t_count as f64);
+        let event = Event::Done {
+            runner: k,
+            parts,
+            seqs,
+            tokens,
+            result,
+        };
+        if done.send(event).is_err() {
+            return;
+        }
+    }
+}
 
-        match result {
-            Ok(out) => {
-                metrics.texts.inc_by(s_count as u64);
-                metrics.tokens.inc_by(t_count as u64);
-                let mut rows = out.chunks_exact(hidden);
-                for &(j, n) in &parts {
-                    let job = &mut pending[j];
-                    for row in rows.by_ref().take(n) {
-                        job.out.extend_from_slice(row);
-                    }
-                    job.done += n;
+/// The packer: keeps the queue of requests, packs a batch whenever a runner is free, and puts
+/// each batch's rows into its requests, answering each one when all its rows are in.
+fn packer(
+    inbox: std_mpsc::Receiver<Event>,
+    runners: Vec<std_mpsc::Sender<(PackedBatch, Vec<Part>)>>,
+    hidden: usize,
+    budget: usize,
+    metrics: Arc<Metrics>,
+    broken: Arc<OnceLock<String>>,
+) {
+    // Jobs in arrival order, each with its id; a job leaves when answered.
+    let mut jobs: VecDeque<(u64, Job)> = VecDeque::new();
+    let mut next_id = 0u64;
+    let mut free: Vec<usize> = (0..runners.len()).rev().collect();
+    let mut started: Vec<Option<Instant>> = vec![None; runners.len()];
+    let mut closed = false;
+    // Drops a job, counting its texts that never reached a batch out of the queue depth.
+    let leave = |job: &Job| metrics.queue_depth.sub((job.seqs.len() - job.taken) as i64);
+    loop {
+        if closed && jobs.is_empty() && free.len() == runners.len() {
+            return; // queue closed and drained, nothing in flight
+        }
+        let Ok(first) = inbox.recv() else { return };
+        for event in std::iter::once(first).chain(std::iter::from_fn(|| inbox.try_recv().ok())) {
+            match event {
+                Event::Job(job) => {
+                    jobs.push_back((next_id, job));
+                    next_id += 1;
                 }
-                // Jobs complete in queue order, so the finished ones are a prefix.
-                while pending.front().is_some_and(|j| j.done == j.seqs.len()) {
-                    if let Some(job) = pending.pop_front() {
+                Event::Closed => closed = true,
+                Event::Done {
+                    runner,
+                    parts,
+                    seqs,
+                    tokens,
+                    result,
+                } => {
+                    free.push(runner);
+                    if let Some(t0) = started[runner].take() {
+                        metrics.batch_duration.observe(t0.elapsed().as_secs_f64());
+                    }
+                    metrics.batch_sequences.observe(seqs as f64);
+                    metrics.batch_tokens.observe(tokens as f64);
+                    deliver(
+                        &mut jobs, parts, result, seqs, tokens, hidden, &metrics, &broken, &leave,
+                    );
+                }
+            }
+        }
+        jobs.retain(|(_, j)| {
+            let gone = j.reply.is_closed();
+            if gone {
+                leave(j);
+            }
+            !gone
+        });
+        if let Some(why) = broken.get() {
+            // Never touch a broken engine again: refuse what is queued.
+            for (_, job) in jobs.drain(..) {
+                leave(&job);
+                let _ = job.reply.send(Err(BatchError::Broken(why.clone())));
+            }
+            continue;
+        }
+        while let Some(&runner) = free.last() {
+            // Pack from the jobs with texts not yet in a batch, in arrival order.
+            let mut batch = PackedBatch::new();
+            let mut parts: Vec<Part> = Vec::new();
+            'jobs: for (id, job) in jobs.iter_mut().filter(|(_, j)| j.taken < j.seqs.len()) {
+                let offset = job.taken;
+                for s in &job.seqs[offset..] {
+                    if !takes(batch.num_seqs(), batch.num_tokens(), s.len(), budget) {
+                        break;
+                    }
+                    batch.push(s);
+                    job.taken += 1;
+                }
+                if job.taken > offset {
+                    parts.push(Part {
+                        job: *id,
+                        offset,
+                        count: job.taken - offset,
+                    });
+                }
+                if job.taken < job.seqs.len() {
+                    break 'jobs; // the next text does not fit: the batch is full
+                }
+            }
+            if parts.is_empty() {
+                break;
+            }
+            metrics.queue_depth.sub(batch.num_seqs() as i64);
+            free.pop();
+            started[runner] = Some(Instant::now());
+            if runners[runner].send((batch, parts)).is_err() {
+                return; // a runner thread is gone: nothing more can run
+            }
+        }
+    }
+}
+
+/// Puts a finished batch's rows into its jobs (or fails them) and answers completed jobs.
+#[allow(clippy::too_many_arguments)]
+fn deliver(
+    jobs: &mut VecDeque<(u64, Job)>,
+    parts: Vec<Part>,
+    result: Result<Vec<f32>, BatchError>,
+    seqs: usize,
+    tokens: usize,
+    hidden: usize,
+    metrics: &Metrics,
+    broken: &OnceLock<String>,
+    leave: &dyn Fn(&Job),
+) {
+    // A job is found by id; one failed or abandoned earlier is gone and its rows are dropped.
+    let find = |jobs: &VecDeque<(u64, Job)>, id: u64| jobs.iter().position(|(j, _)| *j == id);
+    match result {
+        Ok(out) => {
+            metrics.texts.inc_by(seqs as u64);
+            metrics.tokens.inc_by(tokens as u64);
+            let mut rows = out.chunks_exact(hidden);
+            for p in parts {
+                let Some(at) = find(jobs, p.job) else {
+                    rows.by_ref().take(p.count).for_each(drop);
+                    continue;
+                };
+                let job = &mut jobs[at].1;
+                if job.out.is_empty() {
+                    job.out = vec![0.0; job.seqs.len() * hidden];
+                }
+                for (k, row) in rows.by_ref().take(p.count).enumerate() {
+                    let r = p.offset + k;
+                    job.out[r * hidden..(r + 1) * hidden].copy_from_slice(row);
+                }
+                job.done += p.count;
+                if job.done == job.seqs.len() {
+                    if let Some((_, job)) = jobs.remove(at) {
                         let _ = job.reply.send(Ok(job.out));
                     }
                 }
             }
-            Err(err) => {
-                eprintln!("sgpt: error: batch of {s_count} texts, {t_count} tokens: {err}");
-                let err = match err {
-                    BatchError::Broken(why) => {
-                        eprintln!(
-                            "sgpt: error: the engine is broken; /health answers 503 and every \
-                             embedding request is refused until the server is restarted"
-                        );
-                        metrics.ready.set(0);
-                        let _ = broken.set(why.clone());
-                        // The batch that broke it failed inside the engine: a 500, not a 503.
-                        BatchError::Failed(why)
-                    }
-                    e => e,
-                };
-                // The batch's jobs are the first parts.len() of the queue (parts[k].0 == k):
-                // fail them whole; their texts outside this batch leave the queue with them.
-                for &(_, taken) in &parts {
-                    if let Some(job) = pending.pop_front() {
-                        let rest = job.seqs.len() - job.done - taken;
-                        metrics.queue_depth.sub(rest as i64);
+        }
+        Err(err) => {
+            eprintln!("sgpt: error: batch of {seqs} texts, {tokens} tokens: {err}");
+            let err = match err {
+                BatchError::Broken(why) => {
+                    eprintln!(
+                        "sgpt: error: the engine is broken; /health answers 503 and every \
+                         embedding request is refused until the server is restarted"
+                    );
+                    metrics.ready.set(0);
+                    let _ = broken.set(why.clone());
+                    // The batch that broke it failed inside the engine: a 500, not a 503.
+                    BatchError::Failed(why)
+                }
+                e => e,
+            };
+            // Fail the batch's jobs whole; their texts outside this batch leave with them.
+            for p in parts {
+                if let Some(at) = find(jobs, p.job) {
+                    if let Some((_, job)) = jobs.remove(at) {
+                        leave(&job);
                         let _ = job.reply.send(Err(err.clone()));
                     }
                 }
@@ -406,6 +555,65 @@ mod tests {
             rt.block_on(b.embed(vec![vec![1]])),
             Err(BatchError::Stopped)
         );
+        assert_eq!(m.queue_depth.get(), 0);
+    }
+
+    /// Two runners, the first slow: the batches of one request finish out of order, yet each
+    /// request gets its rows in its own order; a failing batch fails only its requests.
+    #[test]
+    fn several_runners_fill_each_request_in_order() {
+        let runner = |pause_ms: u64| -> EmbedFn {
+            let (tx, _rx) = std_mpsc::channel();
+            let mut inner = fake(tx);
+            Box::new(move |b: &PackedBatch| {
+                std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+                inner(b)
+            })
+        };
+        let m = Arc::new(Metrics::new().unwrap());
+        let b = Arc::new(
+            Batcher::start_many(vec![runner(80), runner(0)], 2, 10, 64, m.clone()).unwrap(),
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut handles = Vec::new();
+            for r in 0..16u32 {
+                let b = b.clone();
+                handles.push(tokio::spawn(async move {
+                    // Texts of 5 tokens under a budget of 10: a request spans several batches.
+                    let mut seqs: Vec<Vec<u32>> = (0..6).map(|k| vec![r * 10 + k; 5]).collect();
+                    if r == 3 {
+                        seqs[4][0] = 666; // poisons the batch it lands in
+                    }
+                    (r, b.embed(seqs).await)
+                }));
+            }
+            let mut ok = 0;
+            for h in handles {
+                let (r, out) = h.await.unwrap();
+                if r == 3 {
+                    assert!(matches!(out, Err(BatchError::Failed(_))), "{out:?}");
+                    continue;
+                }
+                let want: Vec<f32> = (0..6).flat_map(|k| [(r * 10 + k) as f32, 5.0]).collect();
+                match out {
+                    Ok(out) => {
+                        assert_eq!(out, want, "request {r}");
+                        ok += 1;
+                    }
+                    // A request sharing the poisoned batch fails with it, whole.
+                    Err(e) => assert!(matches!(e, BatchError::Failed(_)), "request {r}: {e:?}"),
+                }
+            }
+            // The poisoned batch holds at most two texts, so at most one other request.
+            assert!(ok >= 14, "{ok} of 15 requests succeeded");
+        });
+        assert!(b.health().is_ok());
+        b.close();
         assert_eq!(m.queue_depth.get(), 0);
     }
 

@@ -17,11 +17,16 @@
 //! | `sgpt_aborted_requests_total` | counter | requests whose client closed the connection mid-body (not in `sgpt_requests_total`) |
 //! | `sgpt_open_connections` | gauge | connections open now |
 //! | `sgpt_refused_connections_total` | counter | connections closed at once because `--max-connections` were open |
+//! | `sgpt_replica_{batches,texts,tokens,failed_batches}_total{device}` | counter | per replica, with `--device cuda:all` or a list |
+//! | `sgpt_replica_busy_seconds{device}` | gauge | per replica: seconds in the forward |
+//! | `sgpt_replica_in_service{device}` | gauge | per replica: 1, or 0 once taken out of service |
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::backend::replicas::ReplicaStats;
 
 pub struct Metrics {
     registry: Registry,
@@ -131,8 +136,59 @@ impl Metrics {
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> prometheus::Result<String> {
+        self.render_with(&[])
+    }
+
+    /// The metrics, plus each replica's counters labelled by device (`--device cuda:all`):
+    /// read from the replica set at scrape time into a registry of their own.
+    pub fn render_with(&self, replicas: &[ReplicaStats]) -> prometheus::Result<String> {
+        let mut families = self.registry.gather();
+        if !replicas.is_empty() {
+            let per_device = Registry::new();
+            let counter = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), &["device"])?;
+                per_device.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+            let batches = counter("sgpt_replica_batches_total", "Batches run by each replica")?;
+            let texts = counter("sgpt_replica_texts_total", "Texts embedded by each replica")?;
+            let tokens = counter(
+                "sgpt_replica_tokens_total",
+                "Tokens embedded by each replica",
+            )?;
+            let failed = counter(
+                "sgpt_replica_failed_batches_total",
+                "Batches that failed on each replica",
+            )?;
+            let busy = prometheus::GaugeVec::new(
+                Opts::new(
+                    "sgpt_replica_busy_seconds",
+                    "Seconds each replica has spent in the forward",
+                ),
+                &["device"],
+            )?;
+            let up = IntGaugeVec::new(
+                Opts::new(
+                    "sgpt_replica_in_service",
+                    "1 while the replica takes batches, 0 once taken out of service",
+                ),
+                &["device"],
+            )?;
+            per_device.register(Box::new(busy.clone()))?;
+            per_device.register(Box::new(up.clone()))?;
+            for r in replicas {
+                let d = [r.device.as_str()];
+                batches.with_label_values(&d).inc_by(r.batches);
+                texts.with_label_values(&d).inc_by(r.texts);
+                tokens.with_label_values(&d).inc_by(r.tokens);
+                failed.with_label_values(&d).inc_by(r.failed_batches);
+                busy.with_label_values(&d).set(r.busy_seconds);
+                up.with_label_values(&d).set(i64::from(r.in_service));
+            }
+            families.extend(per_device.gather());
+        }
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        TextEncoder::new().encode(&families, &mut buf)?;
         String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
     }
 }

@@ -438,14 +438,17 @@ where
             .model
             .tokenizer
             .encode("What is the capital of France?", Kind::Query)?;
-        let out = e.backend.embed(&PackedBatch::from_seqs(&[&warm.ids[..]]))?;
-        if out.len() != e.hidden() || out.iter().any(|v| !v.is_finite()) {
-            return Err(ServeError::Warmup(format!(
-                "the warm-up query gave {} values ({} not finite) instead of {} finite ones",
-                out.len(),
-                out.iter().filter(|v| !v.is_finite()).count(),
-                e.hidden()
-            )));
+        // Once per replica: a replica set deals consecutive batches to each in turn.
+        for _ in 0..e.backend.concurrency() {
+            let out = e.backend.embed(&PackedBatch::from_seqs(&[&warm.ids[..]]))?;
+            if out.len() != e.hidden() || out.iter().any(|v| !v.is_finite()) {
+                return Err(ServeError::Warmup(format!(
+                    "the warm-up query gave {} values ({} not finite) instead of {} finite ones",
+                    out.len(),
+                    out.iter().filter(|v| !v.is_finite()).count(),
+                    e.hidden()
+                )));
+            }
         }
         Ok(e)
     })
@@ -453,9 +456,15 @@ where
     .map_err(|e| ServeError::Warmup(e.to_string()))??;
     let embedder = Arc::new(embedder);
     let info = routes::info_json(&embedder, &st.opts);
-    let e = embedder.clone();
-    let batcher = Batcher::start(
-        Box::new(move |b: &PackedBatch| e.embed_batch(b)),
+    // One runner per replica, all embedding through the one engine (which deals the batches).
+    let runners = (0..embedder.backend.concurrency())
+        .map(|_| {
+            let e = embedder.clone();
+            Box::new(move |b: &PackedBatch| e.embed_batch(b)) as batcher::EmbedFn
+        })
+        .collect();
+    let batcher = Batcher::start_many(
+        runners,
         embedder.hidden(),
         embedder.max_batch_tokens,
         st.opts.max_concurrent_requests,

@@ -162,7 +162,15 @@ async fn health(State(st): St) -> Response {
 
 async fn info(State(st): St) -> Response {
     match ready(&st) {
-        Ok(e) => Json(e.info.clone()).into_response(),
+        Ok(e) => {
+            let mut info = e.info.clone();
+            // Live per-device counters and state (`--device cuda:all`).
+            let replicas = e.embedder.backend.replica_stats();
+            if !replicas.is_empty() {
+                info["replicas"] = json!(replicas);
+            }
+            Json(info).into_response()
+        }
         Err(e) => e.into_response(Style::Tei),
     }
 }
@@ -178,7 +186,12 @@ async fn models(State(st): St) -> Response {
 }
 
 async fn metrics(State(st): St) -> Response {
-    match st.metrics.render() {
+    let replicas = st
+        .engine
+        .get()
+        .map(|e| e.embedder.backend.replica_stats())
+        .unwrap_or_default();
+    match st.metrics.render_with(&replicas) {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,

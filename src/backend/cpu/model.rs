@@ -158,6 +158,7 @@ impl crate::backend::Backend for CpuModel {
             dtype: "f32",
             threads: Some(rayon::current_num_threads()),
             kernels: None,
+            replicas: None,
         }
     }
 }

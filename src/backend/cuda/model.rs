@@ -571,6 +571,7 @@ impl<T: Act> crate::backend::Backend for CudaModel<T> {
             dtype: T::SUFFIX,
             threads: None,
             kernels: Some(self.choices),
+            replicas: None,
         }
     }
     fn cuda_context(&self) -> Option<Arc<CudaContext>> {
