@@ -16,6 +16,7 @@ use sgpt::backend::cuda::gemm::Gemm;
 use sgpt::backend::cuda::ops::{skinny_fits, Act, Kernels};
 use sgpt::backend::KernelChoices;
 use sgpt::engine::{Device, Embedder, EngineOptions};
+use sgpt::model::tokenize::Kind;
 use sgpt::model::ModelDir;
 
 struct Gpu {
@@ -654,4 +655,44 @@ fn repeated_batches_are_identical() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// `--device cuda:0,0`: two replicas on one GPU give one engine's vectors bit for bit (same
+/// batches, same device) and both take batches.
+#[test]
+fn two_replicas_on_one_gpu_match_one_engine() {
+    let Some(_g) = gpu() else { return };
+    let golden = load_golden("sgpt-tiny");
+    let open = |device: &str| {
+        Embedder::open_with(
+            &golden.model_dir,
+            EngineOptions {
+                device: device.parse().unwrap(),
+                dtype: Some(GpuDtype::F16),
+                max_batch_tokens: Some(32), // many batches
+                kernels: KernelChoices::default(),
+            },
+        )
+        .unwrap()
+    };
+    let (one, two) = (open("cuda:0"), open("cuda:0,0"));
+    let texts: Vec<(String, Kind)> = (0..64)
+        .map(|i| {
+            (
+                format!("replica text {i} {}", "x ".repeat(i % 13)),
+                Kind::Query,
+            )
+        })
+        .collect();
+    let a = one.embed_texts(&texts, false).unwrap();
+    let b = two.embed_texts(&texts, false).unwrap();
+    for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "text {k} differs between one engine and two replicas"
+        );
+    }
+    let stats = two.backend.replica_stats();
+    assert_eq!(stats.len(), 2);
+    assert!(stats.iter().all(|s| s.batches > 0), "{stats:?}");
 }
