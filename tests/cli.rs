@@ -970,14 +970,37 @@ fn common_errors_are_one_pinned_line() {
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
         assert_eq!(stderr(&o), format!("sgpt: error: {line}\n"), "{args:?}");
     }
-    // The device asked for is named, once (the reason depends on the machine).
-    let o = sgpt(&["embed", "-m", &model, "--device", "cuda:7", "x"]);
-    let e = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "{e}");
-    assert!(
-        e.starts_with("sgpt: error: --device cuda:7: ") && e.lines().count() == 1,
-        "{e}"
-    );
+    // The device asked for is named, once, by every command, before any work (the reason
+    // depends on the machine; serve fails before it listens).
+    let data = common::root().join("tests/fixtures/beir-synthetic");
+    for device in ["cuda:7", "cuda:7,8", "cuda:all"] {
+        if device == "cuda:all" && sgpt::backend::cuda::device::unavailable_reason(0).is_none() {
+            continue; // a GPU is here: cuda:all works
+        }
+        for cmd in [
+            vec!["embed", "-m", &model, "--device", device, "x"],
+            vec![
+                "eval",
+                "-m",
+                &model,
+                "--device",
+                device,
+                "--data",
+                data.to_str().unwrap(),
+            ],
+            vec!["serve", "-m", &model, "--device", device, "-p", "0"],
+            vec!["bench", "-m", &model, "--device", device],
+        ] {
+            let o = sgpt(&cmd);
+            let e = stderr(&o);
+            assert_eq!(o.status.code(), Some(1), "{cmd:?}: {e}");
+            let want = format!("sgpt: error: --device {device}: ");
+            assert!(
+                e.starts_with(&want) && e.lines().count() == 1,
+                "{cmd:?}: {e}"
+            );
+        }
+    }
 }
 
 /// A model load reports each block as it is loaded, in order, ending at the layer count (what

@@ -89,12 +89,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.what == BenchWhat::Kernels && no_gpu {
         bail!("`sgpt bench kernels` times the GPU kernels and needs --device cuda; `cargo bench` measures the CPU ops");
     }
-    if let Device::Cuda(n) = opts.device {
-        if let Some(why) = sgpt::backend::cuda::device::unavailable_reason(n) {
-            bail!("--device cuda:{n}: {why}");
-        }
-    }
-    opts.device.replica_ordinals()?;
+    opts.device.check_available()?;
     a.json.check()?;
     if a.shape.is_some() && !a.quiet {
         eprintln!(

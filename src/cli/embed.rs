@@ -45,6 +45,8 @@ pub struct EmbedArgs {
 
 pub fn run(a: EmbedArgs) -> Result<()> {
     let default_kind = Kind::from(a.kind);
+    // Cheap, so before reading a large input.
+    a.common.engine.device.check_available()?;
     match (&a.input, a.texts.is_empty()) {
         (Some(_), false) => bail!("give texts as arguments or with --input, not both"),
         (None, true) => {

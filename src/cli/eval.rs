@@ -74,6 +74,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         Ok(v) => Duration::from_millis(v.parse().with_context(|| format!("{PAUSE_ENV}={v}"))?),
         Err(_) => Duration::ZERO,
     };
+    a.common.engine.device.check_available()?;
     // Output files are checked and opened before any work, so a bad path fails at once; each
     // is put in place only when complete (sgpt::io::output).
     sgpt::io::output::remove_temps_on_signal()?;

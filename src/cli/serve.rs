@@ -105,10 +105,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Err(msg) = opts.validate() {
         bail!("{msg}");
     }
-    // Checked before binding, so a bad model directory fails at once (loading comes later).
+    // Checked before binding, so a bad model directory or device fails at once (loading
+    // comes later).
     if !a.common.model.is_dir() {
         bail!("{}: model directory not found", a.common.model.display());
     }
+    a.common.engine.device.check_available()?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

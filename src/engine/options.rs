@@ -101,6 +101,19 @@ impl std::fmt::Display for Device {
 }
 
 impl Device {
+    /// Fails at once, naming the device, when an explicitly asked-for GPU cannot be used
+    /// (cheap: no context is created), so a command can check before any expensive work.
+    pub fn check_available(&self) -> Result<()> {
+        if let Device::Cuda(n) = self {
+            if let Some(why) = crate::backend::cuda::device::unavailable_reason(*n) {
+                return Err(Error::DeviceUnavailable(format!(
+                    "--device cuda:{n}: {why}"
+                )));
+            }
+        }
+        self.replica_ordinals().map(drop)
+    }
+
     /// The CUDA ordinals of one replica each, for `cuda:all` and lists; None otherwise. An
     /// error names the device asked for when a GPU is missing.
     pub fn replica_ordinals(&self) -> Result<Option<Vec<usize>>> {
