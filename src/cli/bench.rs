@@ -145,13 +145,23 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
 
     // Warm-up: one batch touches every weight page and, on the GPU, plans the GEMMs.
     backend.embed(&PackedBatch::from_seqs(&seqs[..1]))?;
-    // The bar costs an atomic add per batch, nothing next to a batch's forward.
+    // The bar costs an atomic add per batch, nothing next to a batch's forward. A replica set
+    // (`--device cuda:all`) runs as many batches at once as it has replicas, as `embed` does.
     let bar = progress_bar(seqs.len() as u64, a.quiet, TEXTS);
+    let plans = sgpt::backend::batch::plan_batches(&lengths, b.max_batch_tokens);
+    let run = |i: usize| backend.embed(&PackedBatch::from_seqs(&seqs[plans[i].clone()]));
     let t0 = Instant::now();
-    for range in sgpt::backend::batch::plan_batches(&lengths, b.max_batch_tokens) {
-        let n = range.len() as u64;
-        backend.embed(&PackedBatch::from_seqs(&seqs[range]))?;
-        bar.inc(n);
+    match backend.concurrency().min(plans.len()) {
+        0 | 1 => {
+            for (i, range) in plans.iter().enumerate() {
+                run(i)?;
+                bar.inc(range.len() as u64);
+            }
+        }
+        lanes => sgpt::engine::embedder::in_order(plans.len(), lanes, &run, &mut |i, _| {
+            bar.inc(plans[i].len() as u64);
+            Ok(())
+        })?,
     }
     let corpus_s = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();

@@ -290,7 +290,7 @@ impl Embedder {
 /// of delivery, so results held waiting stay bounded. The first error in index order is
 /// returned after the items before it are delivered (as a sequential loop would); an error
 /// stops new items from starting.
-fn in_order<T: Send>(
+pub fn in_order<T: Send>(
     n: usize,
     lanes: usize,
     work: &(dyn Fn(usize) -> Result<T> + Sync),
