@@ -25,7 +25,9 @@ sgpt package must be on every node that runs an actor. See docs/scale-out.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import os
 import sys
 import time
@@ -235,7 +237,7 @@ def read_file(index: int, src: str, fmt: str, cols: dict[str, Any]) -> Iterator[
         yield block(texts, titles)
 
 
-def read_files(batch: dict[str, np.ndarray], cols: dict[str, Any]) -> Iterator[pa.Table]:
+def read_files(batch: Any, cols: dict[str, Any]) -> Iterator[pa.Table]:
     """map_batches UDF over the dataset of input files (one row per file)."""
     for index, src, fmt in zip(batch["index"], batch["src"], batch["fmt"]):
         yield from read_file(int(index), str(src), str(fmt), cols)
@@ -245,7 +247,9 @@ class EmbedForFiles(sgpt.ray.Embed):
     """sgpt.ray.Embed returning only what the driver needs (no text back through Ray)."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:  # type: ignore[override]
-        return super().__call__(batch).select(["__file", "__row", OUTPUT_COLUMN])
+        out = super().__call__(batch)
+        assert isinstance(out, pa.Table)
+        return out.select(["__file", "__row", OUTPUT_COLUMN])
 
 
 # -- writing, by the driver ---------------------------------------------------------------------
@@ -405,15 +409,25 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def start_ray(args: argparse.Namespace) -> tuple[dict[str, float], str, int]:
-    """Connects to (or starts) Ray; the actors' resources, their device, and how many."""
+@dataclass
+class Actors:
+    device: str  # "cuda" or "cpu"
+    count: int
+    num_gpus: Optional[float] = None
+    num_cpus: Optional[float] = None
+
+
+def start_ray(args: argparse.Namespace) -> Actors:
+    """Connects to (or starts) Ray; the actors to start."""
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     if not (args.model / "config.json").is_file():
         if address == "local":
             raise Failure(f"--model {args.model}: no model directory (config.json) here")
         log(f"--model {args.model} is not on this machine: it must be on every node that runs an actor")
-    ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}),
-             logging_level="WARNING")
+    if address == "local":
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     # Blocks come back in input order (Ray's default is any order); Writer also puts the rows of
     # a file in order, whatever order they come in, and checks that none is missing or twice.
@@ -428,21 +442,21 @@ def start_ray(args: argparse.Namespace) -> tuple[dict[str, float], str, int]:
     gpu_actors = args.cpus_per_actor is None and (
         args.device == "cuda" or args.gpus_per_actor is not None or (args.device == "auto" and gpus > 0))
     if gpu_actors:
-        per_actor = {"num_gpus": args.gpus_per_actor or 1.0}
-        device = "cuda"  # the actor's GPU: Ray makes the GPUs it assigned the only visible ones
-        actors = args.actors or max(1, int(gpus // per_actor["num_gpus"]))
+        # "cuda": the actor's GPU, as Ray makes the GPUs it assigned the only visible ones
+        per = args.gpus_per_actor or 1.0
+        actors = Actors("cuda", args.actors or max(1, int(gpus // per)), num_gpus=per)
     else:
-        per_actor = {"num_cpus": args.cpus_per_actor or 1.0}
-        device = "cpu"
-        actors = args.actors or max(1, int(resources.get("CPU", 1) // per_actor["num_cpus"]))
-    log(f"{actors} {'GPU' if gpu_actors else 'CPU'} actor(s) ({per_actor}) on a cluster of "
-        f"{resources.get('CPU', 0):g} CPUs and {gpus:g} GPUs")
-    return per_actor, device, actors
+        per = args.cpus_per_actor or 1.0
+        actors = Actors("cpu", args.actors or max(1, int(resources.get("CPU", 1) // per)), num_cpus=per)
+    log(f"{actors.count} {'GPU' if gpu_actors else 'CPU'} actor(s), {per:g} "
+        f"{'GPU' if gpu_actors else 'CPU'}(s) each, on a cluster of {resources.get('CPU', 0):g} CPUs "
+        f"and {gpus:g} GPUs")
+    return actors
 
 
 def embedded_batches(args: argparse.Namespace, jobs: list[Job]) -> Iterator[pa.Table]:
     """Ray Data's output for ``jobs``: blocks of (__file, __row, embedding)."""
-    per_actor, device, actors = start_ray(args)
+    actors = start_ray(args)
     title_column = "title" if args.title_column is None else (args.title_column or None)
     cols = {"text": args.text_column, "title": title_column, "id": args.id_column,
             "title_required": bool(args.title_column), "allow_empty": args.allow_empty}
@@ -450,17 +464,18 @@ def embedded_batches(args: argparse.Namespace, jobs: list[Job]) -> Iterator[pa.T
     # files at a time.
     driver_node = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     files = ray.data.from_items([{"index": j.index, "src": str(j.src), "fmt": j.fmt} for j in jobs])
-    ds = files.map_batches(read_files, fn_kwargs={"cols": cols}, batch_size=1, num_cpus=0,
+    ds = files.map_batches(functools.partial(read_files, cols=cols), batch_size=1, num_cpus=0,
                            compute=ray.data.TaskPoolStrategy(size=2), label_selector=driver_node)
     ds = ds.map_batches(
         EmbedForFiles,
         fn_constructor_kwargs={
-            "model": str(args.model.resolve()), "kind": args.kind, "device": device,
+            "model": str(args.model.resolve()), "kind": args.kind, "device": actors.device,
             "dtype": args.dtype, "text_column": "text", "title_column": "title",
             "output_column": OUTPUT_COLUMN, "normalize": args.normalize,
             "allow_empty": args.allow_empty, "max_batch_tokens": args.max_batch_tokens},
         batch_size=args.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors), udf_modifying_row_count=False, **per_actor)
+        compute=ray.data.ActorPoolStrategy(size=actors.count), num_gpus=actors.num_gpus,
+        num_cpus=actors.num_cpus, udf_modifying_row_count=False)
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
