@@ -6,7 +6,8 @@
     ...     sgpt.ray.Embed,
     ...     fn_constructor_kwargs={"model": "/models/sgpt-bloom-7b1", "kind": "document",
     ...                            "title_column": "title", "id_column": "id"},
-    ...     concurrency=4, num_gpus=1, batch_size=1024, batch_format="pyarrow")
+    ...     compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1,   # 4 actors, a GPU each
+    ...     batch_size=1024, batch_format="pyarrow")
     >>> ds.select_columns(["id", "embedding"]).write_parquet("embeddings/")
 
 Each actor opens the model once (in the constructor) and embeds every batch it is given: the
@@ -62,8 +63,10 @@ class Embed:
     """Embeds a text column of each batch: a callable class for ``Dataset.map_batches``.
 
     Pass the class (not an instance) to ``map_batches`` with these arguments in
-    ``fn_constructor_kwargs``, and ``concurrency=N`` (N actors) with ``num_gpus=1`` (one GPU per
-    actor) or ``num_cpus=C`` (CPU actors).
+    ``fn_constructor_kwargs``, and ``compute=ray.data.ActorPoolStrategy(size=N)`` (or, before Ray
+    2.51, ``concurrency=N``) for N actors, with ``num_gpus=1`` (one GPU per actor) or
+    ``num_cpus=C`` (CPU actors). The rows of a batch keep their order; for the whole dataset's
+    order set ``DataContext.get_current().execution_options.preserve_order = True``.
 
     Args:
         model: the model directory; on a cluster it must exist at this path on every node that
