@@ -131,7 +131,7 @@ class Model:
     Args:
         path: the model directory (config.json, tokenizer.json, model.safetensors or shards).
         device: "auto" (the GPU when usable, else the CPU; ``notice`` says why), "cpu",
-            "cuda" or "cuda:N".
+            "cuda", "cuda:N", or one replica per GPU: "cuda:all" or a list like "cuda:0,2".
         dtype: activation/weight type on the GPU, "f16" (the default) or "bf16". The CPU always
             computes in f32, so a dtype with device="cpu" is a ValueError.
         max_batch_tokens: most tokens in one packed batch (default 2048 on the CPU, 16384 on
