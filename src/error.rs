@@ -65,6 +65,15 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The message of a caught panic (`catch_unwind`'s payload), empty when it is not text.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
 /// The first (at most ten) of `total` things, comma-separated, with "and N more" for the rest:
 /// how every message names a long list (texts, lines, tensors).
 pub fn list_some<T: std::fmt::Display>(first: &[T], total: usize) -> String {

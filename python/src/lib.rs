@@ -61,11 +61,10 @@ fn to_py(e: Error) -> PyErr {
 /// A caught panic as a RuntimeError, instead of the `PanicException` PyO3 would raise (a
 /// BaseException that `except Exception` does not catch).
 fn panic_err(p: Box<dyn std::any::Any + Send>) -> PyErr {
-    let what = p
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| p.downcast_ref::<&str>().copied())
-        .unwrap_or("unknown panic");
+    let what = match sgpt::error::panic_message(&*p) {
+        m if m.is_empty() => "unknown panic".to_string(),
+        m => m,
+    };
     PyRuntimeError::new_err(format!(
         "sgpt: internal error (a bug, please report it): {what}"
     ))

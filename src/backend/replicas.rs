@@ -191,14 +191,13 @@ impl Backend for Replicas {
             }
             Ok(Err(Error::DeviceFatal(why))) => Err(self.retire(i, why)),
             Ok(Err(e)) => Err(e),
-            Err(payload) => {
-                let what = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(self.retire(i, format!("the forward panicked: {what}")))
-            }
+            Err(payload) => Err(self.retire(
+                i,
+                format!(
+                    "the forward panicked: {}",
+                    crate::error::panic_message(&*payload)
+                ),
+            )),
         };
         if result.is_err() {
             c.failed.fetch_add(1, Ordering::Relaxed);

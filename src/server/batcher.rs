@@ -256,14 +256,10 @@ fn runner(
             }
             Ok(Err(e @ crate::Error::DeviceFatal(_))) => Err(BatchError::Broken(e.to_string())),
             Ok(Err(e)) => Err(BatchError::Failed(e.to_string())),
-            Err(payload) => {
-                let what = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(BatchError::Broken(format!("the backend panicked: {what}")))
-            }
+            Err(payload) => Err(BatchError::Broken(format!(
+                "the backend panicked: {}",
+                crate::error::panic_message(&*payload)
+            ))),
         };
         let event = Event::Done {
             runner: k,
