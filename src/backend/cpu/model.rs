@@ -100,7 +100,9 @@ impl CpuModel {
 
     /// Embeddings [S, H] of a packed batch.
     pub fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
-        self.forward(batch, &mut |_, _| {})
+        // On a worker of the thread pool, so that an op too small to split runs right there
+        // instead of being handed to the pool and waited for (one hand-off per batch, not per op).
+        rayon::scope(|_| self.forward(batch, &mut |_, _| {}))
     }
 
     /// The forward pass. `observe(i, states)` sees the same hidden states as transformers'
@@ -117,7 +119,7 @@ impl CpuModel {
     /// [`CpuModel::embed`], adding the wall time of each op to `times` (for `sgpt bench
     /// --op-times`: where the time goes). The same code path; the clock is read between ops.
     pub fn embed_profiled(&self, batch: &PackedBatch, times: &mut OpTimes) -> Result<Vec<f32>> {
-        self.forward_timed(batch, &mut |_, _| {}, Some(times))
+        rayon::scope(|_| self.forward_timed(batch, &mut |_, _| {}, Some(times)))
     }
 
     fn forward_timed(
