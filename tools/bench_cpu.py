@@ -72,6 +72,18 @@ SHAPES = {
     "bloom-7b1": dict(hidden=4096, layers=30, heads=32, vocab=250880),
 }
 
+# `--sizes`: one run across model sizes, layer counts cut so the whole run takes minutes. Hidden
+# 256/512 are BLOOM-like (head dim 64); 1024 is bloom-560m's block, 2048 bloom-1b7's.
+SIZES = {
+    "h256-L4": dict(hidden=256, layers=4, heads=4, vocab=250880),
+    "h512-L6": dict(hidden=512, layers=6, heads=8, vocab=250880),
+    "bloom-560m-L4": dict(hidden=1024, layers=4, heads=16, vocab=250880),
+    "bloom-1b7-L2": dict(hidden=2048, layers=2, heads=16, vocab=250880),
+}
+
+# The ops `sgpt bench --op-times` reports, in forward order.
+OPS = ["embed", "layernorm", "qkv", "attention", "dense", "fc1", "gelu", "fc2", "pool"]
+
 SANITY_TEXTS = [
     "What is the capital of France?",
     "How do vaccines work?",
@@ -315,6 +327,81 @@ def torch_bench(model: BloomModel, seqs: list[list[int]], batch_sizes: list[int]
     return results
 
 
+class OpClock:
+    """Wall time per op of BloomModel's forward, by forward hooks on its modules, in sgpt's op
+    names: qkv, dense, fc1, fc2 (the Linear modules), gelu (BloomGelu), layernorm (the 2L + 1
+    LayerNorms after the embedding), embed (gather + embedding layernorm), attention (BloomAttention
+    minus its two Linears: scores, softmax, context, residual add), other (the rest of the forward:
+    mask and ALiBi set-up, the MLP's residual add), pool (weighted mean, timed by the caller)."""
+
+    def __init__(self, model: BloomModel) -> None:
+        self.t = {k: 0.0 for k in OPS + ["other"]}
+        self.span = {"forward": 0.0, "self_attention": 0.0}
+        self.start: dict[int, float] = {}
+        self.handles = []
+        named = {
+            "word_embeddings": "embed", "word_embeddings_layernorm": "embed", "ln_f": "layernorm",
+        }
+        for name, mod in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            kind = named.get(name) or {
+                "input_layernorm": "layernorm", "post_attention_layernorm": "layernorm",
+                "query_key_value": "qkv", "dense": "dense", "dense_h_to_4h": "fc1",
+                "gelu_impl": "gelu", "dense_4h_to_h": "fc2", "self_attention": "self_attention",
+            }.get(leaf)
+            if name == "":
+                kind = "forward"
+            if kind:
+                self.handles.append(mod.register_forward_pre_hook(self._pre))
+                self.handles.append(mod.register_forward_hook(self._post(kind)))
+
+    def _pre(self, mod, _inp):
+        self.start[id(mod)] = time.perf_counter()
+
+    def _post(self, kind: str):
+        def hook(mod, _inp, _out):
+            dt_ = time.perf_counter() - self.start.pop(id(mod))
+            if kind in self.span:
+                self.span[kind] += dt_
+            else:
+                self.t[kind] += dt_
+        return hook
+
+    def result(self) -> dict[str, float]:
+        t = dict(self.t)
+        t["attention"] = self.span["self_attention"] - t["qkv"] - t["dense"]
+        t["other"] = self.span["forward"] - sum(t[k] for k in OPS if k != "pool")
+        return t
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def torch_op_times(model: BloomModel, seqs: list[list[int]], B: int, query: list[int],
+                   reps: int) -> dict:
+    """Seconds per op over one pass of the corpus at batch size B (as torch_bench) and ms per op
+    per query (mean of reps), by OpClock; pooling timed around weighted_mean."""
+    out = {"batch_size": B}
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    sorted_seqs = [seqs[i] for i in order]
+    for label, batches, n in [("corpus_s", [sorted_seqs[i:i + B] for i in range(0, len(seqs), B)], 1),
+                              ("query_ms", [[query]] * reps, reps)]:
+        clock = OpClock(model)
+        for b in batches:
+            ids, mask = pad_left(b)
+            h = model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            t0 = time.perf_counter()
+            weighted_mean(h, mask)
+            clock.t["pool"] += time.perf_counter() - t0
+        clock.remove()
+        scale = 1.0 if label == "corpus_s" else 1e3 / n
+        out[label] = {k: v * scale for k, v in clock.result().items()}
+    log("  PyTorch op times (corpus s / query ms): " + ", ".join(
+        f"{k} {out['corpus_s'][k]:.2f}/{out['query_ms'][k]:.3f}" for k in OPS + ["other"]))
+    return out
+
+
 def percentile(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[round((len(s) - 1) * p)]  # same nearest-rank rule as `sgpt bench`
@@ -360,12 +447,14 @@ def binary_is_stale(binary: Path) -> bool:
 
 
 def sgpt_bench(binary: Path, model_dir: Path, ids_file: Path, threads: int, reps: int,
-               max_batch_tokens: int | None, work: Path) -> dict:
+               max_batch_tokens: int | None, work: Path, op_times: bool = False) -> dict:
     out = work / "sgpt_bench.json"
     cmd = [str(binary), "bench", "--model", str(model_dir), "--device", "cpu", "--ids", str(ids_file),
            "--json", str(out), "--threads", str(threads), "--latency-reps", str(reps)]
     if max_batch_tokens:
         cmd += ["--max-batch-tokens", str(max_batch_tokens)]
+    if op_times:
+        cmd += ["--op-times"]
     log("  " + " ".join(cmd))
     t0 = time.time()
     noise = Contention()
@@ -378,6 +467,9 @@ def sgpt_bench(binary: Path, model_dir: Path, ids_file: Path, threads: int, reps
     res["other_load"] = other  # over the whole process: model load, corpus and latency
     log(f"  other load during sgpt bench: {pct(other)}")
     res["command"] = " ".join(cmd)
+    one = res["latency"]["batch_01"]  # `sgpt bench`: batches of 1, 4, 16 queries
+    res["query_latency_ms"] = {"p50": one["p50_ms"], "p99": one["p99_ms"], "reps": reps}
+    res["query_tokens"] = one["tokens"]
     return res
 
 
@@ -588,6 +680,90 @@ def render_markdown(r: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def write_sizes(args, reports: list[dict], total_s: float) -> None:
+    """The combined report of --sizes: one table across sizes, per-op tables, every number from
+    this run (the per-size reports are kept whole in the JSON)."""
+    date = reports[0]["date"]
+    env = reports[0]["environment"]
+    noisy = any(r["noise"]["noisy"] for r in reports)
+    worst = max((r["noise"]["max_other_load"] or 0.0) for r in reports)
+    lines = [
+        "# CPU benchmark across sizes: sgpt vs PyTorch fp32",
+        "",
+        f"Generated by `tools/bench_cpu.py --sizes` on {date} (every number below was measured in "
+        f"this run; total {total_s / 60:.1f} min).",
+        "",
+        f"Command: `{reports[0]['command_line']}`",
+        "",
+        *([f"> **Noisy run:** other processes used up to {pct(worst)} of the CPUs during the timed "
+           "phases (column \"other load\"); both engines use every core, so the comparison is "
+           "not clean.", ""] if noisy else []),
+        f"Machine: {env['cpu_model']} ({', '.join(env['cpu_flags'])}), {env['cores_usable']} cores, "
+        f"{reports[0]['threads']} threads for both engines; torch {env['torch']}, transformers "
+        f"{env['transformers']} (attention: {env['attn_implementation']}); sgpt commit "
+        f"{env['sgpt_commit']}.",
+        "",
+        f"Corpus per size: {reports[0]['corpus']['texts']} token-id sequences (seed {reports[0]['seed']}), "
+        f"{reports[0]['corpus']['tokens']} tokens, mean length {reports[0]['corpus']['mean_len']:.1f}, "
+        f"max {reports[0]['corpus']['max_len']}; the same ids for both engines. PyTorch: length-sorted "
+        f"left-padded batches, best of B = {args.batch_sizes}; sgpt: packed batches. Random weights, "
+        "250880 embedding rows, float32.",
+        "",
+        "| size | hidden | heads | layers | PyTorch tokens/s (B) | sgpt tokens/s | ratio | "
+        "PyTorch query p50 ms | sgpt query p50 ms | ratio | other load (max) | sanity |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in reports:
+        sh, best, s = r["shape"], r["pytorch"]["best"], r["sgpt"]
+        lines.append(
+            f"| {r['shape_name']} | {sh['hidden']} | {sh['heads']} | {sh['layers']} | "
+            f"{best['tokens_per_s']:,.0f} ({best['batch_size']}) | {s['tokens_per_s']:,.0f} | "
+            f"**{r['ratios']['throughput_tokens_per_s']:.2f}×** | "
+            f"{r['pytorch']['query_latency_ms']['p50']:.2f} ({r['pytorch']['query_latency_ms']['tokens']} tok) | "
+            f"{s['query_latency_ms']['p50']:.2f} ({s.get('query_tokens', 'n/a')} tok) | "
+            f"**{r['ratios']['query_latency_p50']:.2f}×** | {pct(r['noise']['max_other_load'])} | "
+            f"{'OK' if r['sanity']['ok'] else 'MISMATCH'} ({r['sanity']['max_abs_diff']:.1e}) |")
+    lines += ["", "Targets (issue 18): throughput ratio ≥ 1.3×, query ratio ≤ 0.8×.", ""]
+    if all(r["sgpt"].get("op_times") and r["pytorch"].get("op_times") for r in reports):
+        lines += [
+            "## Where the time goes",
+            "",
+            "Per op, seconds over the whole corpus (sgpt: its packed batches; PyTorch: one more pass "
+            "at its best B), each engine timed by a clock between ops (sgpt `bench --op-times`, "
+            "PyTorch forward hooks; attention = BloomAttention minus its two Linears, so it holds "
+            "the residual add; other = mask/ALiBi set-up and the MLP's residual add). "
+            "Second table: ms per op for one query.",
+            "",
+        ]
+        for key, unit in [("corpus_s", "corpus s"), ("query_ms", "query ms")]:
+            lines += [f"| {unit}: sgpt / PyTorch | " + " | ".join(OPS + ["other", "total"]) + " |",
+                      "|---|" + "---:|" * (len(OPS) + 2)]
+            for r in reports:
+                so = r["sgpt"]["op_times"]
+                sv = {k: so["ops"][k][key] for k in OPS}
+                sv["other"] = None
+                tv = r["pytorch"]["op_times"][key]
+                cells = []
+                for k in OPS + ["other"]:
+                    a_ = "–" if sv[k] is None else f"{sv[k]:.3g}"
+                    cells.append(f"{a_} / {tv[k]:.3g}")
+                cells.append(f"{sum(v for v in sv.values() if v):.3g} / {sum(tv.values()):.3g}")
+                lines.append(f"| {r['shape_name']} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## Timing of this run", ""]
+    for r in reports:
+        lines.append(f"- {r['shape_name']}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["phase_seconds"].items()))
+    lines.append("")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"cpu-sizes-{date[:10]}"
+    write_json(stem.with_suffix(".json"), {"date": date, "total_seconds": total_s, "sizes": reports})
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    print()
+    print("\n".join(lines[lines.index("| size | hidden | heads | layers | PyTorch tokens/s (B) | sgpt tokens/s | ratio | "
+                                      "PyTorch query p50 ms | sgpt query p50 ms | ratio | other load (max) | sanity |"):]))
+    log(f"wrote {stem}.md and {stem}.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -608,22 +784,28 @@ def main() -> None:
                          "of the CPUs (default 0: just measure and report the load)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "bench",
                     help="where the .md/.json report goes (default docs/bench)")
+    ap.add_argument("--sizes", action="store_true",
+                    help="run every size of SIZES (hidden 256, 512, 1024, 2048; layer counts cut) "
+                         "in one go and write one combined report, cpu-sizes-<date>.md/.json")
+    ap.add_argument("--op-times", action="store_true",
+                    help="also time each op: `sgpt bench --op-times` and one torch.profiler pass "
+                         "(PyTorch's best batch size and the query)")
     args = ap.parse_args()
-
-    t_start = time.time()
-    phases: dict[str, float] = {}
-    load_start = loadavg()
-    idle = idle_check()
-    deadline = time.time() + args.wait_quiet
-    while idle is not None and idle > 0.10 and time.time() < deadline:
-        log(f"other processes use {pct(idle)} of the CPUs; waiting for a quiet moment")
-        time.sleep(10)
-        idle = idle_check()
-    log(f"other processes' CPU use before start: {pct(idle)} of {os.cpu_count()} CPUs "
-        f"(load average {load_start})")
-    if idle is not None and idle > 0.10:
-        log("WARNING: the machine is busy; the numbers of this run will be noisy "
-            "(PyTorch's OpenMP threads suffer most). Rerun at a quiet moment or with --wait-quiet.")
+    if not args.no_build:
+        build_sgpt()
+    if args.sizes:
+        if args.model_dir or args.layers:
+            sys.exit("error: --sizes picks its own models; drop --model-dir/--layers")
+        reports = []
+        t_start = time.time()
+        for name, shape in SIZES.items():
+            log(f"=== size {name}: hidden {shape['hidden']}, {shape['heads']} heads, "
+                f"{shape['layers']} layers ===")
+            reports.append(measure(args, name, dict(shape), Path("/tmp/sgpt-bench") / name))
+        write_sizes(args, reports, time.time() - t_start)
+        if not all(r["sanity"]["ok"] for r in reports):
+            sys.exit(2)
+        return
     shape = dict(SHAPES[args.shape])
     shape_name = args.shape
     if args.layers is not None and args.layers != shape["layers"]:
@@ -632,6 +814,37 @@ def main() -> None:
         shape["layers"] = args.layers
         shape_name = f"{args.shape}-L{args.layers}"
     model_dir = args.model_dir or Path("/tmp/sgpt-bench") / shape_name
+    report = measure(args, shape_name, shape, model_dir)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"cpu-{shape_name}-{report['date'][:10]}"
+    write_json(stem.with_suffix(".json"), report)
+    stem.with_suffix(".md").write_text(render_markdown(report))
+    log(f"wrote {stem}.md and {stem}.json (total {report['phase_seconds']['total']:.1f} s)")
+    if not report["sanity"]["ok"]:
+        sys.exit(2)
+
+
+def wait_quiet(args) -> float | None:
+    idle = idle_check()
+    deadline = time.time() + args.wait_quiet
+    while idle is not None and idle > 0.10 and time.time() < deadline:
+        log(f"other processes use {pct(idle)} of the CPUs; waiting for a quiet moment")
+        time.sleep(10)
+        idle = idle_check()
+    log(f"other processes' CPU use before start: {pct(idle)} of {os.cpu_count()} CPUs "
+        f"(load average {loadavg()})")
+    if idle is not None and idle > 0.10:
+        log("WARNING: the machine is busy; the numbers of this run will be noisy "
+            "(PyTorch's OpenMP threads suffer most). Rerun at a quiet moment or with --wait-quiet.")
+    return idle
+
+
+def measure(args, shape_name: str, shape: dict, model_dir: Path) -> dict:
+    """One model size: both engines on the same corpus, the sanity check; the report dict."""
+    t_start = time.time()
+    phases: dict[str, float] = {}
+    load_start = loadavg()
+    idle = wait_quiet(args)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     threads = args.threads
     date = dt.datetime.now(dt.timezone.utc)
@@ -657,15 +870,13 @@ def main() -> None:
 
     # 3. sgpt (first, while the freshly written weights are in the page cache for both engines)
     t0 = time.time()
-    if not args.no_build:
-        build_sgpt()
     if not args.sgpt.exists():
         sys.exit(f"error: {args.sgpt} not found (cargo build --release)")
     if binary_is_stale(args.sgpt):
         log(f"WARNING: {args.sgpt} is older than src/: it may not be the code of the commit reported")
     log(f"sgpt bench ({threads} threads)")
     sres = sgpt_bench(args.sgpt, model_dir, ids_file, threads, args.latency_reps,
-                      args.max_batch_tokens, work)
+                      args.max_batch_tokens, work, args.op_times)
     phases["sgpt"] = time.time() - t0
 
     # 4. PyTorch
@@ -688,6 +899,8 @@ def main() -> None:
         tlat = torch_query_latency(model, query, args.latency_reps)
         log(f"  PyTorch query latency ({len(query)} tokens): p50 {tlat['p50']:.2f} ms, "
             f"p99 {tlat['p99']:.2f} ms")
+        best_b = max(tres, key=lambda r: r["tokens_per_s"])["batch_size"]
+        tops = torch_op_times(model, seqs, best_b, query, args.latency_reps) if args.op_times else None
         phases["pytorch"] = time.time() - t0
 
         # 5. sanity: same texts through both engines
@@ -743,7 +956,7 @@ def main() -> None:
         "model": {"dir": str(model_dir), "params_millions": n_params / 1e6,
                   "non_embedding_params_millions": (n_params - n_emb) / 1e6},
         "corpus": stats,
-        "pytorch": {"batches": tres, "best": best, "query_latency_ms": tlat},
+        "pytorch": {"batches": tres, "best": best, "query_latency_ms": tlat, "op_times": tops},
         "sgpt": sres,
         "ratios": ratios,
         "noise": {"other_load_before_start": idle, "max_other_load": max(loads) if loads else None,
@@ -771,15 +984,8 @@ def main() -> None:
         print(f"WARNING: NOISY RUN: other processes used up to {pct(max(loads))} of the CPUs "
               "during the measurements; the comparison is not clean.")
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"cpu-{shape_name}-{date.strftime('%Y-%m-%d')}"
-    write_json(stem.with_suffix(".json"), report)
-    stem.with_suffix(".md").write_text(render_markdown(report))
     shutil.rmtree(work, ignore_errors=True)
-    log(f"wrote {stem}.md and {stem}.json (total {phases['total']:.1f} s)")
-    if not sanity["ok"]:
-        sys.exit(2)
-
+    return report
 
 if __name__ == "__main__":
     main()

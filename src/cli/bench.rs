@@ -11,6 +11,8 @@ use clap::Args;
 use serde_json::json;
 
 use sgpt::backend::batch::PackedBatch;
+use sgpt::backend::cpu::model::OpTimes;
+use sgpt::backend::cpu::CpuModel;
 use sgpt::backend::cuda::device::GpuDtype;
 use sgpt::bench::{
     cpu_copy_bandwidth, cpu_gemm_rate, forward_flops, random_checkpoint, shape, synthetic_corpus,
@@ -245,6 +247,7 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         "query_latency_over_floor": query_p50 / floor_ms,
         (if on_gpu { "device_memory_used_bytes" } else { "peak_rss_bytes" }): mem_used,
     });
+
     report!(show, "backend            {}", backend.describe());
     report!(
         show,
@@ -327,6 +330,9 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
             report["baseline"]["latency_ratio"] = json!(query_p50 / bq);
         }
     }
+    if a.op_times {
+        report["op_times"] = op_times(a, st, &seqs, &lengths, b.max_batch_tokens, &query[0])?;
+    }
     a.json.write(&report)
 }
 
@@ -405,6 +411,57 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     a.json.write(&report)
 }
 
+/// `--op-times`: the corpus (same batches) and the single query through a CPU model of the same
+/// checkpoint with [`CpuModel::embed_profiled`]; seconds per op over the corpus, ms per op per
+/// query (mean of the latency reps).
+fn op_times(
+    a: &BenchArgs,
+    st: &Setup,
+    seqs: &[Vec<u32>],
+    lengths: &[usize],
+    max_batch_tokens: usize,
+    query: &[u32],
+) -> Result<serde_json::Value> {
+    if a.engine.device != sgpt::engine::Device::Cpu {
+        bail!("--op-times times the CPU forward: give --device cpu");
+    }
+    let cpu = CpuModel::load(&st.ckpt, &st.cfg)?;
+    let mut corpus = OpTimes::default();
+    for range in sgpt::backend::batch::plan_batches(lengths, max_batch_tokens) {
+        cpu.embed_profiled(&PackedBatch::from_seqs(&seqs[range]), &mut corpus)?;
+    }
+    let batch = PackedBatch::from_seqs(&[query]);
+    cpu.embed_profiled(&batch, &mut OpTimes::default())?; // warm-up
+    let mut q = OpTimes::default();
+    let reps = a.latency_reps.max(1);
+    for _ in 0..reps {
+        cpu.embed_profiled(&batch, &mut q)?;
+    }
+    let show = a.json.human();
+    report!(show, "op times           corpus s (share) | one query ms");
+    let (ct, qt) = (corpus.total(), q.total());
+    let mut rows = serde_json::Map::new();
+    for ((name, c), (_, qs)) in corpus.ops().into_iter().zip(q.ops()) {
+        let q_ms = qs / reps as f64 * 1e3;
+        report!(
+            show,
+            "  {name:<16} {c:8.3} ({:4.1}%) | {q_ms:7.3}",
+            100.0 * c / ct
+        );
+        rows.insert(name.into(), json!({"corpus_s": c, "query_ms": q_ms}));
+    }
+    report!(
+        show,
+        "  {:<16} {ct:8.3}         | {:7.3}",
+        "total",
+        qt / reps as f64 * 1e3
+    );
+    Ok(
+        json!({"ops": rows, "corpus_s": ct, "query_ms": qt / reps as f64 * 1e3,
+              "query_tokens": query.len(), "query_reps": reps}),
+    )
+}
+
 fn read_ids(p: &Path) -> Result<Vec<Vec<u32>>> {
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
     text.lines()
@@ -455,6 +512,10 @@ pub(crate) struct BenchArgs {
     /// Repetitions of each latency measurement.
     #[arg(long, default_value_t = 20)]
     latency_reps: usize,
+    /// CPU: after the timed runs, run the corpus and the single query again through the CPU
+    /// forward with a clock between ops, and report the seconds per op (where the time goes).
+    #[arg(long)]
+    op_times: bool,
     /// A baseline's results (JSON with "tokens_per_s" and optionally "query_p50_ms", e.g. from
     /// tools/bench_torch_gpu.py) to print our ratio against.
     #[arg(long)]

@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Parallelism};
+use super::vmath;
 
 /// ALiBi slopes as transformers' `build_alibi_tensor` computes them (f32 base raised to integer
 /// powers), including the interleaved extra slopes when n is not a power of two.
@@ -28,6 +29,11 @@ pub fn alibi_slopes(n: usize) -> Vec<f32> {
 const BLOCK: usize = 64;
 
 /// See the module comment for layouts. `heads` = n, `slopes` has n entries.
+///
+/// The work is cut into (sequence, block of ≤ 64 query rows) tasks, every head inside one task:
+/// a task owns its rows of `out` (consecutive, disjoint from every other task's), writes them in
+/// place, and reuses one score buffer per thread, so a batch allocates nothing per task and no
+/// result is copied afterwards. `tests::naive` is the definition it is checked against.
 pub fn alibi_attention(
     qkv: &[f32],
     cu_seqlens: &[usize],
@@ -40,76 +46,93 @@ pub fn alibi_attention(
     let d = h / heads;
     assert!(qkv.len() == t_total * 3 * h && out.len() == t_total * h && slopes.len() == heads);
     let scale = 1.0 / (d as f32).sqrt();
-    let jobs: Vec<(usize, usize)> = (0..cu_seqlens.len() - 1)
-        .flat_map(|s| (0..heads).map(move |hd| (s, hd)))
-        .collect();
-    // Each (sequence, head) is independent; results are scattered into `out` afterwards.
-    let results: Vec<Vec<f32>> = jobs
-        .par_iter()
-        .map(|&(s, hd)| {
-            let (start, n) = (cu_seqlens[s], cu_seqlens[s + 1] - cu_seqlens[s]);
+    // (start of the sequence, first query row, end row), in token order, with the rows of `out`
+    // each one owns.
+    let mut tasks: Vec<(usize, usize, usize, &mut [f32])> = Vec::new();
+    let mut rest = out;
+    for s in 0..cu_seqlens.len() - 1 {
+        let (start, n) = (cu_seqlens[s], cu_seqlens[s + 1] - cu_seqlens[s]);
+        for i0 in (0..n).step_by(BLOCK) {
+            let i1 = (i0 + BLOCK).min(n);
+            let (rows, tail) = std::mem::take(&mut rest).split_at_mut((i1 - i0) * h);
+            rest = tail;
+            tasks.push((start, i0, i1, rows));
+        }
+    }
+    let run = |p: &mut Vec<f32>, (start, i0, i1, dst): (usize, usize, usize, &mut [f32])| {
+        let rows = i1 - i0;
+        p.resize(rows * i1, 0.0); // [rows of the block, keys 0..i1]
+        for hd in 0..heads {
             // Q, K, V of this head: [n, d] each, row stride 3H inside `qkv`.
             let base = start * 3 * h + hd * 3 * d;
             let (q, k, v) = (&qkv[base..], &qkv[base + d..], &qkv[base + 2 * d..]);
-            let mut ctx = vec![0f32; n * d]; // [n, d]
-            let mut p = vec![0f32; BLOCK.min(n) * n]; // [rows of the block, keys]
-            for i0 in (0..n).step_by(BLOCK) {
-                let i1 = (i0 + BLOCK).min(n);
-                let rows = i1 - i0;
-                // SAFETY: rows i0..i1 and keys 0..i1 of a sequence inside `qkv` (asserted
-                // length T·3H); p holds rows·i1 ≤ BLOCK·n values; all in bounds, no overlap.
-                unsafe {
-                    matmul(
-                        (rows, i1, d),
-                        p.as_mut_ptr(),
-                        i1,
-                        q[i0 * 3 * h..].as_ptr(),
-                        (3 * h, 1),
-                        k.as_ptr(),
-                        (1, 3 * h),
-                        false,
-                        Parallelism::None,
-                    );
-                }
-                for (r, row) in p.chunks_mut(i1).take(rows).enumerate() {
-                    let i = i0 + r;
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sj) in row[..=i].iter_mut().enumerate() {
-                        *sj = *sj * scale + slopes[hd] * j as f32;
-                        max = max.max(*sj);
-                    }
-                    let mut sum = 0f32;
-                    for sj in &mut row[..=i] {
-                        *sj = (*sj - max).exp();
-                        sum += *sj;
-                    }
-                    row[..=i].iter_mut().for_each(|sj| *sj /= sum);
-                    row[i + 1..].fill(0.0); // causal: later keys get no weight
-                }
-                // SAFETY: ctx rows i0..i1 ([rows, d]); V rows 0..i1 of this sequence; p as above.
-                unsafe {
-                    matmul(
-                        (rows, d, i1),
-                        ctx[i0 * d..].as_mut_ptr(),
-                        d,
-                        p.as_ptr(),
-                        (i1, 1),
-                        v.as_ptr(),
-                        (3 * h, 1),
-                        false,
-                        Parallelism::None,
-                    );
-                }
+            // SAFETY: rows i0..i1 and keys 0..i1 of a sequence inside `qkv` (asserted
+            // length T·3H); p holds rows·i1 values; all in bounds, no overlap.
+            unsafe {
+                matmul(
+                    (rows, i1, d),
+                    p.as_mut_ptr(),
+                    i1,
+                    q[i0 * 3 * h..].as_ptr(),
+                    (3 * h, 1),
+                    k.as_ptr(),
+                    (1, 3 * h),
+                    false,
+                    Parallelism::None,
+                );
             }
-            ctx
-        })
-        .collect();
-    for (&(s, hd), ctx) in jobs.iter().zip(&results) {
-        for (i, c) in ctx.chunks_exact(d).enumerate() {
-            let row = (cu_seqlens[s] + i) * h;
-            out[row + hd * d..row + (hd + 1) * d].copy_from_slice(c);
+            let slope = slopes[hd];
+            for (r, row) in p.chunks_mut(i1).enumerate() {
+                softmax_causal_row(row, i0 + r, scale, slope);
+            }
+            // SAFETY: dst is this task's rows × H; head hd's context goes to columns
+            // hd·d..(hd+1)·d of each (row stride H); V rows 0..i1 of this sequence; p as above.
+            unsafe {
+                matmul(
+                    (rows, d, i1),
+                    dst[hd * d..].as_mut_ptr(),
+                    h,
+                    p.as_ptr(),
+                    (i1, 1),
+                    v.as_ptr(),
+                    (3 * h, 1),
+                    false,
+                    Parallelism::None,
+                );
+            }
         }
+    };
+    // A task costs rows · keys · H multiply-adds, twice; below ~1M in all (a short query) the
+    // hand-off to other threads costs more than it saves.
+    let work: usize = tasks.iter().map(|t| (t.2 - t.1) * t.2 * h).sum();
+    if work < 1 << 20 {
+        let mut p = Vec::new();
+        tasks.into_iter().for_each(|task| run(&mut p, task));
+    } else {
+        tasks.into_par_iter().for_each_init(Vec::new, run);
     }
+}
+
+/// One row of scores for query i (keys 0..row.len()): ALiBi bias, softmax over keys 0..=i in
+/// f32, zeros for the later keys (causal).
+#[inline]
+fn softmax_causal_row(row: &mut [f32], i: usize, scale: f32, slope: f32) {
+    let (live, later) = row.split_at_mut(i + 1);
+    vmath::with_simd(|| {
+        let mut max = f32::NEG_INFINITY;
+        for (j, sj) in live.iter_mut().enumerate() {
+            *sj = *sj * scale + slope * j as f32;
+            max = max.max(*sj);
+        }
+        let mut sum = 0f32;
+        for sj in live.iter_mut() {
+            *sj = vmath::exp(*sj - max);
+            sum += *sj;
+        }
+        let inv = 1.0 / sum;
+        live.iter_mut().for_each(|sj| *sj *= inv);
+    });
+    later.fill(0.0);
 }
 
 #[cfg(test)]

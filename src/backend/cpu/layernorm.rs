@@ -8,8 +8,11 @@ use rayon::prelude::*;
 pub fn layernorm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
     let h = w.len();
     assert!(b.len() == h && x.len() == out.len() && x.len().is_multiple_of(h));
+    // at least ~16k values per task: a few short rows are not worth a hand-off
+    let min_rows = (1 << 14) / h.max(1) + 1;
     out.par_chunks_mut(h)
         .zip(x.par_chunks(h))
+        .with_min_len(min_rows)
         .for_each(|(o, r)| {
             let mean = r.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
             let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;

@@ -13,7 +13,9 @@ pub fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], accumulate: bool
     let n_in = w.len() / n_out;
     let t = x.len() / n_in;
     assert!(w.len() == n_out * n_in && x.len() == t * n_in && out.len() == t * n_out);
-    out.par_chunks_mut(n_out).for_each(|row| {
+    let min_rows = (1 << 14) / n_out + 1; // ≥ ~16k values per task: a few rows stay on this thread
+    let rows = out.par_chunks_mut(n_out).with_min_len(min_rows);
+    rows.for_each(|row| {
         if accumulate {
             row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
         } else {

@@ -9,5 +9,6 @@ pub mod layernorm;
 pub mod linear;
 pub mod model;
 pub mod pooling;
+pub mod vmath;
 
 pub use model::CpuModel;

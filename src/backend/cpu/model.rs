@@ -4,6 +4,8 @@
 //! L blocks, V embedding rows. Activations are f32 row-major; weights are f32 views of the
 //! memory map (or converted copies for f16/bf16 checkpoints).
 
+use std::time::Instant;
+
 use crate::backend::batch::PackedBatch;
 use crate::backend::cpu::attention::{alibi_attention, alibi_slopes};
 use crate::backend::cpu::gelu::gelu_inplace;
@@ -98,7 +100,9 @@ impl CpuModel {
 
     /// Embeddings [S, H] of a packed batch.
     pub fn embed(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
-        self.forward(batch, &mut |_, _| {})
+        // On a worker of the thread pool, so that an op too small to split runs right there
+        // instead of being handed to the pool and waited for (one hand-off per batch, not per op).
+        rayon::scope(|_| self.forward(batch, &mut |_, _| {}))
     }
 
     /// The forward pass. `observe(i, states)` sees the same hidden states as transformers'
@@ -109,6 +113,22 @@ impl CpuModel {
         batch: &PackedBatch,
         observe: &mut dyn FnMut(usize, &[f32]),
     ) -> Result<Vec<f32>> {
+        self.forward_timed(batch, observe, None)
+    }
+
+    /// [`CpuModel::embed`], adding the wall time of each op to `times` (for `sgpt bench
+    /// --op-times`: where the time goes). The same code path; the clock is read between ops.
+    pub fn embed_profiled(&self, batch: &PackedBatch, times: &mut OpTimes) -> Result<Vec<f32>> {
+        rayon::scope(|_| self.forward_timed(batch, &mut |_, _| {}, Some(times)))
+    }
+
+    fn forward_timed(
+        &self,
+        batch: &PackedBatch,
+        observe: &mut dyn FnMut(usize, &[f32]),
+        times: Option<&mut OpTimes>,
+    ) -> Result<Vec<f32>> {
+        let mut clock = Clock::new(times);
         batch.validate(self.cfg.vocab)?;
         let (t, h, eps) = (batch.num_tokens(), self.cfg.hidden, self.cfg.eps);
         let cu = &batch.cu_seqlens;
@@ -120,6 +140,7 @@ impl CpuModel {
         let mut a = vec![0f32; t * h]; // [T, H] layernorm output
         layernorm(&x, &self.emb_ln.w, &self.emb_ln.b, eps, &mut a);
         std::mem::swap(&mut x, &mut a);
+        clock.lap(|t| &mut t.embed);
         observe(0, &x);
 
         let mut qkv = vec![0f32; t * 3 * h]; // [T, 3H]
@@ -127,23 +148,93 @@ impl CpuModel {
         let mut m = vec![0f32; t * 4 * h]; // [T, 4H]
         for (l, blk) in self.blocks.iter().enumerate() {
             layernorm(&x, &blk.ln1.w, &blk.ln1.b, eps, &mut a);
+            clock.lap(|t| &mut t.layernorm);
             linear(&a, &blk.qkv.w, &blk.qkv.b, &mut qkv, false); // [T, 3H]
+            clock.lap(|t| &mut t.qkv);
             alibi_attention(&qkv, cu, self.cfg.heads, &self.slopes, &mut ctx); // [T, H]
+            clock.lap(|t| &mut t.attention);
             linear(&ctx, &blk.dense.w, &blk.dense.b, &mut x, true); // x += ctx·Wᵀ + b
+            clock.lap(|t| &mut t.dense);
             layernorm(&x, &blk.ln2.w, &blk.ln2.b, eps, &mut a);
+            clock.lap(|t| &mut t.layernorm);
             linear(&a, &blk.fc1.w, &blk.fc1.b, &mut m, false); // [T, 4H]
+            clock.lap(|t| &mut t.fc1);
             gelu_inplace(&mut m);
+            clock.lap(|t| &mut t.gelu);
             linear(&m, &blk.fc2.w, &blk.fc2.b, &mut x, true); // x += gelu(..)·W2ᵀ + b2
+            clock.lap(|t| &mut t.fc2);
             if l + 1 < self.blocks.len() {
                 observe(l + 1, &x);
             }
         }
         layernorm(&x, &self.ln_f.w, &self.ln_f.b, eps, &mut a);
         observe(self.blocks.len(), &a);
+        clock.lap(|t| &mut t.layernorm);
 
         let mut out = vec![0f32; batch.num_seqs() * h]; // [S, H]
         weighted_mean_pool(&a, cu, &mut out);
+        clock.lap(|t| &mut t.pool);
         Ok(out)
+    }
+}
+
+/// Seconds spent in each op of the forward, summed over blocks and calls (`embed` covers the
+/// gather, the embedding layernorm and the buffers' set-up; `layernorm` the other 2L + 1).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct OpTimes {
+    pub embed: f64,
+    pub layernorm: f64,
+    pub qkv: f64,
+    pub attention: f64,
+    pub dense: f64,
+    pub fc1: f64,
+    pub gelu: f64,
+    pub fc2: f64,
+    pub pool: f64,
+}
+
+impl OpTimes {
+    /// (name, seconds) of each op, in forward order.
+    pub fn ops(&self) -> [(&'static str, f64); 9] {
+        [
+            ("embed", self.embed),
+            ("layernorm", self.layernorm),
+            ("qkv", self.qkv),
+            ("attention", self.attention),
+            ("dense", self.dense),
+            ("fc1", self.fc1),
+            ("gelu", self.gelu),
+            ("fc2", self.fc2),
+            ("pool", self.pool),
+        ]
+    }
+
+    pub fn total(&self) -> f64 {
+        self.ops().iter().map(|(_, s)| s).sum()
+    }
+}
+
+/// Charges the time since the previous lap to one field of [`OpTimes`]; reads no clock when
+/// there is nothing to charge.
+struct Clock<'a> {
+    times: Option<&'a mut OpTimes>,
+    last: Instant,
+}
+
+impl<'a> Clock<'a> {
+    fn new(times: Option<&'a mut OpTimes>) -> Self {
+        Clock {
+            times,
+            last: Instant::now(),
+        }
+    }
+
+    fn lap(&mut self, field: impl FnOnce(&mut OpTimes) -> &mut f64) {
+        if let Some(t) = self.times.as_deref_mut() {
+            let now = Instant::now();
+            *field(t) += (now - self.last).as_secs_f64();
+            self.last = now;
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub fn weighted_mean_pool(h: &[f32], cu_seqlens: &[usize], out: &mut [f32]) {
     assert!(out.len() == s_count * hid && h.len() == cu_seqlens[s_count] * hid);
     out.par_chunks_mut(hid.max(1))
         .enumerate()
+        .with_min_len(8)
         .for_each(|(s, o)| {
             let mut acc = vec![0f64; hid];
             let n = cu_seqlens[s + 1] - cu_seqlens[s];
