@@ -5,6 +5,23 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Parallelism};
+use crate::model::weights::F32Buf;
+
+/// One linear layer of a block, `y = x·Wᵀ + b` with its weight inside: the seam where the FP8
+/// emulation ([`super::fp8::Fp8Linear`]) replaces the f32 product, and where its reference test
+/// plugs in its own.
+pub trait LinearKernel: Send + Sync {
+    /// out[T, out] = x[T, in]·Wᵀ + b, or out += x·Wᵀ + b when `accumulate`; `b` has `out`
+    /// entries.
+    fn forward(&self, x: &[f32], b: &[f32], out: &mut [f32], accumulate: bool);
+}
+
+/// The f32 weight [out, in] as loaded: [`linear`].
+impl LinearKernel for F32Buf {
+    fn forward(&self, x: &[f32], b: &[f32], out: &mut [f32], accumulate: bool) {
+        linear(x, self, b, out, accumulate)
+    }
+}
 
 /// out[T, out] = x[T, in]·Wᵀ + b, or with `accumulate` out += x·Wᵀ + b (the residual add fused
 /// into the GEMM: BLOOM's `x + dense(ctx)` and `x + mlp(m)`).

@@ -3,6 +3,7 @@
 //! Dimension letters: T tokens in the packed batch, H hidden, n heads, d head dim, S sequences.
 
 pub mod attention;
+pub mod fp8;
 pub mod gelu;
 pub mod gemm;
 pub mod layernorm;
