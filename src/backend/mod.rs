@@ -58,7 +58,8 @@ pub struct BackendInfo {
     pub kind: &'static str,
     /// "cpu", or the GPU's name and architecture (e.g. "NVIDIA H200 (sm_90)").
     pub device: String,
-    /// Activation type of the forward: "f32" on the CPU, "f16" or "bf16" on the GPU.
+    /// Activation type of the forward: "f32" or "fp8" (the FP8 emulation) on the CPU, "f16" or
+    /// "bf16" on the GPU.
     pub dtype: &'static str,
     /// CPU threads (the CPU forward gives the same result for any count).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -137,8 +138,8 @@ pub enum GemmKernel {
     Skinny,
 }
 
-/// Parses a choice by its flag value (`auto`, `v1`, … / `cublaslt`, `skinny`), naming the
-/// accepted values when it is none of them.
+/// Parses a choice by its flag value (`auto`, `v1`, … / `cublaslt`, `skinny` / `f16`, …),
+/// naming the accepted values when it is none of them.
 fn parse_choice<T: clap::ValueEnum>(s: &str, what: &str) -> std::result::Result<T, String> {
     T::from_str(s, false).map_err(|_| {
         let names: Vec<String> = T::value_variants()

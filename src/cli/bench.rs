@@ -209,6 +209,7 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
                 GpuDtype::Bf16 => {
                     sgpt::backend::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?
                 }
+                GpuDtype::Fp8 => bail!(sgpt::engine::options::FP8_ON_GPU),
             };
             (
                 sgpt::backend::cuda::bench::copy_bandwidth(&s)?,
@@ -361,6 +362,7 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
                 &ctx, &k, &st.cfg, a.seqs, a.seq_len,
             )?,
         ),
+        GpuDtype::Fp8 => bail!(sgpt::engine::options::FP8_ON_GPU),
     };
     report!(
         show,

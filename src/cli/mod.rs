@@ -59,8 +59,9 @@ pub(crate) struct EngineArgs {
     /// or one engine replica per GPU: cuda:all, or a list such as cuda:0,2.
     #[arg(long, default_value = "auto")]
     device: Device,
-    /// Activation and weight type on the GPU [default: f16]; the CPU always computes in f32,
-    /// so giving it with --device cpu is an error.
+    /// Activation and weight type on the GPU [default: f16]; the CPU computes in f32, so f16
+    /// or bf16 with --device cpu is an error. fp8: E4M3 GEMMs, for now only as the CPU
+    /// emulation (--device cpu --dtype fp8; docs/fp8.md).
     #[arg(long, value_enum)]
     dtype: Option<GpuDtype>,
     /// CPU threads (default: all cores).

@@ -1,6 +1,7 @@
 //! How an engine is built: which device, which GPU type and kernels, how large a batch, and
 //! the one function that turns those options and a checkpoint into a [`Backend`].
 
+use crate::backend::cpu::fp8::ActScale;
 use crate::backend::cpu::CpuModel;
 use crate::backend::cuda::device::GpuDtype;
 use crate::backend::replicas::Replicas;
@@ -145,8 +146,9 @@ impl Device {
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
     pub device: Device,
-    /// Activation/weight type on the GPU, f16 when None; the CPU always computes in f32, so
-    /// asking it for one is an error.
+    /// Activation/weight type on the GPU, f16 when None. The CPU computes in f32, or runs the
+    /// FP8 emulation when asked for fp8; asking it for f16 or bf16 is an error. (fp8 on the GPU
+    /// is not implemented yet: an error.)
     pub dtype: Option<GpuDtype>,
     /// Most tokens in one packed batch; None: the backend's default.
     pub max_batch_tokens: Option<usize>,
@@ -163,11 +165,20 @@ impl EngineOptions {
                 "max_batch_tokens (--max-batch-tokens) must be positive".into(),
             ));
         }
-        if self.device == Device::Cpu && self.dtype.is_some() {
+        if self.device == Device::Cpu && matches!(self.dtype, Some(GpuDtype::F16 | GpuDtype::Bf16))
+        {
+            // The message is pinned by tests/cli.rs; --help names the fp8 exception.
             return Err(Error::Input(
                 "the dtype (--dtype) chooses the GPU's type; the CPU backend always computes in f32"
                     .into(),
             ));
+        }
+        if matches!(
+            self.device,
+            Device::Cuda(_) | Device::CudaAll | Device::CudaList(_)
+        ) && self.dtype == Some(GpuDtype::Fp8)
+        {
+            return Err(Error::Unsupported(FP8_ON_GPU.into()));
         }
         if self.device == Device::Cpu && self.kernels != KernelChoices::default() {
             return Err(Error::Input(format!(
@@ -179,6 +190,10 @@ impl EngineOptions {
         Ok(())
     }
 }
+
+/// Why `--dtype fp8` with a GPU is refused, for now.
+pub const FP8_ON_GPU: &str =
+    "FP8 on the GPU is not implemented yet; --device cpu --dtype fp8 runs the CPU emulation";
 
 /// Most CPU threads an engine may be given: 4 × the cores (at least 4); thousands of threads
 /// take minutes to start and only slow the GEMMs down. Returns (most, cores).
@@ -243,9 +258,15 @@ pub fn build_backend(
             .then_some(0),
     };
     opts.check()?;
-    // GPU-only options given with `auto` that fell back are named, not silently dropped.
+    let fp8 = opts.dtype == Some(GpuDtype::Fp8);
+    if gpu.is_some() && fp8 {
+        // --device auto found a GPU (cuda:N and replica sets were refused by check()).
+        return Err(Error::Unsupported(FP8_ON_GPU.into()));
+    }
+    // GPU-only options given with `auto` that fell back are named, not silently dropped (fp8
+    // is not one: the CPU emulates it).
     let mut ignored = Vec::new();
-    if let Some(d) = opts.dtype {
+    if let Some(d) = opts.dtype.filter(|_| !fp8) {
         ignored.push(format!("--dtype {}", d.name()));
     }
     if opts.kernels != KernelChoices::default() {
@@ -258,14 +279,24 @@ pub fn build_backend(
                     true => String::new(),
                     false => format!("; ignoring the GPU-only {}", ignored.join(" and ")),
                 };
-                format!("using the CPU: {why}{ignored}")
+                let emulated = if fp8 {
+                    "; fp8 runs as the CPU emulation"
+                } else {
+                    ""
+                };
+                format!("using the CPU: {why}{ignored}{emulated}")
             })
         }
         _ => None,
     };
     let Some(ordinal) = gpu else {
+        let model = if fp8 {
+            CpuModel::load_fp8(ckpt, cfg, ActScale::PerToken, progress)?
+        } else {
+            CpuModel::load_reporting(ckpt, cfg, progress)?
+        };
         return Ok(BuiltBackend {
-            backend: Box::new(CpuModel::load_reporting(ckpt, cfg, progress)?),
+            backend: Box::new(model),
             max_batch_tokens: opts.max_batch_tokens.unwrap_or(DEFAULT_MAX_BATCH_TOKENS),
             notice,
         });
@@ -298,6 +329,7 @@ pub fn build_backend(
         let backend = match opts.dtype.unwrap_or(GpuDtype::F16) {
             GpuDtype::F16 => load::<half::f16>(ctx, ckpt, cfg, budget, opts.kernels, &step)?,
             GpuDtype::Bf16 => load::<half::bf16>(ctx, ckpt, cfg, budget, opts.kernels, &step)?,
+            GpuDtype::Fp8 => return Err(Error::Unsupported(FP8_ON_GPU.into())), // refused above
         };
         members.push((format!("cuda:{o}"), backend));
     }

@@ -3,14 +3,19 @@
 //! Glossary: T tokens in the packed batch, S sequences, H hidden, n heads, d = H/n head dim,
 //! L blocks, V embedding rows. Activations are f32 row-major; weights are f32 views of the
 //! memory map (or converted copies for f16/bf16 checkpoints).
+//!
+//! The four GEMMs of each block go through [`LinearKernel`]: the f32 weight here, or its E4M3
+//! form in the FP8 emulation ([`CpuModel::load_fp8`], docs/fp8.md), which is otherwise this
+//! same forward.
 
 use std::time::Instant;
 
 use crate::backend::batch::PackedBatch;
 use crate::backend::cpu::attention::{alibi_attention, alibi_slopes};
+use crate::backend::cpu::fp8::{ActScale, Fp8Linear};
 use crate::backend::cpu::gelu::gelu_inplace;
 use crate::backend::cpu::layernorm::layernorm;
-use crate::backend::cpu::linear::linear;
+use crate::backend::cpu::linear::LinearKernel;
 use crate::backend::cpu::pooling::weighted_mean_pool;
 use crate::backend::LoadProgress;
 use crate::error::Result;
@@ -23,9 +28,33 @@ struct Norm {
 }
 
 struct Linear {
-    w: F32Buf, // [out, in]
-    b: F32Buf, // [out]
+    w: Box<dyn LinearKernel>, // W [out, in] and the product
+    b: F32Buf,                // [out]
 }
+
+impl Linear {
+    /// out = x·Wᵀ + b, or out += x·Wᵀ + b when `accumulate`.
+    fn apply(&self, x: &[f32], out: &mut [f32], accumulate: bool) {
+        self.w.forward(x, &self.b, out, accumulate)
+    }
+}
+
+/// The four linear layers of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proj {
+    /// Fused query/key/value, [3H, H].
+    Qkv,
+    /// Attention output, [H, H].
+    Dense,
+    /// MLP up, [4H, H].
+    Fc1,
+    /// MLP down, [H, 4H].
+    Fc2,
+}
+
+/// Builds the kernel of one linear layer (block, which one) from its f32 weight [out, in]
+/// and `out`.
+pub type MakeLinear<'a> = &'a dyn Fn(usize, Proj, F32Buf, usize) -> Box<dyn LinearKernel>;
 
 struct Block {
     ln1: Norm,
@@ -38,7 +67,8 @@ struct Block {
 
 pub struct CpuModel {
     pub cfg: BloomConfig,
-    emb: TensorRef, // [V, H], gathered row by row, never converted whole
+    dtype: &'static str, // what `info()` reports: "f32", "fp8"
+    emb: TensorRef,      // [V, H], gathered row by row, never converted whole
     emb_ln: Norm,
     blocks: Vec<Block>,
     ln_f: Norm,
@@ -57,6 +87,36 @@ impl CpuModel {
         cfg: &BloomConfig,
         progress: LoadProgress,
     ) -> Result<Self> {
+        Self::load_with(ckpt, cfg, "f32", &|_, _, w, _| Box::new(w), progress)
+    }
+
+    /// The FP8 emulation (docs/fp8.md): the same forward, with the weights of the four GEMMs of
+    /// every block rounded to E4M3 here, one scale per output channel, and their inputs rounded
+    /// to E4M3 just before each GEMM with scales chosen by `act`.
+    pub fn load_fp8(
+        ckpt: &Checkpoint,
+        cfg: &BloomConfig,
+        act: ActScale,
+        progress: LoadProgress,
+    ) -> Result<Self> {
+        let dtype = match act {
+            ActScale::PerToken => "fp8",
+            ActScale::PerTensor => "fp8 (per-tensor activation scales)",
+        };
+        let make: MakeLinear = &|_, _, w, n_out| Box::new(Fp8Linear::new(&w, n_out, act));
+        Self::load_with(ckpt, cfg, dtype, make, progress)
+    }
+
+    /// [`load_reporting`](Self::load_reporting) with each block's linear layers built by `make`
+    /// from their f32 weights, and `dtype` for `info()`: how the FP8 emulation and its reference
+    /// test plug in.
+    pub fn load_with(
+        ckpt: &Checkpoint,
+        cfg: &BloomConfig,
+        dtype: &'static str,
+        make: MakeLinear,
+        progress: LoadProgress,
+    ) -> Result<Self> {
         crate::model::schema::check(ckpt, cfg)?;
         let h = cfg.hidden;
         let norm = |p: &str| -> Result<Norm> {
@@ -65,12 +125,19 @@ impl CpuModel {
                 b: ckpt.get_shaped(&format!("{p}.bias"), &[h])?.to_f32(),
             })
         };
-        let lin = |p: &str, out: usize, inp: usize| -> Result<Linear> {
+        let lin = |l: usize, proj: Proj, out: usize, inp: usize| -> Result<Linear> {
+            let p = match proj {
+                Proj::Qkv => "self_attention.query_key_value",
+                Proj::Dense => "self_attention.dense",
+                Proj::Fc1 => "mlp.dense_h_to_4h",
+                Proj::Fc2 => "mlp.dense_4h_to_h",
+            };
+            let w = ckpt.get_shaped(&format!("h.{l}.{p}.weight"), &[out, inp])?;
             Ok(Linear {
-                w: ckpt
-                    .get_shaped(&format!("{p}.weight"), &[out, inp])?
+                w: make(l, proj, w.to_f32(), out),
+                b: ckpt
+                    .get_shaped(&format!("h.{l}.{p}.bias"), &[out])?
                     .to_f32(),
-                b: ckpt.get_shaped(&format!("{p}.bias"), &[out])?.to_f32(),
             })
         };
         let emb = ckpt.get_shaped("word_embeddings.weight", &[cfg.vocab, h])?;
@@ -78,11 +145,11 @@ impl CpuModel {
             .map(|i| {
                 let block = Block {
                     ln1: norm(&format!("h.{i}.input_layernorm"))?,
-                    qkv: lin(&format!("h.{i}.self_attention.query_key_value"), 3 * h, h)?,
-                    dense: lin(&format!("h.{i}.self_attention.dense"), h, h)?,
+                    qkv: lin(i, Proj::Qkv, 3 * h, h)?,
+                    dense: lin(i, Proj::Dense, h, h)?,
                     ln2: norm(&format!("h.{i}.post_attention_layernorm"))?,
-                    fc1: lin(&format!("h.{i}.mlp.dense_h_to_4h"), 4 * h, h)?,
-                    fc2: lin(&format!("h.{i}.mlp.dense_4h_to_h"), h, 4 * h)?,
+                    fc1: lin(i, Proj::Fc1, 4 * h, h)?,
+                    fc2: lin(i, Proj::Fc2, h, 4 * h)?,
                 };
                 progress(i + 1, cfg.layers);
                 Ok(block)
@@ -90,6 +157,7 @@ impl CpuModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(CpuModel {
             cfg: cfg.clone(),
+            dtype,
             emb,
             emb_ln: norm("word_embeddings_layernorm")?,
             blocks,
@@ -149,19 +217,19 @@ impl CpuModel {
         for (l, blk) in self.blocks.iter().enumerate() {
             layernorm(&x, &blk.ln1.w, &blk.ln1.b, eps, &mut a);
             clock.lap(|t| &mut t.layernorm);
-            linear(&a, &blk.qkv.w, &blk.qkv.b, &mut qkv, false); // [T, 3H]
+            blk.qkv.apply(&a, &mut qkv, false); // [T, 3H]
             clock.lap(|t| &mut t.qkv);
             alibi_attention(&qkv, cu, self.cfg.heads, &self.slopes, &mut ctx); // [T, H]
             clock.lap(|t| &mut t.attention);
-            linear(&ctx, &blk.dense.w, &blk.dense.b, &mut x, true); // x += ctx·Wᵀ + b
+            blk.dense.apply(&ctx, &mut x, true); // x += ctx·Wᵀ + b
             clock.lap(|t| &mut t.dense);
             layernorm(&x, &blk.ln2.w, &blk.ln2.b, eps, &mut a);
             clock.lap(|t| &mut t.layernorm);
-            linear(&a, &blk.fc1.w, &blk.fc1.b, &mut m, false); // [T, 4H]
+            blk.fc1.apply(&a, &mut m, false); // [T, 4H]
             clock.lap(|t| &mut t.fc1);
             gelu_inplace(&mut m);
             clock.lap(|t| &mut t.gelu);
-            linear(&m, &blk.fc2.w, &blk.fc2.b, &mut x, true); // x += gelu(..)·W2ᵀ + b2
+            blk.fc2.apply(&m, &mut x, true); // x += gelu(..)·W2ᵀ + b2
             clock.lap(|t| &mut t.fc2);
             if l + 1 < self.blocks.len() {
                 observe(l + 1, &x);
@@ -246,7 +314,7 @@ impl crate::backend::Backend for CpuModel {
         crate::backend::BackendInfo {
             kind: "cpu",
             device: "cpu".into(),
-            dtype: "f32",
+            dtype: self.dtype,
             threads: Some(rayon::current_num_threads()),
             kernels: None,
             replicas: None,

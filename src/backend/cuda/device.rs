@@ -14,6 +14,9 @@ pub enum GpuDtype {
     F16,
     /// bfloat16: f32's range with fewer mantissa bits.
     Bf16,
+    /// The four GEMMs of each block in E4M3 with per-channel weight and per-token activation
+    /// scales (docs/fp8.md). Not on the GPU yet: with `--device cpu` it runs the CPU emulation.
+    Fp8,
 }
 
 impl GpuDtype {
@@ -21,7 +24,15 @@ impl GpuDtype {
         match self {
             GpuDtype::F16 => "f16",
             GpuDtype::Bf16 => "bf16",
+            GpuDtype::Fp8 => "fp8",
         }
+    }
+}
+
+impl std::str::FromStr for GpuDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        crate::backend::parse_choice(s, "dtype")
     }
 }
 
