@@ -54,6 +54,17 @@ fn splitmix(mut z: u64) -> u64 {
 /// model so activations neither vanish nor overflow f16: matrices and embeddings uniform with
 /// std 0.02 (BLOOM's initializer), layernorm weights 1 ± 0.1, biases std 0.02.
 pub fn random_checkpoint(cfg: &BloomConfig, dtype: DType, seed: u64) -> Result<Checkpoint> {
+    random_checkpoint_with(cfg, dtype, seed, &|_, _, v| v)
+}
+
+/// [`random_checkpoint`] with every value passed through `edit(tensor name, flat index, value)`
+/// before it is stored: how the FP8 study injects outlier channels.
+pub fn random_checkpoint_with(
+    cfg: &BloomConfig,
+    dtype: DType,
+    seed: u64,
+    edit: &(dyn Fn(&str, usize, f32) -> f32 + Sync),
+) -> Result<Checkpoint> {
     let tensors = crate::model::schema::tensors(cfg);
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
@@ -77,23 +88,24 @@ pub fn random_checkpoint(cfg: &BloomConfig, dtype: DType, seed: u64) -> Result<C
     for (i, t) in tensors.iter().enumerate() {
         let (this, tail) = rest.split_at_mut(t.shape.iter().product::<usize>() * dtype.size());
         rest = tail;
-        jobs.push((i, t.role, this));
+        jobs.push((i, t.role, t.name.as_str(), this));
     }
     const CHUNK: usize = 1 << 20; // elements per independently seeded chunk
     let sqrt3 = 3f32.sqrt();
-    jobs.into_par_iter().for_each(|(i, kind, bytes)| {
+    jobs.into_par_iter().for_each(|(i, kind, name, bytes)| {
         bytes
             .par_chunks_mut(CHUNK * dtype.size())
             .enumerate()
             .for_each(|(c, chunk)| {
                 let mut state = splitmix(seed ^ ((i as u64) << 32) ^ c as u64);
-                for e in chunk.chunks_exact_mut(dtype.size()) {
+                for (k, e) in chunk.chunks_exact_mut(dtype.size()).enumerate() {
                     state = splitmix(state);
                     let u = ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * sqrt3; // std 1
                     let v = match kind {
                         Role::NormWeight => 1.0 + 0.1 * u,
                         Role::Matrix | Role::Bias => 0.02 * u,
                     };
+                    let v = edit(name, c * CHUNK + k, v);
                     match dtype {
                         DType::F32 => e.copy_from_slice(&v.to_le_bytes()),
                         DType::F16 => e.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
@@ -227,6 +239,39 @@ mod tests {
         );
         assert!(shape("bloom-7b1").unwrap().non_embedding_params() > 6_000_000_000);
         assert!(shape("bloom-9z").is_err());
+    }
+
+    #[test]
+    fn edits_reach_only_the_values_they_name() {
+        let cfg = BloomConfig {
+            hidden: 32,
+            layers: 1,
+            heads: 4,
+            vocab: 10,
+            eps: 1e-5,
+        };
+        let plain = random_checkpoint(&cfg, DType::F32, 5).unwrap();
+        let edited = random_checkpoint_with(&cfg, DType::F32, 5, &|name, i, v| {
+            if name == "h.0.input_layernorm.weight" && i == 7 {
+                v * 50.0
+            } else {
+                v
+            }
+        })
+        .unwrap();
+        for t in crate::model::schema::tensors(&cfg) {
+            let (p, e) = (
+                plain.get(&t.name).unwrap().to_f32(),
+                edited.get(&t.name).unwrap().to_f32(),
+            );
+            for (i, (p, e)) in p.iter().zip(e.iter()).enumerate() {
+                if t.name == "h.0.input_layernorm.weight" && i == 7 {
+                    assert_eq!(*e, p * 50.0);
+                } else {
+                    assert_eq!(p, e, "{} [{i}]", t.name);
+                }
+            }
+        }
     }
 
     #[test]
