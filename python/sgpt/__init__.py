@@ -132,10 +132,12 @@ class Model:
         path: the model directory (config.json, tokenizer.json, model.safetensors or shards).
         device: "auto" (the GPU when usable, else the CPU; ``notice`` says why), "cpu",
             "cuda", "cuda:N", or one replica per GPU: "cuda:all" or a list like "cuda:0,2".
-        dtype: activation/weight type on the GPU, "f16" (the default) or "bf16". The CPU always
-            computes in f32, so a dtype with device="cpu" is a ValueError.
+        dtype: activation/weight type on the GPU, "f16" (the default) or "bf16"; or "fp8":
+            with device="cpu" the CPU emulation of FP8 GEMMs (docs/fp8.md; not yet on the GPU).
+            Otherwise the CPU computes in f32, so "f16"/"bf16" with device="cpu" is a
+            ValueError.
         max_batch_tokens: most tokens in one packed batch (default 2048 on the CPU, 16384 on
-            the GPU). Batching never changes a vector.
+            the GPU). Batching changes a vector by float rounding at most.
         threads: CPU threads of a pool owned by this model, for the forward (default: rayon's
             global pool, all cores; tokenization uses the global pool either way). 1 to 4 × the
             cores.

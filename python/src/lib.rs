@@ -120,9 +120,10 @@ fn engine_options(
         None => None,
         Some("f16") => Some(GpuDtype::F16),
         Some("bf16") => Some(GpuDtype::Bf16),
+        Some("fp8") => Some(GpuDtype::Fp8),
         Some(other) => {
             return Err(PyValueError::new_err(format!(
-                "unknown dtype {other:?}: expected \"f16\" or \"bf16\""
+                "unknown dtype {other:?}: expected \"f16\", \"bf16\" or \"fp8\""
             )))
         }
     };

@@ -427,7 +427,16 @@ fn op_times(
     if a.engine.device != sgpt::engine::Device::Cpu {
         bail!("--op-times times the CPU forward: give --device cpu");
     }
-    let cpu = CpuModel::load(&st.ckpt, &st.cfg)?;
+    // The model the engine runs: the f32 forward, or its FP8 emulation with --dtype fp8.
+    let cpu = match a.engine.dtype {
+        Some(GpuDtype::Fp8) => CpuModel::load_fp8(
+            &st.ckpt,
+            &st.cfg,
+            sgpt::backend::cpu::fp8::ActScale::PerToken,
+            &|_, _| {},
+        )?,
+        _ => CpuModel::load(&st.ckpt, &st.cfg)?,
+    };
     let mut corpus = OpTimes::default();
     for range in sgpt::backend::batch::plan_batches(lengths, max_batch_tokens) {
         cpu.embed_profiled(&PackedBatch::from_seqs(&seqs[range]), &mut corpus)?;
