@@ -206,7 +206,9 @@ fn device_lists_parse_and_name_the_missing_device() {
         .parse::<Device>()
         .unwrap_err()
         .contains("unknown device"));
-    assert!("cuda:0,x".parse::<Device>().is_err());
+    for bad in ["cuda:0,x", "cuda:+1", "cuda: 1", "cuda:", "cuda:0,,1"] {
+        assert!(bad.parse::<Device>().is_err(), "{bad}");
+    }
     assert!("cuda:0,999".parse::<Device>().is_err());
     let list = (0..17).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
     assert!(format!("cuda:{list}")

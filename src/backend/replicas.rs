@@ -70,12 +70,23 @@ pub struct Replicas {
 }
 
 impl Replicas {
-    /// `members`: (device label, backend), at least one; all must compute the same model.
+    /// `members`: (device label, backend), at least one; all must compute the same vectors
+    /// (same kind of device, dtype and kernels: one identity), else an error names the odd one.
     pub fn new(members: Vec<(String, Box<dyn Backend>)>) -> Result<Self> {
-        if members.is_empty() {
+        let Some((first, b0)) = members.first() else {
             return Err(Error::Input(
                 "a replica set needs at least one device".into(),
             ));
+        };
+        let want = b0.info();
+        for (label, b) in &members[1..] {
+            let got = b.info();
+            if got.identity() != want.identity() {
+                return Err(Error::Input(format!(
+                    "replicas must compute the same vectors, but {label} is {got} while {first} \
+                     is {want}: give devices of one model (e.g. --device cuda:0,1)"
+                )));
+            }
         }
         let n = members.len();
         Ok(Replicas {
@@ -421,5 +432,45 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].contains("panicked: boom"), "{errors:?}");
         assert!(!r.replica_stats()[0].in_service);
+    }
+    #[test]
+    fn replicas_must_share_one_identity() {
+        let fake = |device: &str| -> Box<dyn Backend> {
+            struct Named(String);
+            impl Backend for Named {
+                fn embed(&self, b: &PackedBatch) -> Result<Vec<f32>> {
+                    Ok(vec![0.0; b.num_seqs()])
+                }
+                fn info(&self) -> BackendInfo {
+                    BackendInfo {
+                        kind: "cuda",
+                        device: self.0.clone(),
+                        dtype: "f16",
+                        threads: None,
+                        kernels: None,
+                        replicas: None,
+                    }
+                }
+            }
+            Box::new(Named(device.into()))
+        };
+        let same = vec![
+            ("cuda:0".into(), fake("H200")),
+            ("cuda:1".into(), fake("H200")),
+        ];
+        assert!(Replicas::new(same).is_ok());
+        let mixed = vec![
+            ("cuda:0".into(), fake("H200")),
+            ("cuda:1".into(), fake("A100")),
+        ];
+        let e = Replicas::new(mixed).err().unwrap().to_string();
+        assert!(
+            e.contains("cuda:1") && e.contains("A100") && e.contains("H200"),
+            "{e}"
+        );
+        let labels: Vec<String> = (0..4)
+            .map(|k| crate::engine::options::replica_label(&[0, 2, 0, 1], k))
+            .collect();
+        assert_eq!(labels, ["cuda:0#1", "cuda:2", "cuda:0#2", "cuda:1"]);
     }
 }

@@ -146,7 +146,10 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let show = a.json.human();
 
     // Warm-up: one batch touches every weight page and, on the GPU, plans the GEMMs.
-    backend.embed(&PackedBatch::from_seqs(&seqs[..1]))?;
+    // Once per replica (`--device cuda:all` deals consecutive batches to each in turn).
+    for _ in 0..backend.concurrency() {
+        backend.embed(&PackedBatch::from_seqs(&seqs[..1]))?;
+    }
     // The bar costs an atomic add per batch, nothing next to a batch's forward. A replica set
     // (`--device cuda:all`) runs as many batches at once as it has replicas, as `embed` does.
     let bar = progress_bar(seqs.len() as u64, a.quiet, TEXTS);

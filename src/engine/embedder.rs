@@ -287,9 +287,10 @@ impl Embedder {
 
 /// Runs `work(0..n)` on `lanes` threads and hands each result to `deliver` in index order, as
 /// soon as its predecessors are delivered; no thread starts an item more than 2 × `lanes` ahead
-/// of delivery, so results held waiting stay bounded. The first error in index order is
-/// returned after the items before it are delivered (as a sequential loop would); an error
-/// stops new items from starting.
+/// of delivery, so results held waiting stay bounded. As a sequential loop would: the first
+/// error in index order is returned after the items before it are delivered (every item before
+/// it still runs; none after it starts once it is known), and a panic in `work` or `deliver`
+/// propagates (the other threads stop taking items) instead of leaving anyone waiting.
 pub fn in_order<T: Send>(
     n: usize,
     lanes: usize,
@@ -297,71 +298,99 @@ pub fn in_order<T: Send>(
     deliver: &mut dyn FnMut(usize, T) -> Result<()>,
 ) -> Result<()> {
     use std::collections::BTreeMap;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Condvar, Mutex};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Condvar, Mutex, PoisonError};
+
+    /// Items delivered so far, and the first item not to start (`n` until something fails).
+    struct Gate {
+        delivered: usize,
+        cut: usize,
+    }
+    /// Lowers the cut to `at` (under the lock, then wakes every waiter) when dropped armed:
+    /// how a panic, an error or an early return stops the other threads.
+    struct Cut<'a> {
+        gate: &'a Mutex<Gate>,
+        moved: &'a Condvar,
+        at: Option<usize>,
+    }
+    impl Drop for Cut<'_> {
+        fn drop(&mut self) {
+            if let Some(at) = self.at {
+                let mut g = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+                g.cut = g.cut.min(at);
+                self.moved.notify_all();
+            }
+        }
+    }
 
     let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let delivered = Mutex::new(0usize);
-    let advanced = Condvar::new();
-    let window = 2 * lanes;
+    let gate = Mutex::new(Gate {
+        delivered: 0,
+        cut: n,
+    });
+    let moved = Condvar::new();
+    let window = 2 * lanes.max(1);
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<T>)>();
-        for _ in 0..lanes {
+        for _ in 0..lanes.max(1) {
             let tx = tx.clone();
-            let (next, stop, delivered, advanced) = (&next, &stop, &delivered, &advanced);
+            let (next, gate, moved) = (&next, &gate, &moved);
             scope.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return;
-                }
                 {
-                    let Ok(mut d) = delivered.lock() else { return };
-                    while i >= *d + window && !stop.load(Ordering::Relaxed) {
-                        match advanced.wait(d) {
-                            Ok(g) => d = g,
-                            Err(_) => return,
+                    let mut g = gate.lock().unwrap_or_else(PoisonError::into_inner);
+                    loop {
+                        if i >= g.cut.min(n) {
+                            return;
                         }
+                        if i < g.delivered + window {
+                            break;
+                        }
+                        g = moved.wait(g).unwrap_or_else(PoisonError::into_inner);
                     }
                 }
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
+                // Armed while `work` runs: a panic stops every item from i on.
+                let mut stop = Cut {
+                    gate,
+                    moved,
+                    at: Some(i),
+                };
                 let r = work(i);
-                if r.is_err() {
-                    stop.store(true, Ordering::Relaxed);
-                }
+                // An error stops the items after it; the ones before still run.
+                stop.at = r.is_err().then_some(i + 1);
+                drop(stop);
                 if tx.send((i, r)).is_err() {
                     return;
                 }
             });
         }
         drop(tx);
-        let halt = |e: Error| {
-            stop.store(true, Ordering::Relaxed);
-            advanced.notify_all();
-            e
+        // Armed until the end: an early return or a panic in `deliver` stops every thread.
+        let mut stop = Cut {
+            gate: &gate,
+            moved: &moved,
+            at: Some(0),
         };
         let mut waiting: BTreeMap<usize, Result<T>> = BTreeMap::new();
         let mut d = 0;
         for (i, r) in rx {
             waiting.insert(i, r);
             while let Some(r) = waiting.remove(&d) {
-                deliver(d, r.map_err(halt)?).map_err(halt)?;
+                deliver(d, r?)?;
                 d += 1;
-                if let Ok(mut g) = delivered.lock() {
-                    *g = d;
-                }
-                advanced.notify_all();
+                let mut g = gate.lock().unwrap_or_else(PoisonError::into_inner);
+                g.delivered = d;
+                moved.notify_all();
             }
         }
-        // Every thread has stopped: an error stopped them, and it is the first one left.
-        match waiting.into_values().find_map(|r| r.err()) {
-            Some(e) => Err(e),
-            None if d == n => Ok(()),
-            None => Err(Error::Input(format!(
+        stop.at = None;
+        // Every thread has ended. Short only if a `work` panicked: the scope re-raises it.
+        if d == n {
+            Ok(())
+        } else {
+            Err(Error::Input(format!(
                 "only {d} of {n} batches were embedded"
-            ))),
+            )))
         }
     })
 }
@@ -420,5 +449,72 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.to_string(), "item 5");
         assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    }
+    /// A panic in work() or in deliver() propagates (as in a sequential loop) instead of
+    /// leaving a thread waiting forever.
+    #[test]
+    fn in_order_does_not_hang_when_work_or_deliver_panics() {
+        use std::time::Duration;
+        fn returns_within(secs: u64, f: impl FnOnce() + Send + 'static) -> bool {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+                let _ = tx.send(caught.is_err());
+            });
+            rx.recv_timeout(Duration::from_secs(secs)) == Ok(true)
+        }
+        let work_panics = || {
+            let work = |i: usize| -> Result<usize> {
+                if i == 0 {
+                    std::thread::sleep(Duration::from_millis(50));
+                    panic!("boom in work");
+                }
+                Ok(i)
+            };
+            let _ = in_order(100, 2, &work, &mut |_, _| Ok(()));
+        };
+        let deliver_panics = || {
+            let slow_first = |i: usize| -> Result<usize> {
+                if i == 0 {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(i)
+            };
+            let _ = in_order(100, 2, &slow_first, &mut |_, _| -> Result<()> {
+                panic!("boom in sink")
+            });
+        };
+        assert!(
+            returns_within(10, work_panics),
+            "in_order hung (or did not panic) after work() panicked"
+        );
+        assert!(
+            returns_within(10, deliver_panics),
+            "in_order hung (or did not panic) after deliver() panicked"
+        );
+    }
+
+    /// An error stops later items but every item before it still runs and is delivered, even
+    /// when an earlier item starts late (the first error in order is the one returned).
+    #[test]
+    fn in_order_runs_every_item_before_the_first_error() {
+        let work = |i: usize| -> Result<usize> {
+            if i == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            if i == 3 {
+                Err(Error::Input("item 3".into()))
+            } else {
+                Ok(i)
+            }
+        };
+        let mut got = Vec::new();
+        let e = in_order(50, 3, &work, &mut |i, _| {
+            got.push(i);
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(e.to_string(), "item 3");
+        assert_eq!(got, vec![0, 1, 2]);
     }
 }

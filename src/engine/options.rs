@@ -64,7 +64,10 @@ impl std::str::FromStr for Device {
         let list = s.strip_prefix("cuda:").ok_or_else(unknown)?;
         let ordinals: Vec<usize> = list
             .split(',')
-            .map(|n| n.trim().parse::<usize>().map_err(|_| unknown()))
+            .map(|n| match n.bytes().all(|c| c.is_ascii_digit()) {
+                true => n.parse::<usize>().map_err(|_| unknown()),
+                false => Err(unknown()),
+            })
             .collect::<std::result::Result<_, _>>()?;
         match ordinals[..] {
             [n] => Ok(Device::Cuda(n)),
@@ -224,6 +227,17 @@ impl Default for EngineOptions {
     }
 }
 
+/// How replica `k` of the list `ordinals` is named in /info, /metrics and messages: `cuda:N`,
+/// or `cuda:N#j` for the j-th replica on a device listed more than once.
+pub fn replica_label(ordinals: &[usize], k: usize) -> String {
+    let o = ordinals[k];
+    if ordinals.iter().filter(|&&x| x == o).count() == 1 {
+        return format!("cuda:{o}");
+    }
+    let j = ordinals[..=k].iter().filter(|&&x| x == o).count();
+    format!("cuda:{o}#{j}")
+}
+
 /// Default token budget of one packed batch on the CPU: large enough that GEMMs run near peak,
 /// small enough that activations stay in a few tens of MB at bloom-560m size.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
@@ -331,7 +345,7 @@ pub fn build_backend(
             GpuDtype::Bf16 => load::<half::bf16>(ctx, ckpt, cfg, budget, opts.kernels, &step)?,
             GpuDtype::Fp8 => return Err(Error::Unsupported(FP8_ON_GPU.into())), // refused above
         };
-        members.push((format!("cuda:{o}"), backend));
+        members.push((replica_label(&ordinals, k), backend));
     }
     let backend: Box<dyn Backend> = match opts.device {
         Device::CudaAll | Device::CudaList(_) => Box::new(Replicas::new(members)?),

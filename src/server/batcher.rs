@@ -1,6 +1,7 @@
-//! Dynamic batching: requests' tokenized texts wait in one bounded queue; a packer thread takes
-//! as many queued texts as fit the token budget, in arrival order, packs them into one batch
-//! (no padding) and hands it to a free engine runner — one runner per replica of the engine
+//! Dynamic batching: requests' tokenized texts wait in one queue (bounded by the server's limit
+//! on requests in flight); a packer thread takes as many queued texts as fit the token budget,
+//! in arrival order, packs them into one batch (no padding) and hands it to a free engine
+//! runner — one runner per replica of the engine
 //! (`--device cuda:all`), one otherwise — which runs the backend; each request gets its own
 //! rows, in its own order, through a oneshot channel. A batch is packed only when a runner is
 //! free, so while the engine is busy the queue grows and the next batch is fuller.
@@ -126,7 +127,10 @@ impl Batcher {
         let broken = Arc::new(OnceLock::new());
         let b = broken.clone();
         let (events, inbox) = std_mpsc::channel();
-        // The feeder moves requests from the async queue into the packer's inbox.
+        // The feeder moves requests from the async queue into the packer's inbox at once, so
+        // `capacity` bounds requests in transit only; what bounds the queue is the server's
+        // limit on requests in flight (`--max-concurrent-requests`, a semaphore of the same
+        // size), each holding at most `--max-client-batch-size` texts.
         let feed = events.clone();
         std::thread::Builder::new()
             .name("sgpt-queue".into())
