@@ -7,7 +7,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{assert_close, copy_model, edit_json, rewrite_weights, tiny_b_model, tiny_model};
+use common::{
+    assert_close, copy_model, edit_json, parse_jsonl, rewrite_weights, tiny_b_model, tiny_model,
+};
 use safetensors::Dtype;
 use sgpt::engine::{Device, Embedder};
 use sgpt::model::tokenize::Kind;
@@ -51,21 +53,6 @@ fn expect_error(args: &[&str], needle: &str) {
         err.contains(needle),
         "{args:?}: expected {needle:?} in: {err}"
     );
-}
-
-fn parse_jsonl(out: &[u8]) -> Vec<Vec<f32>> {
-    String::from_utf8_lossy(out)
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["embedding"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
 }
 
 fn read_npy(p: &Path) -> (Vec<usize>, Vec<f32>) {

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{cosine, root, tiny_model};
+use common::{cosine, parse_jsonl, root, tiny_model};
 use sgpt::backend::batch::PackedBatch;
 use sgpt::backend::cpu::fp8::ActScale;
 use sgpt::backend::cpu::linear::LinearKernel;
@@ -215,18 +215,7 @@ fn emulation_matches_an_independent_reference() {
 fn embed_jsonl(args: &[&str]) -> Vec<Vec<f32>> {
     let o = sgpt(args);
     assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["embedding"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
+    parse_jsonl(&o.stdout)
 }
 
 /// `--device cpu --dtype fp8` end to end: finite vectors close to f32's.

@@ -471,6 +471,15 @@ mod tests {
         })
     }
 
+    /// Two async workers, so requests really arrive concurrently.
+    fn rt_multi() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -510,11 +519,7 @@ mod tests {
         let (tx, _rx) = std_mpsc::channel();
         let m = Arc::new(Metrics::new().unwrap());
         let b = Arc::new(Batcher::start(fake(tx), 2, 64, 256, m.clone()).unwrap());
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = rt_multi();
         rt.block_on(async {
             let mut handles = Vec::new();
             for r in 0..64u32 {
@@ -574,11 +579,7 @@ mod tests {
         let b = Arc::new(
             Batcher::start_many(vec![runner(80), runner(0)], 2, 10, 64, m.clone()).unwrap(),
         );
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = rt_multi();
         rt.block_on(async {
             let mut handles = Vec::new();
             for r in 0..16u32 {

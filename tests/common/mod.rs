@@ -189,3 +189,19 @@ pub fn edit_json(path: PathBuf, edit: impl FnOnce(&mut serde_json::Value)) {
     edit(&mut v);
     std::fs::write(path, v.to_string()).unwrap();
 }
+
+/// The vectors of `sgpt embed`'s JSONL output (`{"embedding": [...]}` per line), as f32.
+pub fn parse_jsonl(out: &[u8]) -> Vec<Vec<f32>> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
