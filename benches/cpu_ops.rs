@@ -1,16 +1,21 @@
-//! Criterion benchmarks of the CPU ops at bloom-560m shapes (H = 1024, n = 16, d = 64) on a
-//! 512-token packed batch, with throughput in FLOPs (GEMMs, attention) or bytes (memory-bound ops).
-//! Inputs are seeded pseudo-random values, never zeros.
+//! Criterion benchmarks of each CPU op on a 512-token packed batch at the four sizes of the
+//! cross-size benchmark (tools/bench_cpu.py --sizes: hidden 256, 512, 1024 = bloom-560m, 2048 =
+//! bloom-1b7), with throughput in FLOPs (GEMMs, attention) or bytes (memory-bound ops); filter
+//! one size with e.g. `cargo bench --bench cpu_ops -- cpu_h1024_T512`.
+//! Inputs are seeded pseudo-random values, never zeros. A second group times the linear layers
+//! at query size (1–64 tokens) at hidden 1024 and 2048: the skinny product against the `gemm`
+//! crate's, next to a plain read of the same weights (the memory floor of both).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sgpt::backend::cpu::attention::{alibi_attention, alibi_slopes};
 use sgpt::backend::cpu::gelu::gelu_inplace;
 use sgpt::backend::cpu::layernorm::layernorm;
-use sgpt::backend::cpu::linear::linear;
+use sgpt::backend::cpu::linear::{gemm_acc, linear};
 use sgpt::backend::cpu::pooling::weighted_mean_pool;
+use sgpt::backend::cpu::{skinny, vmath};
 
-const H: usize = 1024;
-const HEADS: usize = 16;
+/// (hidden, heads) of the cross-size benchmark's models.
+const SIZES: [(usize, usize); 4] = [(256, 4), (512, 8), (1024, 16), (2048, 16)];
 const T: usize = 512;
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
@@ -23,22 +28,28 @@ fn cu_seqlens() -> Vec<usize> {
 }
 
 fn ops(c: &mut Criterion) {
-    let mut g = c.benchmark_group("cpu_bloom560m_T512");
+    for (h, heads) in SIZES {
+        ops_at(c, h, heads);
+    }
+}
+
+fn ops_at(c: &mut Criterion, h: usize, heads: usize) {
+    let mut g = c.benchmark_group(format!("cpu_h{h}_T512"));
     g.sample_size(10);
 
-    let x = rand_vec(T * H, 1);
-    let w = rand_vec(H, 2);
-    let b = rand_vec(H, 3);
-    let mut out = vec![0f32; T * H];
-    g.throughput(Throughput::Bytes((2 * T * H * 4) as u64));
+    let x = rand_vec(T * h, 1);
+    let w = rand_vec(h, 2);
+    let b = rand_vec(h, 3);
+    let mut out = vec![0f32; T * h];
+    g.throughput(Throughput::Bytes((2 * T * h * 4) as u64));
     g.bench_function("layernorm", |bch| {
         bch.iter(|| layernorm(&x, &w, &b, 1e-5, &mut out))
     });
 
     for (name, n_out, n_in) in [
-        ("linear_qkv", 3 * H, H),
-        ("linear_fc1", 4 * H, H),
-        ("linear_fc2", H, 4 * H),
+        ("linear_qkv", 3 * h, h),
+        ("linear_fc1", 4 * h, h),
+        ("linear_fc2", h, 4 * h),
     ] {
         let xi = rand_vec(T * n_in, 4);
         let wi = rand_vec(n_out * n_in, 5);
@@ -50,29 +61,84 @@ fn ops(c: &mut Criterion) {
         });
     }
 
-    let qkv: Vec<f32> = rand_vec(T * 3 * H, 7);
+    let qkv: Vec<f32> = rand_vec(T * 3 * h, 7);
     let cu = cu_seqlens();
-    let slopes = alibi_slopes(HEADS);
+    let slopes = alibi_slopes(heads);
     let causal_pairs: usize = cu
         .windows(2)
         .map(|w| (w[1] - w[0]) * (w[1] - w[0] + 1) / 2)
         .sum();
-    g.throughput(Throughput::Elements((4 * causal_pairs * H) as u64)); // QKᵀ and PV FLOPs
+    g.throughput(Throughput::Elements((4 * causal_pairs * h) as u64)); // QKᵀ and PV FLOPs
     g.bench_function("alibi_attention", |bch| {
-        bch.iter(|| alibi_attention(&qkv, &cu, HEADS, &slopes, &mut out))
+        bch.iter(|| alibi_attention(&qkv, &cu, heads, &slopes, &mut out))
     });
 
-    let mut m = rand_vec(T * 4 * H, 8);
-    g.throughput(Throughput::Bytes((2 * T * 4 * H * 4) as u64));
+    let mut m = rand_vec(T * 4 * h, 8);
+    g.throughput(Throughput::Bytes((2 * T * 4 * h * 4) as u64));
     g.bench_function("gelu", |bch| bch.iter(|| gelu_inplace(&mut m)));
 
-    let mut pooled = vec![0f32; (cu.len() - 1) * H];
-    g.throughput(Throughput::Bytes((T * H * 4) as u64));
+    let mut pooled = vec![0f32; (cu.len() - 1) * h];
+    g.throughput(Throughput::Bytes((T * h * 4) as u64));
     g.bench_function("weighted_mean_pool", |bch| {
         bch.iter(|| weighted_mean_pool(&x, &cu, &mut pooled))
     });
     g.finish();
 }
 
-criterion_group!(benches, ops);
+/// Enough copies of a weight matrix to fill 512 MB, used in turn, so that every product streams
+/// its weights from memory as the model's layers do, not from a cache that holds one matrix.
+fn weight_copies(len: usize) -> Vec<Vec<f32>> {
+    let copies = ((512 << 20) / (4 * len)).max(2);
+    (0..copies).map(|i| rand_vec(len, 50 + i as u64)).collect()
+}
+
+/// The sum of a slice in 32 independent lanes (so that it vectorizes and is bound by memory, not
+/// by the latency of a chain of adds; the tail of each 64 Ki chunk is not read), split over the threads as the products are.
+fn read_all(w: &[f32]) -> f32 {
+    use rayon::prelude::*;
+    w.par_chunks(1 << 16)
+        .map(|c| {
+            vmath::with_simd(|| {
+                let lanes = c.chunks_exact(32).fold([0f32; 32], |mut l, v| {
+                    l.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                    l
+                });
+                lanes.iter().sum::<f32>()
+            })
+        })
+        .sum()
+}
+
+fn small_batches(c: &mut Criterion) {
+    for h in [1024, 2048] {
+        let mut g = c.benchmark_group(format!("cpu_linear_small_h{h}"));
+        g.sample_size(10);
+        for (name, n_out, n_in) in [("fc1", 4 * h, h), ("fc2", h, 4 * h)] {
+            let ws = weight_copies(n_out * n_in);
+            let next = std::cell::Cell::new(0);
+            let w = || {
+                next.set((next.get() + 1) % ws.len());
+                &ws[next.get()]
+            };
+            // throughput in weight bytes: criterion's GB/s is then comparable to the read's
+            g.throughput(Throughput::Bytes((n_out * n_in * 4) as u64));
+            g.bench_function(format!("{name}/read_weights"), |bch| {
+                bch.iter(|| read_all(w()))
+            });
+            for t in [1, 4, 8, 12, 16, 24, 32, 64] {
+                let x = rand_vec(t * n_in, 4);
+                let mut o = vec![0f32; t * n_out];
+                g.bench_function(format!("{name}/skinny/{t}"), |bch| {
+                    bch.iter(|| skinny::matmul_acc(&x, w(), n_out, &mut o))
+                });
+                g.bench_function(format!("{name}/gemm/{t}"), |bch| {
+                    bch.iter(|| gemm_acc(&x, w(), n_out, &mut o))
+                });
+            }
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, ops, small_batches);
 criterion_main!(benches);

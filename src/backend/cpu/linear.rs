@@ -1,10 +1,12 @@
 //! Linear layers `y = x·Wᵀ + b` with W stored `[out, in]` as in the checkpoint. The product runs
-//! in the `gemm` crate through [`super::gemm::matmul`] (packed, SIMD, multi-threaded); W is read
-//! through strides, never transposed.
+//! in the `gemm` crate through [`super::gemm::matmul`] (packed, SIMD, multi-threaded), or for a
+//! batch of at most [`skinny::MAX_ROWS`] tokens in [`skinny`] (W streamed once); W is read in
+//! place, never transposed.
 
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Parallelism};
+use super::skinny;
 use crate::model::weights::F32Buf;
 
 /// One linear layer of a block, `y = x·Wᵀ + b` with its weight inside: the seam where the FP8
@@ -39,10 +41,23 @@ pub fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], accumulate: bool
             row.copy_from_slice(b);
         }
     });
-    if t == 0 {
+    if t <= skinny::MAX_ROWS {
+        skinny::matmul_acc(x, w, n_out, out);
+    } else {
+        gemm_acc(x, w, n_out, out);
+    }
+}
+
+/// `out[t, n] += Σ_k x[t, k]·w[n, k]` (x `[T, K]`, w `[N, K]`, out `[T, N]`) in the `gemm` crate:
+/// [`linear`]'s product above [`skinny::MAX_ROWS`] tokens. Panics if the lengths do not fit.
+pub fn gemm_acc(x: &[f32], w: &[f32], n_out: usize, out: &mut [f32]) {
+    let n_in = w.len().checked_div(n_out).unwrap_or(0);
+    let t = x.len().checked_div(n_in).unwrap_or(0);
+    assert!(w.len() == n_out * n_in && x.len() == t * n_in && out.len() == t * n_out);
+    if t == 0 || n_out == 0 {
         return;
     }
-    // SAFETY: the asserts above bound every access: dst is T×out row-major (row stride out,
+    // SAFETY: the assert above bounds every access: dst is T×out row-major (row stride out,
     // column stride 1), lhs T×in row-major, rhs = Wᵀ (in×out) read from W [out,in] with row
     // stride 1 and column stride in. The three buffers do not overlap (&mut vs &).
     unsafe {
@@ -64,9 +79,16 @@ pub fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], accumulate: bool
 mod tests {
     use super::*;
 
+    /// Both products: the skinny one (5 tokens) and the `gemm` crate's (above its limit).
     #[test]
     fn matches_naive_loops() {
-        let (t, n_in, n_out) = (5, 7, 3);
+        for t in [5, skinny::MAX_ROWS + 3] {
+            matches_naive_loops_at(t);
+        }
+    }
+
+    fn matches_naive_loops_at(t: usize) {
+        let (n_in, n_out) = (7, 3);
         let x: Vec<f32> = (0..t * n_in).map(|i| (i as f32 * 0.37).sin()).collect();
         let w: Vec<f32> = (0..n_out * n_in).map(|i| (i as f32 * 0.11).cos()).collect();
         let b = [0.5, -1.0, 2.0];
@@ -76,7 +98,10 @@ mod tests {
             for o in 0..n_out {
                 let dot: f32 = (0..n_in).map(|k| x[r * n_in + k] * w[o * n_in + k]).sum();
                 let want = 1.0 + dot + b[o];
-                assert!((y[r * n_out + o] - want).abs() < 1e-5);
+                assert!(
+                    (y[r * n_out + o] - want).abs() < 1e-5,
+                    "T {t}, row {r}, out {o}"
+                );
             }
         }
         linear(&x, &w, &b, &mut y, false);

@@ -10,6 +10,7 @@ pub mod layernorm;
 pub mod linear;
 pub mod model;
 pub mod pooling;
+pub mod skinny;
 pub mod vmath;
 
 pub use model::CpuModel;
