@@ -1,5 +1,5 @@
 //! Prometheus metrics of one server, in its own registry (no process-wide globals), rendered
-//! as text by `GET /metrics`. The list (also in the README):
+//! as text by `GET /metrics`. The list (also in docs/serve.md):
 //!
 //! | name | type | meaning |
 //! |---|---|---|
