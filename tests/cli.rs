@@ -746,6 +746,35 @@ fn bench_reports_throughput_ceilings_and_refuses_bad_requests() {
         "{}",
         stderr(&o)
     );
+    // Single-query latency only, on queries of exactly 21 tokens.
+    let o = sgpt(&[
+        "bench",
+        "-m",
+        &model,
+        "--device",
+        "cpu",
+        "--texts",
+        "4",
+        "--latency-reps",
+        "2",
+        "--latency-batches",
+        "1",
+        "--query-tokens",
+        "21",
+        "--json",
+        "-",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["latency"]["batch_01"]["tokens"], 21, "{v}");
+    assert!(v["latency"].get("batch_04").is_none(), "{v}");
+    expect_error(
+        &["bench", "-m", &model, "--latency-batches", "4,16"],
+        "must include 1",
+    );
+    let o = sgpt(&["bench", "-m", &model, "--query-tokens", "2"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not in 3..=4096"), "{}", stderr(&o));
     expect_error(
         &["bench", "kernels", "-m", &model, "--device", "cpu"],
         "needs --device cuda",

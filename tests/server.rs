@@ -310,6 +310,101 @@ fn queued_requests_share_batches() {
     server.stop().expect("clean stop");
 }
 
+/// Each answered embedding request adds one observation to every stage of
+/// `sgpt_request_stage_seconds`, a refused one none; time spent in the forward is counted as
+/// `engine`, time waiting behind another batch as `queue`, and the stages fit in the request.
+#[test]
+fn stage_timings_count_each_answered_request_once() {
+    const STAGES: [&str; 6] = ["read", "parse", "tokenize", "queue", "engine", "respond"];
+    let sample = |m: &str, what: &str, s: &str| {
+        sample_of(
+            m,
+            &format!("sgpt_request_stage_seconds_{what}{{stage=\"{s}\"}}"),
+        )
+    };
+    // Observations of stage `s` of at most `secs`: the largest bucket bound not above it.
+    let at_most = |m: &str, s: &str, secs: f64| -> f64 {
+        let head = format!("sgpt_request_stage_seconds_bucket{{stage=\"{s}\",le=\"");
+        m.lines()
+            .filter_map(|l| {
+                let (le, count) = l.strip_prefix(head.as_str())?.split_once("\"} ")?;
+                Some((le.parse::<f64>().ok()?, count.parse::<f64>().ok()?))
+            })
+            .filter(|&(le, _)| le <= secs)
+            .map(|(_, count)| count)
+            .fold(0.0, f64::max)
+    };
+    let gate = Gate::default();
+    let g = gate.clone();
+    let server = InProcess::start(ServeOptions::new("tiny"), move || gated_embedder(g));
+    wait_healthy(server.addr);
+    let addr = server.addr;
+    let m = get(addr, "/metrics").text();
+    for s in STAGES {
+        assert_eq!(sample(&m, "count", s), 0.0, "{s} before any request");
+    }
+    // A is held in its forward; B and C wait in the queue behind it, all for at least `held`.
+    gate.close();
+    let a = std::thread::spawn(move || post(addr, "/embed", &json!({"inputs": "first"}), None));
+    gate.wait_waiting(1);
+    let b =
+        std::thread::spawn(move || post(addr, "/v1/embeddings", &json!({"input": "second"}), None));
+    let c = std::thread::spawn(move || post(addr, "/embed", &json!({"inputs": "third"}), None));
+    assert_eq!(
+        wait_metric(addr, "sgpt_queue_depth", 2.0),
+        2.0,
+        "B, C never queued"
+    );
+    let held = Duration::from_millis(150);
+    std::thread::sleep(held);
+    gate.open();
+    for h in [a, b, c] {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let m = get(addr, "/metrics").text();
+    for s in STAGES {
+        assert_eq!(
+            sample(&m, "count", s),
+            3.0,
+            "{s} after three answered requests"
+        );
+    }
+    // A's wait is in `engine`, B's and C's in `queue`; each fast stage well under `held`.
+    let quick = held.as_secs_f64() / 2.0;
+    assert_eq!(
+        at_most(&m, "engine", quick),
+        2.0,
+        "engine: B and C quick\n{m}"
+    );
+    assert_eq!(at_most(&m, "queue", quick), 1.0, "queue: A quick\n{m}");
+    let stages: f64 = STAGES.iter().map(|s| sample(&m, "sum", s)).sum();
+    let requests = sample_of(&m, "sgpt_request_duration_seconds_sum{route=\"/embed\"}")
+        + sample_of(
+            &m,
+            "sgpt_request_duration_seconds_sum{route=\"/v1/embeddings\"}",
+        );
+    assert!(
+        stages >= 3.0 * held.as_secs_f64() && stages <= requests,
+        "stages {stages} s, requests {requests} s"
+    );
+    // Refused requests (bad input, wrong dimensions) leave every stage as it was.
+    let r = post(addr, "/embed", &json!({"inputs": []}), None);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = post(
+        addr,
+        "/embed",
+        &json!({"inputs": "x", "dimensions": 0}),
+        None,
+    );
+    assert_eq!(r.status, 422, "{}", r.text());
+    let m = get(addr, "/metrics").text();
+    for s in STAGES {
+        assert_eq!(sample(&m, "count", s), 3.0, "{s} after refused requests");
+    }
+    server.stop().expect("clean stop");
+}
+
 #[test]
 fn health_is_503_until_the_model_is_loaded() {
     let (go, wait) = std::sync::mpsc::channel::<()>();

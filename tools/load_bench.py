@@ -11,6 +11,15 @@ other processes took: on a small machine the client competes with the server for
     python3 tools/load_bench.py --model models/sgpt-tiny                       # quick look
     python3 tools/load_bench.py --model /tmp/sgpt-bench/bloom-560m --concurrency 1,4,16 \\
         --duration 20 --record docs/bench                                      # a record
+    python3 tools/load_bench.py --model models/sgpt-tiny --concurrency 1 --engine-baseline
+
+With --engine-baseline the same run also measures what the server adds to the engine: one
+client on a plain blocking socket (so the client's own cost is small) for --duration seconds,
+the HTTP round trip of `GET /health` (transport and client, no engine), the mean time of each
+stage of a request from the server's `sgpt_request_stage_seconds`, and then, the server
+stopped, `sgpt bench` on the same model and threads for the engine's own single-query p50 at
+the server's measured tokens per query; it reports the difference and the target (engine
+p50 + 0.3 ms, issue 18).
 
 Only loopback is used; every loop is bounded by time and count. Nothing is downloaded.
 """
@@ -145,6 +154,113 @@ def get_json(url: str) -> dict:
     import urllib.request
     with urllib.request.urlopen(url, timeout=30) as r:
         return json.loads(r.read())
+
+
+STAGES = ("read", "parse", "tokenize", "queue", "engine", "respond")
+
+
+def stage_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Mean milliseconds of each `sgpt_request_stage_seconds` stage between two scrapes."""
+    out = {}
+    for st in STAGES:
+        key = f'{{stage="{st}"}}'
+        n = after.get(f"sgpt_request_stage_seconds_count{key}", 0.0) - before.get(
+            f"sgpt_request_stage_seconds_count{key}", 0.0)
+        s = after.get(f"sgpt_request_stage_seconds_sum{key}", 0.0) - before.get(
+            f"sgpt_request_stage_seconds_sum{key}", 0.0)
+        out[st] = 1e3 * s / n if n > 0 else None
+    return out
+
+
+def blocking_client(url: str, path: str, texts: int, seed: int, duration: float,
+                    max_requests: int) -> list[float]:
+    """One keep-alive connection on a blocking socket, one request at a time: the leanest
+    Python client (asyncio's own cost is a few tenths of a millisecond per request). POST
+    `path` with new queries, or GET it when `texts` is 0. Returns the latencies (s) of 200s."""
+    import socket
+    u = urlparse(url)
+    s = socket.create_connection((u.hostname, u.port), timeout=30)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    f = s.makefile("rb")
+    gen, lat = queries(seed), []
+    stop_at = clock() + duration
+    try:
+        while clock() < stop_at and len(lat) < max_requests:
+            if texts:
+                key = "inputs" if path == "/embed" else "input"
+                body = json.dumps({key: [next(gen) for _ in range(texts)]}).encode()
+                req = (f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: "
+                       f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+            else:
+                req = f"GET {path} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode()
+            t0 = clock()
+            s.sendall(req)
+            status = int(f.readline().split()[1])
+            length = None
+            while (line := f.readline()) not in (b"\r\n", b""):
+                k, _, v = line.partition(b":")
+                if k.strip().lower() == b"content-length":
+                    length = int(v)
+            if length is None:
+                raise RuntimeError("response without Content-Length")
+            data = f.read(length)
+            dt = clock() - t0
+            if status != 200:
+                raise RuntimeError(f"HTTP {status} from {path}: {data[:200]!r}")
+            lat.append(dt)
+    finally:
+        f.close()
+        s.close()
+    return lat
+
+
+def server_overhead(url: str, route: str, texts: int, duration: float, max_requests: int,
+                    seed: int) -> dict:
+    """The server's side of --engine-baseline: one blocking client, then GET /health."""
+    before = scrape(url)
+    lat = blocking_client(url, route, texts, seed, duration, max_requests)
+    after = scrape(url)
+    health = blocking_client(url, "/health", 0, 0, min(duration, 3.0), 3000)
+    d = lambda k: after.get(k, 0.0) - before.get(k, 0.0)  # noqa: E731
+    n_req = d(f'sgpt_request_duration_seconds_count{{route="{route}"}}')
+    return {
+        "requests_ok": len(lat),
+        "server_p50_ms": 1e3 * pct(lat, 0.5),
+        "server_p99_ms": 1e3 * pct(lat, 0.99),
+        "health_p50_ms": 1e3 * pct(health, 0.5),
+        "tokens_per_query": d("sgpt_tokens_total") / max(1.0, d("sgpt_texts_total")),
+        "request_duration_mean_ms": (1e3 * d(f'sgpt_request_duration_seconds_sum{{route="{route}"}}')
+                                     / n_req if n_req else None),
+        "stage_means_ms": stage_means_ms(before, after),
+    }
+
+
+def engine_baseline(args, tokens: int, reps: int) -> dict:
+    """`sgpt bench` on the server's model and threads: the engine's single-query latency for a
+    query of `tokens` tokens, `reps` times (its --json output)."""
+    cmd = [str(args.sgpt), "bench", "--model", str(args.model), "--texts", "16",
+           "--latency-batches", "1", "--query-tokens", str(tokens), "--latency-reps", str(reps),
+           "--quiet", "--json", "-"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {out.stderr.strip()}")
+    b = json.loads(out.stdout)
+    q = b["latency"]["batch_01"]
+    return {"command": " ".join(cmd[1:]), "engine_p50_ms": q["p50_ms"],
+            "engine_p99_ms": q["p99_ms"], "tokens": q["tokens"], "reps": reps,
+            "backend": b["backend"]}
+
+
+TARGET_MS = 0.3  # issue 18: the server's p50 at most the engine's + 0.3 ms
+
+
+def compare(srv: dict, eng: dict) -> dict:
+    diff = srv["server_p50_ms"] - eng["engine_p50_ms"]
+    return {"difference_ms": diff, "target_ms": eng["engine_p50_ms"] + TARGET_MS,
+            # to the microsecond, the precision reported (and no float noise at the boundary)
+            "met": round(diff, 3) <= TARGET_MS}
 
 
 def pct(xs: list[float], p: float) -> float | None:
@@ -292,7 +408,34 @@ def markdown(r: dict) -> str:
             "spent in `Backend::embed` (from `sgpt_batch_duration_seconds`); \"other load\" is the "
             "share of the machine's CPU taken by processes other than the server and this script.",
             ""]
+    if r.get("overhead"):
+        out += overhead_markdown(r["overhead"])
     return "\n".join(out)
+
+
+def overhead_markdown(o: dict) -> list[str]:
+    s, e, c = o["server"], o["engine"], o["comparison"]
+    out = ["## What the server adds to the engine (`--engine-baseline`)", "",
+           f"One client on a blocking keep-alive socket, one new query per request, "
+           f"{s['requests_ok']} requests; then, the server stopped, `sgpt {e['command']}` "
+           f"({e['backend']}).", "",
+           "| | ms |", "|---|---:|",
+           f"| server p50, one client ({f(s['tokens_per_query'])} tokens per query) | "
+           f"{f(s['server_p50_ms'], 3)} |",
+           f"| engine p50, `sgpt bench`, one query of {e['tokens']} tokens, {e['reps']} reps | "
+           f"{f(e['engine_p50_ms'], 3)} |",
+           f"| difference | {f(c['difference_ms'], 3)} |",
+           f"| target: engine p50 + {TARGET_MS} ms | {f(c['target_ms'], 3)} "
+           f"({'met' if c['met'] else 'missed'}) |",
+           f"| server p99 / engine p99 | {f(s['server_p99_ms'], 3)} / {f(e['engine_p99_ms'], 3)} |",
+           f"| `GET /health` round trip p50 (HTTP and client, no engine) | "
+           f"{f(s['health_p50_ms'], 3)} |",
+           f"| server's own request time, mean (`sgpt_request_duration_seconds`) | "
+           f"{f(s['request_duration_mean_ms'], 3)} |", "",
+           "Mean time of each stage of those requests (`sgpt_request_stage_seconds`; docs/serve.md):",
+           "", "| " + " | ".join(STAGES) + " |", "|" + "---:|" * len(STAGES),
+           "| " + " | ".join(f(s["stage_means_ms"][st], 3) for st in STAGES) + " |", ""]
+    return out
 
 
 def main() -> None:
@@ -314,7 +457,12 @@ def main() -> None:
                     help="first wait up to SECONDS for other processes to leave the CPU idle")
     ap.add_argument("--record", type=Path, metavar="DIR",
                     help="write serve-<backend>-<shape>-<date>.{md,json} into DIR")
+    ap.add_argument("--engine-baseline", action="store_true",
+                    help="also measure one blocking client, GET /health and the stages, then "
+                         "`sgpt bench` on the same model for the engine's single-query p50")
     args = ap.parse_args()
+    if args.engine_baseline and not args.model:
+        ap.error("--engine-baseline needs --model (it runs `sgpt bench` on it)")
     args.levels = [int(c) for c in args.concurrency.split(",")]
     if any(c < 1 for c in args.levels) or args.duration <= 0 or args.max_requests < 1:
         ap.error("levels, --duration and --max-requests must be positive")
@@ -340,6 +488,14 @@ def main() -> None:
                   f"p50 {f(la['p50'], 2)} ms, p99 {f(la['p99'], 2)} ms, mean batch "
                   f"{f(lv['mean_batch_texts'], 2)}, errors {lv['errors'] or 'none'}", flush=True)
             levels.append(lv)
+        srv = None
+        if args.engine_baseline:
+            srv = server_overhead(url, args.route, args.texts_per_request, args.duration,
+                                  args.max_requests, args.seed + 7)
+            print(f"one blocking client: p50 {f(srv['server_p50_ms'], 3)} ms, GET /health p50 "
+                  f"{f(srv['health_p50_ms'], 3)} ms, stages (mean ms) "
+                  + ", ".join(f"{k} {f(v, 3)}" for k, v in srv["stage_means_ms"].items()),
+                  flush=True)
         env["loadavg_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     finally:
         if proc:
@@ -351,6 +507,16 @@ def main() -> None:
                 code = "killed"
             if code != 0:
                 print(f"sgpt serve exited with {code}", file=sys.stderr)
+    overhead = None
+    if srv:
+        # As many repetitions as the server's phase had requests, within 200..20000.
+        reps = max(200, min(20000, srv["requests_ok"]))
+        eng = engine_baseline(args, max(3, round(srv["tokens_per_query"])), reps)
+        overhead = {"server": srv, "engine": eng, "comparison": compare(srv, eng)}
+        c = overhead["comparison"]
+        print(f"engine p50 {f(eng['engine_p50_ms'], 3)} ms ({eng['tokens']} tokens): the server "
+              f"adds {f(c['difference_ms'], 3)} ms (target <= {TARGET_MS}: "
+              f"{'met' if c['met'] else 'missed'})", flush=True)
     shape = Path(info["model_dir"]).name
     report = {"shape": shape, "server": info, "environment": env, "route": args.route,
               "texts_per_request": args.texts_per_request, "duration": args.duration,
@@ -358,6 +524,7 @@ def main() -> None:
               "mean_tokens_per_text": (sum(lv["tokens_per_s"] * lv["seconds"] for lv in levels)
                                        / max(1e-9, sum(lv["texts_per_s"] * lv["seconds"]
                                                        for lv in levels))),
+              "overhead": overhead,
               "command": "python3 tools/load_bench.py " + " ".join(sys.argv[1:])}
     if args.record:
         device = info["backend"].split()[0]

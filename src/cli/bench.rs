@@ -93,6 +93,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     opts.device.check_available()?;
     a.json.check()?;
+    if !a.latency_batches.contains(&1) {
+        bail!("--latency-batches must include 1 (the single-query latency every report has)");
+    }
     if a.shape.is_some() && !a.quiet {
         eprintln!(
             "sgpt: building random {} weights in memory, then timing {} texts (this takes a while on a CPU)…",
@@ -171,16 +174,19 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let corpus_s = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
 
-    // Latency of small batches of short queries (12 tokens with brackets), one batch at a time.
-    let query = synthetic_corpus(
-        64,
-        st.vocab_for_corpus.min(st.cfg.vocab as u32),
-        10,
-        [st.brackets[0]; 2],
-    );
+    // Latency of small batches of short queries (12 tokens with brackets, or --query-tokens),
+    // one batch at a time.
+    let vocab = st.vocab_for_corpus.min(st.cfg.vocab as u32);
+    let query = match a.query_tokens {
+        None => synthetic_corpus(64, vocab, 10, [st.brackets[0]; 2]),
+        Some(n) => synthetic_corpus(64, vocab, n as usize, [st.brackets[0]; 2])
+            .iter()
+            .map(|q| exactly(q, n as usize))
+            .collect(),
+    };
     let mut latency = serde_json::Map::new();
     let mut query_p50 = 0.0;
-    for n in [1usize, 4, 16] {
+    for &n in &a.latency_batches {
         let batch = PackedBatch::from_seqs(&query[..n].iter().map(|q| &q[..]).collect::<Vec<_>>());
         backend.embed(&batch)?;
         let mut v: Vec<f64> = (0..a.latency_reps.max(1))
@@ -492,6 +498,18 @@ fn read_ids(p: &Path) -> Result<Vec<Vec<u32>>> {
         .collect()
 }
 
+/// `seq` (`[open, ids.., close]`) with its inner ids repeated or cut to `n` tokens in all:
+/// queries of one length, for a latency comparable with a server's measured mean.
+fn exactly(seq: &[u32], n: usize) -> Vec<u32> {
+    let (open, close) = (seq[0], seq[seq.len() - 1]);
+    let inner = &seq[1..seq.len() - 1];
+    let mut ids = Vec::with_capacity(n);
+    ids.push(open);
+    ids.extend(inner.iter().cycle().take(n - 2));
+    ids.push(close);
+    ids
+}
+
 /// Peak resident memory of this process (Linux: VmHWM), in bytes.
 fn peak_rss_bytes() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -523,6 +541,14 @@ pub(crate) struct BenchArgs {
     /// Size of the synthetic corpus.
     #[arg(long, default_value_t = 256)]
     texts: usize,
+    /// Tokens of every query in the latency measurements, brackets included (default:
+    /// synthetic queries of at most 12).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(3..=4096))]
+    query_tokens: Option<u64>,
+    /// Batch sizes (queries per batch) of the latency measurements; 1 must be one of them.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16],
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    latency_batches: Vec<usize>,
     /// Repetitions of each latency measurement.
     #[arg(long, default_value_t = 20)]
     latency_reps: usize,

@@ -1,10 +1,10 @@
 //! Dynamic batching: requests' tokenized texts wait in one queue (bounded by the server's limit
 //! on requests in flight); a packer thread takes as many queued texts as fit the token budget,
 //! in arrival order, packs them into one batch (no padding) and hands it to a free engine
-//! runner — one runner per replica of the engine
-//! (`--device cuda:all`), one otherwise — which runs the backend; each request gets its own
-//! rows, in its own order, through a oneshot channel. A batch is packed only when a runner is
-//! free, so while the engine is busy the queue grows and the next batch is fuller.
+//! runner — a thread per replica of the engine (`--device cuda:all`); with one replica the
+//! packer runs the batch itself — which runs the backend; each request gets its own rows, in
+//! its own order, through a oneshot channel. A batch is packed only when a runner is free, so
+//! while the engine is busy the queue grows and the next batch is fuller.
 //!
 //! Packing rule (`batch::takes`, shared with `batch::plan_batches`): walk the queue in order
 //! and take each text while the batch is empty or the text still fits `max_batch_tokens`; stop
@@ -26,12 +26,13 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::backend::batch::{takes, PackedBatch};
 use crate::server::metrics::Metrics;
@@ -57,7 +58,15 @@ pub enum BatchError {
     Broken(String),
 }
 
-type Reply = oneshot::Sender<Result<Vec<f32>, BatchError>>;
+/// A request's embeddings and when the forward of its last batch ended (so the caller can
+/// time what follows).
+#[derive(Debug)]
+pub struct Embedded {
+    pub rows: Vec<f32>,
+    pub engine_done: Instant,
+}
+
+type Reply = oneshot::Sender<Result<Embedded, BatchError>>;
 
 struct Job {
     seqs: Vec<Vec<u32>>,
@@ -68,6 +77,11 @@ struct Job {
     /// The embeddings, [seqs.len(), H] once the first rows arrive.
     out: Vec<f32>,
     reply: Reply,
+    /// When the request was queued, and the span of its batches' forwards so far
+    /// (`sgpt_request_stage_seconds` `queue` and `engine`).
+    enqueued: Instant,
+    first_start: Option<Instant>,
+    last_end: Option<Instant>,
 }
 
 /// Rows `[offset, offset + count)` of job `job` (its id) travel in a batch.
@@ -88,13 +102,21 @@ enum Event {
         parts: Vec<Part>,
         seqs: usize,
         tokens: usize,
+        /// The forward's own span, measured by the runner.
+        started: Instant,
+        ended: Instant,
         result: Result<Vec<f32>, BatchError>,
     },
 }
 
 /// The queue's sending side and the worker thread.
 pub struct Batcher {
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The packer's inbox; taken (and `Closed` sent) on close. Requests are sent while this
+    /// lock is held, so none can follow `Closed`.
+    tx: Mutex<Option<std_mpsc::Sender<Event>>>,
+    /// Requests sent but not yet taken in by the packer, at most `capacity`.
+    in_transit: Arc<AtomicUsize>,
+    capacity: usize,
     worker: Mutex<Option<JoinHandle<()>>>,
     /// Why the engine is unusable, once it is.
     broken: Arc<OnceLock<String>>,
@@ -122,42 +144,47 @@ impl Batcher {
         capacity: usize,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
         let m = metrics.clone();
         let broken = Arc::new(OnceLock::new());
         let b = broken.clone();
+        // Requests go straight into the packer's inbox, so `capacity` bounds requests in
+        // transit only; what bounds the queue is the server's limit on requests in flight
+        // (`--max-concurrent-requests`, a semaphore of the same size), each holding at most
+        // `--max-client-batch-size` texts.
         let (events, inbox) = std_mpsc::channel();
-        // The feeder moves requests from the async queue into the packer's inbox at once, so
-        // `capacity` bounds requests in transit only; what bounds the queue is the server's
-        // limit on requests in flight (`--max-concurrent-requests`, a semaphore of the same
-        // size), each holding at most `--max-client-batch-size` texts.
-        let feed = events.clone();
-        std::thread::Builder::new()
-            .name("sgpt-queue".into())
-            .spawn(move || {
-                let mut rx = rx;
-                while let Some(job) = rx.blocking_recv() {
-                    if feed.send(Event::Job(job)).is_err() {
-                        return;
-                    }
-                }
-                let _ = feed.send(Event::Closed);
-            })?;
-        let mut runners = Vec::with_capacity(embeds.len());
-        for (k, embed) in embeds.into_iter().enumerate() {
-            let (work, todo) = std_mpsc::channel::<(PackedBatch, Vec<Part>)>();
-            let done = events.clone();
-            std::thread::Builder::new()
-                .name(format!("sgpt-engine-{k}"))
-                .spawn(move || runner(k, embed, hidden, todo, done))?;
-            runners.push(work);
-        }
-        drop(events);
+        let in_transit = Arc::new(AtomicUsize::new(0));
+        let runners = if embeds.len() == 1 {
+            Runners::Inline(embeds.into_iter().next().expect("one runner"))
+        } else {
+            let mut runners = Vec::with_capacity(embeds.len());
+            for (k, embed) in embeds.into_iter().enumerate() {
+                let (work, todo) = std_mpsc::channel::<(PackedBatch, Vec<Part>)>();
+                let done = events.clone();
+                std::thread::Builder::new()
+                    .name(format!("sgpt-engine-{k}"))
+                    .spawn(move || runner(k, embed, hidden, todo, done))?;
+                runners.push(work);
+            }
+            Runners::Threads(runners)
+        };
+        let transit = in_transit.clone();
         let worker = std::thread::Builder::new()
             .name("sgpt-packer".into())
-            .spawn(move || packer(inbox, runners, hidden, max_batch_tokens.max(1), m, b))?;
+            .spawn(move || {
+                packer(
+                    inbox,
+                    runners,
+                    hidden,
+                    max_batch_tokens.max(1),
+                    m,
+                    b,
+                    transit,
+                )
+            })?;
         Ok(Batcher {
-            tx: Mutex::new(Some(tx)),
+            tx: Mutex::new(Some(events)),
+            in_transit,
+            capacity: capacity.max(1),
             worker: Mutex::new(Some(worker)),
             broken,
             metrics,
@@ -167,18 +194,20 @@ impl Batcher {
     /// Embeds `seqs` (token ids, brackets included): [seqs.len(), H], in order. Never waits
     /// for queue space: a full queue is an immediate `QueueFull`.
     pub async fn embed(&self, seqs: Vec<Vec<u32>>) -> Result<Vec<f32>, BatchError> {
+        self.embed_timed(seqs).await.map(|e| e.rows)
+    }
+
+    /// [`Batcher::embed`], with when the engine finished the request.
+    pub async fn embed_timed(&self, seqs: Vec<Vec<u32>>) -> Result<Embedded, BatchError> {
         if let Some(why) = self.broken.get() {
             return Err(BatchError::Broken(why.clone()));
         }
         if seqs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Embedded {
+                rows: Vec::new(),
+                engine_done: Instant::now(),
+            });
         }
-        let tx = self
-            .tx
-            .lock()
-            .map_err(|_| BatchError::Stopped)?
-            .clone()
-            .ok_or(BatchError::Stopped)?;
         let n = seqs.len() as i64;
         let (reply, rx) = oneshot::channel();
         let job = Job {
@@ -187,15 +216,25 @@ impl Batcher {
             done: 0,
             out: Vec::new(),
             reply,
+            enqueued: Instant::now(),
+            first_start: None,
+            last_end: None,
         };
-        // Counted before sending so the worker's decrement can never come first.
-        self.metrics.queue_depth.add(n);
-        if let Err(e) = tx.try_send(job) {
-            self.metrics.queue_depth.sub(n);
-            return Err(match e {
-                mpsc::error::TrySendError::Full(_) => BatchError::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => BatchError::Stopped,
-            });
+        {
+            let tx = self.tx.lock().map_err(|_| BatchError::Stopped)?;
+            let tx = tx.as_ref().ok_or(BatchError::Stopped)?;
+            if self.in_transit.fetch_add(1, Ordering::Relaxed) >= self.capacity {
+                self.in_transit.fetch_sub(1, Ordering::Relaxed);
+                return Err(BatchError::QueueFull);
+            }
+            // Counted before sending so the worker's decrement can never come first.
+            self.metrics.queue_depth.add(n);
+            // A plain send: the packer's thread wakes at once, with no hop in between.
+            if tx.send(Event::Job(job)).is_err() {
+                self.metrics.queue_depth.sub(n);
+                self.in_transit.fetch_sub(1, Ordering::Relaxed);
+                return Err(BatchError::Stopped);
+            }
         }
         rx.await.map_err(|_| BatchError::Stopped)?
     }
@@ -224,7 +263,9 @@ impl Batcher {
     /// Closes the queue and waits for the worker to finish what is queued. Blocks.
     pub fn close(&self) {
         if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(Event::Closed);
+            }
         }
         let handle = self.worker.lock().ok().and_then(|mut w| w.take());
         if let Some(h) = handle {
@@ -239,7 +280,25 @@ impl Drop for Batcher {
     }
 }
 
-/// One engine runner: runs each batch it is given and reports the outcome to the packer.
+/// Where the packer's batches run.
+enum Runners {
+    /// One replica: the packer runs each batch itself, sparing a hand-off to another thread
+    /// and one back per batch (nothing else could run while it does).
+    Inline(EmbedFn),
+    /// Several: a thread each (`runner`), so their batches run at once.
+    Threads(Vec<std_mpsc::Sender<(PackedBatch, Vec<Part>)>>),
+}
+
+impl Runners {
+    fn len(&self) -> usize {
+        match self {
+            Runners::Inline(_) => 1,
+            Runners::Threads(r) => r.len(),
+        }
+    }
+}
+
+/// One engine runner thread: runs each batch it is given and reports the outcome to the packer.
 fn runner(
     k: usize,
     mut embed: EmbedFn,
@@ -248,33 +307,46 @@ fn runner(
     done: std_mpsc::Sender<Event>,
 ) {
     for (batch, parts) in todo {
-        let (seqs, tokens) = (batch.num_seqs(), batch.num_tokens());
-        let result = match catch_unwind(AssertUnwindSafe(|| embed(&batch))) {
-            Ok(Ok(out)) if out.len() == seqs * hidden => Ok(out),
-            Ok(Ok(out)) => Err(BatchError::Failed(format!(
-                "the backend returned {} values for {seqs} texts of hidden size {hidden}",
-                out.len()
-            ))),
-            Ok(Err(e @ crate::Error::DeviceOutOfMemory(_))) => {
-                Err(BatchError::OutOfMemory(e.to_string()))
-            }
-            Ok(Err(e @ crate::Error::DeviceFatal(_))) => Err(BatchError::Broken(e.to_string())),
-            Ok(Err(e)) => Err(BatchError::Failed(e.to_string())),
-            Err(payload) => Err(BatchError::Broken(format!(
-                "the backend panicked: {}",
-                crate::error::panic_message(&*payload)
-            ))),
-        };
-        let event = Event::Done {
-            runner: k,
-            parts,
-            seqs,
-            tokens,
-            result,
-        };
-        if done.send(event).is_err() {
+        if done.send(run(k, &mut embed, hidden, batch, parts)).is_err() {
             return;
         }
+    }
+}
+
+/// Runs one batch on runner `k`: its outcome, a panic or a wrong-sized result included.
+fn run(
+    k: usize,
+    embed: &mut EmbedFn,
+    hidden: usize,
+    batch: PackedBatch,
+    parts: Vec<Part>,
+) -> Event {
+    let (seqs, tokens) = (batch.num_seqs(), batch.num_tokens());
+    let started = Instant::now();
+    let result = match catch_unwind(AssertUnwindSafe(|| embed(&batch))) {
+        Ok(Ok(out)) if out.len() == seqs * hidden => Ok(out),
+        Ok(Ok(out)) => Err(BatchError::Failed(format!(
+            "the backend returned {} values for {seqs} texts of hidden size {hidden}",
+            out.len()
+        ))),
+        Ok(Err(e @ crate::Error::DeviceOutOfMemory(_))) => {
+            Err(BatchError::OutOfMemory(e.to_string()))
+        }
+        Ok(Err(e @ crate::Error::DeviceFatal(_))) => Err(BatchError::Broken(e.to_string())),
+        Ok(Err(e)) => Err(BatchError::Failed(e.to_string())),
+        Err(payload) => Err(BatchError::Broken(format!(
+            "the backend panicked: {}",
+            crate::error::panic_message(&*payload)
+        ))),
+    };
+    Event::Done {
+        runner: k,
+        parts,
+        seqs,
+        tokens,
+        started,
+        ended: Instant::now(),
+        result,
     }
 }
 
@@ -282,28 +354,37 @@ fn runner(
 /// each batch's rows into its requests, answering each one when all its rows are in.
 fn packer(
     inbox: std_mpsc::Receiver<Event>,
-    runners: Vec<std_mpsc::Sender<(PackedBatch, Vec<Part>)>>,
+    mut runners: Runners,
     hidden: usize,
     budget: usize,
     metrics: Arc<Metrics>,
     broken: Arc<OnceLock<String>>,
+    in_transit: Arc<AtomicUsize>,
 ) {
     // Jobs in arrival order, each with its id; a job leaves when answered.
     let mut jobs: VecDeque<(u64, Job)> = VecDeque::new();
     let mut next_id = 0u64;
     let mut free: Vec<usize> = (0..runners.len()).rev().collect();
-    let mut started: Vec<Option<Instant>> = vec![None; runners.len()];
     let mut closed = false;
+    // The outcome of the batch the packer ran itself (`Runners::Inline`), handled first.
+    let mut ran: Option<Event> = None;
     // Drops a job, counting its texts that never reached a batch out of the queue depth.
     let leave = |job: &Job| metrics.queue_depth.sub((job.seqs.len() - job.taken) as i64);
     loop {
         if closed && jobs.is_empty() && free.len() == runners.len() {
             return; // queue closed and drained, nothing in flight
         }
-        let Ok(first) = inbox.recv() else { return };
+        let first = match ran.take() {
+            Some(event) => event,
+            None => match inbox.recv() {
+                Ok(event) => event,
+                Err(_) => return,
+            },
+        };
         for event in std::iter::once(first).chain(std::iter::from_fn(|| inbox.try_recv().ok())) {
             match event {
                 Event::Job(job) => {
+                    in_transit.fetch_sub(1, Ordering::Relaxed);
                     jobs.push_back((next_id, job));
                     next_id += 1;
                 }
@@ -313,16 +394,20 @@ fn packer(
                     parts,
                     seqs,
                     tokens,
+                    started,
+                    ended,
                     result,
                 } => {
                     free.push(runner);
-                    if let Some(t0) = started[runner].take() {
-                        metrics.batch_duration.observe(t0.elapsed().as_secs_f64());
-                    }
+                    metrics
+                        .batch_duration
+                        .observe((ended - started).as_secs_f64());
                     metrics.batch_sequences.observe(seqs as f64);
                     metrics.batch_tokens.observe(tokens as f64);
+                    let span = (started, ended);
                     deliver(
-                        &mut jobs, parts, result, seqs, tokens, hidden, &metrics, &broken, &leave,
+                        &mut jobs, parts, result, span, seqs, tokens, hidden, &metrics, &broken,
+                        &leave,
                     );
                 }
             }
@@ -371,9 +456,13 @@ fn packer(
             }
             metrics.queue_depth.sub(batch.num_seqs() as i64);
             free.pop();
-            started[runner] = Some(Instant::now());
-            if runners[runner].send((batch, parts)).is_err() {
-                return; // a runner thread is gone: nothing more can run
+            match &mut runners {
+                Runners::Inline(embed) => ran = Some(run(runner, embed, hidden, batch, parts)),
+                Runners::Threads(threads) => {
+                    if threads[runner].send((batch, parts)).is_err() {
+                        return; // a runner thread is gone: nothing more can run
+                    }
+                }
             }
         }
     }
@@ -385,6 +474,7 @@ fn deliver(
     jobs: &mut VecDeque<(u64, Job)>,
     parts: Vec<Part>,
     result: Result<Vec<f32>, BatchError>,
+    (started, ended): (Instant, Instant),
     seqs: usize,
     tokens: usize,
     hidden: usize,
@@ -413,9 +503,22 @@ fn deliver(
                     job.out[r * hidden..(r + 1) * hidden].copy_from_slice(row);
                 }
                 job.done += p.count;
+                // Batches may start and end in any order (several runners).
+                let first = job.first_start.map_or(started, |t| t.min(started));
+                let last = job.last_end.map_or(ended, |t| t.max(ended));
+                (job.first_start, job.last_end) = (Some(first), Some(last));
                 if job.done == job.seqs.len() {
                     if let Some((_, job)) = jobs.remove(at) {
-                        let _ = job.reply.send(Ok(job.out));
+                        let stages = &metrics.stages;
+                        let since = |a: Instant, b: Instant| b.saturating_duration_since(a);
+                        stages
+                            .queue
+                            .observe(since(job.enqueued, first).as_secs_f64());
+                        stages.engine.observe(since(first, last).as_secs_f64());
+                        let _ = job.reply.send(Ok(Embedded {
+                            rows: job.out,
+                            engine_done: last,
+                        }));
                     }
                 }
             }
@@ -512,6 +615,10 @@ mod tests {
         assert_eq!(m.queue_depth.get(), 0);
         assert_eq!(m.texts.get(), 6);
         assert_eq!(m.tokens.get(), 37);
+        // Four forwards, one request: its queue wait and its engine span observed once.
+        assert_eq!(m.batch_duration.get_sample_count(), 4);
+        assert_eq!(m.stages.queue.get_sample_count(), 1);
+        assert_eq!(m.stages.engine.get_sample_count(), 1);
     }
 
     #[test]
@@ -553,6 +660,8 @@ mod tests {
         assert!(matches!(bad, Err(BatchError::Failed(ref m)) if m.contains("poisoned")));
         let good = rt.block_on(b.embed(vec![vec![7, 7, 7]])).unwrap();
         assert_eq!(good, vec![7.0, 3.0]);
+        // Only the answered request has stage timings.
+        assert_eq!(m.stages.engine.get_sample_count(), 1);
         assert!(b.is_alive());
         b.close();
         assert!(!b.is_alive());

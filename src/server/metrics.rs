@@ -1,5 +1,5 @@
 //! Prometheus metrics of one server, in its own registry (no process-wide globals), rendered
-//! as text by `GET /metrics`. The list (also in the README):
+//! as text by `GET /metrics`. The list (also in docs/serve.md):
 //!
 //! | name | type | meaning |
 //! |---|---|---|
@@ -10,6 +10,7 @@
 //! | `sgpt_batch_sequences` | histogram | texts per packed batch |
 //! | `sgpt_batch_tokens` | histogram | tokens per packed batch |
 //! | `sgpt_batch_duration_seconds` | histogram | engine time per batch (`Backend::embed`) |
+//! | `sgpt_request_stage_seconds{stage}` | histogram | where an answered embedding request's time went, by stage (below) |
 //! | `sgpt_texts_total` | counter | texts embedded |
 //! | `sgpt_tokens_total` | counter | tokens embedded, brackets included |
 //! | `sgpt_truncated_texts_total` | counter | texts cut to the model's limit |
@@ -20,6 +21,19 @@
 //! | `sgpt_replica_{batches,texts,tokens,failed_batches}_total{device}` | counter | per replica, with `--device cuda:all` or a list |
 //! | `sgpt_replica_busy_seconds{device}` | gauge | per replica: seconds in the forward |
 //! | `sgpt_replica_in_service{device}` | gauge | per replica: 1, or 0 once taken out of service |
+//!
+//! The stages of `sgpt_request_stage_seconds`, one observation each per answered embedding
+//! request, in order (together they are the handler's time; the rest of
+//! `sgpt_request_duration_seconds` is routing and middleware):
+//!
+//! | stage | from → to |
+//! |---|---|
+//! | `read` | handler start → body read |
+//! | `parse` | body read → JSON parsed, texts and options checked |
+//! | `tokenize` | → every text tokenized and length-checked |
+//! | `queue` | → the forward of its first batch starts (hand-offs and waiting for the engine) |
+//! | `engine` | → the forward of its last batch ends |
+//! | `respond` | → response body built (hand-off back to the request's task, cut, normalize, encode) |
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
@@ -44,6 +58,23 @@ pub struct Metrics {
     pub aborted: IntCounter,
     pub open_connections: IntGauge,
     pub refused_connections: IntCounter,
+    pub stages: Stages,
+}
+
+/// The stages of `sgpt_request_stage_seconds`, each resolved once so observing one takes no
+/// label lookup (the vector's lock) on the request path.
+pub struct Stages {
+    pub read: Histogram,
+    pub parse: Histogram,
+    pub tokenize: Histogram,
+    pub queue: Histogram,
+    pub engine: Histogram,
+    pub respond: Histogram,
+}
+
+impl Stages {
+    pub const NAMES: [&'static str; 6] =
+        ["read", "parse", "tokenize", "queue", "engine", "respond"];
 }
 
 impl Metrics {
@@ -101,6 +132,25 @@ impl Metrics {
             "sgpt_refused_connections_total",
             "Connections closed at once because --max-connections were open",
         )?;
+        // 10 µs … 84 s: stages of a tiny model's query are tens of microseconds.
+        let stage = HistogramVec::new(
+            HistogramOpts::new(
+                "sgpt_request_stage_seconds",
+                "Time of each stage of an answered embedding request",
+            )
+            .buckets(exponential_buckets(1e-5, 2.0, 24)?),
+            &["stage"],
+        )?;
+        let st = |name: &str| stage.with_label_values(&[name]);
+        let stages = Stages {
+            read: st("read"),
+            parse: st("parse"),
+            tokenize: st("tokenize"),
+            queue: st("queue"),
+            engine: st("engine"),
+            respond: st("respond"),
+        };
+        registry.register(Box::new(stage))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
@@ -131,6 +181,7 @@ impl Metrics {
             aborted,
             open_connections,
             refused_connections,
+            stages,
         })
     }
 
@@ -222,6 +273,11 @@ mod tests {
             "sgpt_refused_connections_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        // Every stage is exported from the start, with no observation yet.
+        for stage in Stages::NAMES {
+            let name = format!("sgpt_request_stage_seconds_count{{stage=\"{stage}\"}} 0");
+            assert!(text.contains(&name), "{name} missing from:\n{text}");
         }
     }
 }

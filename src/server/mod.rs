@@ -6,7 +6,8 @@
 //!   middleware, the body limits and the concurrency permit in the handlers.
 //! - this module: the accept loop (connection bound, timeouts, shutdown deadline).
 //! - [`api`]: both request/response dialects and the input checks.
-//! - [`batcher`]: the bounded queue and the one engine worker thread that packs batches.
+//! - [`batcher`]: the bounded queue and the packer thread that packs batches (and runs them,
+//!   with one replica).
 //! - [`metrics`]: Prometheus counters and histograms.
 //! - [`errors`]: every refusal as JSON, in TEI's or OpenAI's shape.
 //!
@@ -21,9 +22,10 @@
 //! `Content-Length` over the payload limit is 413 at once → body read within
 //! `--body-timeout-secs` (408), the payload limit (413) and the global budget of body bytes
 //! held in flight (429) → only then a concurrency permit (or 429), so stalled uploads cannot
-//! starve real requests → parsed → texts checked → tokenized on tokio's blocking pool →
-//! queued → packed with other requests' texts by the worker → `Backend::embed` → rows back to
-//! the request → cut to `dimensions`, normalized, encoded. A client that closes mid-body is
+//! starve real requests → parsed → texts checked → tokenized (on the request's task when the
+//! texts are short, else on tokio's blocking pool) → queued → packed with other requests'
+//! texts by the worker → `Backend::embed` → rows back to the request → cut to `dimensions`,
+//! normalized, encoded. Each stage's time is in `sgpt_request_stage_seconds` ([`metrics`]). A client that closes mid-body is
 //! counted in `sgpt_aborted_requests_total`, not as an answered request.
 //!
 //! A panic or fatal device error in a forward marks the engine broken ([`batcher`]): `/health`
