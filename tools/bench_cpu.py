@@ -755,13 +755,23 @@ def write_sizes(args, reports: list[dict], total_s: float) -> None:
         lines.append(f"- {r['shape_name']}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["phase_seconds"].items()))
     lines.append("")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"cpu-sizes-{date[:10]}"
+    stem = fresh_stem(args.out_dir, f"cpu-sizes-{date[:10]}")
     write_json(stem.with_suffix(".json"), {"date": date, "total_seconds": total_s, "sizes": reports})
     stem.with_suffix(".md").write_text("\n".join(lines))
     print()
     print("\n".join(lines[lines.index("| size | hidden | heads | layers | PyTorch tokens/s (B) | sgpt tokens/s | ratio | "
                                       "PyTorch query p50 ms | sgpt query p50 ms | ratio | other load (max) | sanity |"):]))
     log(f"wrote {stem}.md and {stem}.json")
+
+
+def fresh_stem(out_dir: Path, name: str) -> Path:
+    """out_dir/name, or name-2, name-3, … if a record of that name exists: a second run on the
+    same day (perhaps on another machine) never overwrites the first."""
+    stem, n = out_dir / name, 1
+    while stem.with_suffix(".md").exists() or stem.with_suffix(".json").exists():
+        n += 1
+        stem = out_dir / f"{name}-{n}"
+    return stem
 
 
 def main() -> None:
@@ -816,7 +826,7 @@ def main() -> None:
     model_dir = args.model_dir or Path("/tmp/sgpt-bench") / shape_name
     report = measure(args, shape_name, shape, model_dir)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"cpu-{shape_name}-{report['date'][:10]}"
+    stem = fresh_stem(args.out_dir, f"cpu-{shape_name}-{report['date'][:10]}")
     write_json(stem.with_suffix(".json"), report)
     stem.with_suffix(".md").write_text(render_markdown(report))
     log(f"wrote {stem}.md and {stem}.json (total {report['phase_seconds']['total']:.1f} s)")

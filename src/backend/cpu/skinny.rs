@@ -16,8 +16,8 @@
 use rayon::prelude::*;
 
 /// The largest batch (in tokens) that [`crate::backend::cpu::linear::linear`] sends here: up to
-/// 32 rows this product took 0.5–0.9× the `gemm` crate's time at hidden 2048 (fc1 and fc2, AVX-512,
-/// 2 cores; docs/bench.md), by 64 the two are even and beyond the packed GEMM wins.
+/// 32 rows this product took 0.4–0.8× the `gemm` crate's time at hidden 2048 (fc1 and fc2,
+/// AVX-512, 2 cores; docs/bench/cpu-linear-small-2026-12-02.txt), at 64 it took 1.0–1.1×.
 /// `cargo bench --bench cpu_ops -- cpu_linear_small` times both.
 pub const MAX_ROWS: usize = 32;
 
