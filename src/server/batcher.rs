@@ -26,7 +26,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -82,6 +82,33 @@ struct Job {
     enqueued: Instant,
     first_start: Option<Instant>,
     last_end: Option<Instant>,
+    /// [`IN_TRANSIT`], then [`TAKEN`] by the packer or [`ABANDONED`] by the request (dropped
+    /// before the packer saw it): whichever side moves it first gives back the request's
+    /// place in `in_transit`, exactly once.
+    state: Arc<AtomicU8>,
+}
+
+const IN_TRANSIT: u8 = 0;
+const TAKEN: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// Held by a request while its job is in the packer's inbox: dropped (the request answered, or
+/// its client gone), it marks a job the packer has not taken yet abandoned and frees its place,
+/// so clients that give up during a long forward cannot fill `in_transit` with dead requests.
+struct Transit {
+    state: Arc<AtomicU8>,
+    in_transit: Arc<AtomicUsize>,
+}
+
+impl Drop for Transit {
+    fn drop(&mut self) {
+        let abandon =
+            self.state
+                .compare_exchange(IN_TRANSIT, ABANDONED, Ordering::AcqRel, Ordering::Acquire);
+        if abandon.is_ok() {
+            self.in_transit.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Rows `[offset, offset + count)` of job `job` (its id) travel in a batch.
@@ -144,6 +171,12 @@ impl Batcher {
         capacity: usize,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
+        if embeds.is_empty() {
+            // nothing could ever run a batch: every request would wait forever
+            return Err(std::io::Error::other(
+                "the batcher needs at least one engine",
+            ));
+        }
         let m = metrics.clone();
         let broken = Arc::new(OnceLock::new());
         let b = broken.clone();
@@ -219,24 +252,31 @@ impl Batcher {
             enqueued: Instant::now(),
             first_start: None,
             last_end: None,
+            state: Arc::new(AtomicU8::new(IN_TRANSIT)),
         };
-        {
+        let transit = {
             let tx = self.tx.lock().map_err(|_| BatchError::Stopped)?;
             let tx = tx.as_ref().ok_or(BatchError::Stopped)?;
             if self.in_transit.fetch_add(1, Ordering::Relaxed) >= self.capacity {
                 self.in_transit.fetch_sub(1, Ordering::Relaxed);
                 return Err(BatchError::QueueFull);
             }
+            let transit = Transit {
+                state: job.state.clone(),
+                in_transit: self.in_transit.clone(),
+            };
             // Counted before sending so the worker's decrement can never come first.
             self.metrics.queue_depth.add(n);
             // A plain send: the packer's thread wakes at once, with no hop in between.
             if tx.send(Event::Job(job)).is_err() {
                 self.metrics.queue_depth.sub(n);
-                self.in_transit.fetch_sub(1, Ordering::Relaxed);
-                return Err(BatchError::Stopped);
+                return Err(BatchError::Stopped); // `transit` gives the place back
             }
-        }
-        rx.await.map_err(|_| BatchError::Stopped)?
+            transit
+        };
+        let answer = rx.await.map_err(|_| BatchError::Stopped)?;
+        drop(transit);
+        answer
     }
 
     /// Whether the worker thread is still running.
@@ -262,11 +302,15 @@ impl Batcher {
 
     /// Closes the queue and waits for the worker to finish what is queued. Blocks.
     pub fn close(&self) {
-        if let Ok(mut tx) = self.tx.lock() {
-            if let Some(tx) = tx.take() {
-                let _ = tx.send(Event::Closed);
-            }
+        // a poisoned lock still holds the sender: the packer must hear `Closed` to finish
+        let mut tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(tx) = tx.take() {
+            let _ = tx.send(Event::Closed);
         }
+        drop(tx);
         let handle = self.worker.lock().ok().and_then(|mut w| w.take());
         if let Some(h) = handle {
             let _ = h.join();
@@ -384,6 +428,17 @@ fn packer(
         for event in std::iter::once(first).chain(std::iter::from_fn(|| inbox.try_recv().ok())) {
             match event {
                 Event::Job(job) => {
+                    let take = job.state.compare_exchange(
+                        IN_TRANSIT,
+                        TAKEN,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    if take.is_err() {
+                        // its request is gone (and gave its place back): never run it
+                        metrics.queue_depth.sub(job.seqs.len() as i64);
+                        continue;
+                    }
                     in_transit.fetch_sub(1, Ordering::Relaxed);
                     jobs.push_back((next_id, job));
                     next_id += 1;
@@ -509,12 +564,15 @@ fn deliver(
                 (job.first_start, job.last_end) = (Some(first), Some(last));
                 if job.done == job.seqs.len() {
                     if let Some((_, job)) = jobs.remove(at) {
-                        let stages = &metrics.stages;
-                        let since = |a: Instant, b: Instant| b.saturating_duration_since(a);
-                        stages
-                            .queue
-                            .observe(since(job.enqueued, first).as_secs_f64());
-                        stages.engine.observe(since(first, last).as_secs_f64());
+                        // only answered requests are timed (every stage once per answer)
+                        if !job.reply.is_closed() {
+                            let stages = &metrics.stages;
+                            let since = |a: Instant, b: Instant| b.saturating_duration_since(a);
+                            stages
+                                .queue
+                                .observe(since(job.enqueued, first).as_secs_f64());
+                            stages.engine.observe(since(first, last).as_secs_f64());
+                        }
                         let _ = job.reply.send(Ok(Embedded {
                             rows: job.out,
                             engine_done: last,
@@ -619,6 +677,60 @@ mod tests {
         assert_eq!(m.batch_duration.get_sample_count(), 4);
         assert_eq!(m.stages.queue.get_sample_count(), 1);
         assert_eq!(m.stages.engine.get_sample_count(), 1);
+    }
+
+    /// Requests whose clients give up while the engine is busy (their futures dropped with
+    /// their jobs still in the packer's inbox) give their places back at once and are never
+    /// run: a live request right after them is queued, not refused as `QueueFull`, even though
+    /// as many jobs as the capacity were sent before it.
+    #[test]
+    fn abandoned_requests_free_their_places_and_never_run() {
+        let (seen_tx, seen) = std_mpsc::channel();
+        let (started_tx, started) = std_mpsc::channel();
+        let (gate_tx, gate) = std_mpsc::channel::<()>();
+        let mut inner = fake(seen_tx);
+        let mut first = true;
+        let engine: EmbedFn = Box::new(move |b: &PackedBatch| {
+            if std::mem::take(&mut first) {
+                let _ = started_tx.send(());
+                let _ = gate.recv(); // the first forward is held until the test opens it
+            }
+            inner(b)
+        });
+        let m = Arc::new(Metrics::new().unwrap());
+        let b = Arc::new(Batcher::start(engine, 2, 64, 2, m.clone()).unwrap());
+        let rt = rt_multi();
+        let a = rt.spawn({
+            let b = b.clone();
+            async move { b.embed(vec![vec![1, 1]]).await }
+        });
+        started.recv().unwrap(); // A's forward is running and holds the packer
+        rt.block_on(async {
+            for id in [2u32, 3] {
+                // sent, then dropped when the client gives up
+                let gave_up = tokio::time::timeout(
+                    std::time::Duration::from_millis(20),
+                    b.embed(vec![vec![id; 3]]),
+                );
+                assert!(
+                    gave_up.await.is_err(),
+                    "request {id} was answered while the engine was held"
+                );
+            }
+        });
+        let d = rt.spawn({
+            let b = b.clone();
+            async move { b.embed(vec![vec![4]]).await }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        gate_tx.send(()).unwrap();
+        assert_eq!(rt.block_on(a).unwrap().unwrap(), vec![1.0, 2.0]);
+        assert_eq!(rt.block_on(d).unwrap().unwrap(), vec![4.0, 1.0]);
+        b.close();
+        // the engine saw A's and D's texts only
+        assert_eq!(seen.try_iter().collect::<Vec<_>>(), vec![vec![2], vec![1]]);
+        assert_eq!(m.queue_depth.get(), 0);
+        assert_eq!(m.stages.queue.get_sample_count(), 2);
     }
 
     #[test]
