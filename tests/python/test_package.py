@@ -95,10 +95,16 @@ def test_allow_empty_equals_cli(model, tmp_path):
 
 def test_threads_and_batch_budget_do_not_change_vectors(model):
     want = model.encode(TEXTS * 3, kind="document")
-    for m in (sgpt.Model(MODEL, device="cpu", threads=1),
-              sgpt.Model(MODEL, device="cpu", max_batch_tokens=300)):
-        assert np.array_equal(m.encode(TEXTS * 3, kind="document"), want)
-    assert sgpt.Model(MODEL, device="cpu", threads=1).info["threads"] == 1
+    # The thread count splits the same products differently, never a sum: bit for bit.
+    one_thread = sgpt.Model(MODEL, device="cpu", threads=1)
+    assert np.array_equal(one_thread.encode(TEXTS * 3, kind="document"), want)
+    assert one_thread.info["threads"] == 1
+    # Another batch budget packs the texts into other batches; a batch of <= 32 tokens takes the
+    # CPU's other product (docs/semantics.md, batch invariance): equal up to float rounding,
+    # within the bound of the Rust batch-invariance tests (1e-6 + 1e-5 |x|).
+    got = sgpt.Model(MODEL, device="cpu", max_batch_tokens=300).encode(TEXTS * 3, kind="document")
+    worst = np.abs(got - want) - (1e-6 + 1e-5 * np.abs(want))
+    assert worst.max() <= 0, f"worst element {np.unravel_index(worst.argmax(), worst.shape)}: {np.abs(got - want).max():e}"
 
 
 def test_single_string_gives_one_vector_and_empty_list_none(model):
