@@ -28,6 +28,8 @@ if os.environ.get("SGPT_REQUIRE_PACKAGE") == "1":
 else:
     sgpt = pytest.importorskip("sgpt", reason="the sgpt package is not installed: pip install ./python")
 
+from sgpt_cli import embed_jsonl  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("SGPT_BIN", ROOT / "target" / "debug" / "sgpt"))
 MODEL = ROOT / "models" / "sgpt-tiny"
@@ -50,18 +52,6 @@ def cli_embed(texts: list[str], tmp_path: Path, *flags: str) -> np.ndarray:
     subprocess.run(
         [str(BIN), "embed", "--model", str(MODEL), "--quiet", "--device", "cpu",
          "-o", str(out), *flags, "--", *texts],
-        check=True, capture_output=True, text=True, timeout=TIMEOUT,
-    )
-    return np.load(out)
-
-
-def cli_embed_jsonl(lines: list[dict], tmp_path: Path, *flags: str) -> np.ndarray:
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    out = tmp_path / "cli-jsonl.npy"
-    subprocess.run(
-        [str(BIN), "embed", "--model", str(MODEL), "--quiet", "--device", "cpu",
-         "--input", str(src), "-o", str(out), *flags],
         check=True, capture_output=True, text=True, timeout=TIMEOUT,
     )
     return np.load(out)
@@ -152,7 +142,7 @@ def test_encode_corpus_joins_titles_as_the_cli(model, tmp_path):
     assert np.array_equal(got, model.encode(joined, kind="document"))
     # `sgpt embed` joins a JSONL "title" with the library's join_title
     lines = [dict(d, kind="document") for d in CORPUS]
-    assert np.array_equal(got, cli_embed_jsonl(lines, tmp_path))
+    assert np.array_equal(got, embed_jsonl(lines, tmp_path, timeout=TIMEOUT))
     # BEIR's dict-of-lists form
     as_lists = {"title": [d.get("title", "") for d in CORPUS], "text": [d["text"] for d in CORPUS]}
     assert np.array_equal(model.encode_corpus(as_lists, batch_size=2), got)

@@ -38,6 +38,8 @@ else:
 
     import sgpt.ray
 
+from sgpt_cli import embed_jsonl  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("SGPT_BIN", ROOT / "target" / "debug" / "sgpt"))
 MODEL = ROOT / "models" / "sgpt-tiny"
@@ -58,18 +60,8 @@ DOCS = [
 
 def cli_embed_jsonl(rows: list[dict], tmp_path: Path, *flags: str) -> np.ndarray:
     """`sgpt embed` on the rows as JSONL ({"text", "title"} per line): its .npy."""
-    if not BIN.exists():
-        pytest.fail(f"{BIN} not found: run `cargo build` first (tools/test.sh does)")
-    n = len(list(tmp_path.iterdir()))
-    src, out = tmp_path / f"cli-{n}.jsonl", tmp_path / f"cli-{n}.npy"
     lines = [{"text": r["text"], **({"title": r["title"]} if r.get("title") else {})} for r in rows]
-    src.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    subprocess.run(
-        [str(BIN), "embed", "--model", str(MODEL), "--quiet", "--device", "cpu",
-         "--input", str(src), "-o", str(out), *flags],
-        check=True, capture_output=True, text=True, timeout=TIMEOUT,
-    )
-    return np.load(out)
+    return embed_jsonl(lines, tmp_path, *flags, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
