@@ -121,7 +121,9 @@ fn the_server_deals_to_every_replica_and_survives_a_failing_one() {
         )
     };
 
-    // Concurrent clients: every answer equal to one engine's, whichever replica ran it.
+    // Concurrent clients: every answer equal to one engine's, whichever replica ran it, up to the
+    // batch-invariance bound (docs/semantics.md): concurrent texts may share a batch, and a
+    // batch of > 32 tokens takes another CPU product than one text alone.
     std::thread::scope(|s| {
         for c in 0..4 {
             let ask = &ask;
@@ -132,7 +134,7 @@ fn the_server_deals_to_every_replica_and_survives_a_failing_one() {
                     let r = ask(&t);
                     assert_eq!(r.status, 200, "{}", r.text());
                     let got: Vec<f32> = serde_json::from_value(r.json()[0].clone()).unwrap();
-                    assert_eq!(got, want(&t), "{t}");
+                    common::assert_close(&t, &got, &want(&t), 1e-6, 1e-5);
                 }
             });
         }
