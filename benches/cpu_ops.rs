@@ -4,7 +4,10 @@
 //! one size with e.g. `cargo bench --bench cpu_ops -- cpu_h1024_T512`.
 //! Inputs are seeded pseudo-random values, never zeros. A second group times the linear layers
 //! at query size (1–64 tokens) at hidden 1024 and 2048: the skinny product against the `gemm`
-//! crate's, next to a plain read of the same weights (the memory floor of both).
+//! crate's, next to a plain read of the same weights (the memory floor of both). A third times
+//! a corpus batch's projections (128, 512, 2048 tokens, hidden 2048) as `linear` runs them (one
+//! single-threaded product per thread on its share of the output columns, src/backend/cpu/gemm.rs)
+//! against the `gemm` crate's own threading of the same product.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sgpt::backend::cpu::attention::{alibi_attention, alibi_slopes};
@@ -125,7 +128,7 @@ fn small_batches(c: &mut Criterion) {
             g.bench_function(format!("{name}/read_weights"), |bch| {
                 bch.iter(|| read_all(w()))
             });
-            for t in [1, 4, 8, 12, 16, 24, 32, 64] {
+            for t in [1, 4, 8, 12, 16, 24, 32, 48, 64] {
                 let x = rand_vec(t * n_in, 4);
                 let mut o = vec![0f32; t * n_out];
                 g.bench_function(format!("{name}/skinny/{t}"), |bch| {
@@ -140,5 +143,54 @@ fn small_batches(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, ops, small_batches);
+fn corpus_threads(c: &mut Criterion) {
+    for t in [128, 512, 2048] {
+        corpus_threads_at(c, t);
+    }
+}
+
+fn corpus_threads_at(c: &mut Criterion, t: usize) {
+    let h = 2048;
+    let mut g = c.benchmark_group(format!("cpu_gemm_threads_h{h}_T{t}"));
+    g.sample_size(10);
+    for (name, n_out, n_in) in [("qkv", 3 * h, h), ("fc1", 4 * h, h), ("fc2", h, 4 * h)] {
+        let x = rand_vec(t * n_in, 5);
+        let w = rand_vec(n_out * n_in, 6);
+        let mut o = vec![0f32; t * n_out];
+        g.throughput(Throughput::Elements((2 * t * n_out * n_in) as u64)); // FLOPs
+        g.bench_function(format!("{name}/column_split"), |b| {
+            b.iter(|| gemm_acc(&x, &w, n_out, &mut o))
+        });
+        g.bench_function(format!("{name}/crate_threads"), |b| {
+            // SAFETY: as gemm_acc's call: o is [t, n_out], x [t, n_in], w [n_out, n_in] read as
+            // its transpose; all three are exactly that long.
+            b.iter(|| unsafe {
+                gemm::gemm(
+                    t,
+                    n_out,
+                    n_in,
+                    o.as_mut_ptr(),
+                    1,
+                    n_out as isize,
+                    true,
+                    x.as_ptr(),
+                    1,
+                    n_in as isize,
+                    w.as_ptr(),
+                    n_in as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, ops, small_batches, corpus_threads);
 criterion_main!(benches);
