@@ -123,7 +123,7 @@ fn the_server_deals_to_every_replica_and_survives_a_failing_one() {
 
     // Concurrent clients: every answer equal to one engine's, whichever replica ran it, up to the
     // batch-invariance bound (docs/semantics.md): concurrent texts may share a batch, and a
-    // batch of > 32 tokens takes another CPU product than one text alone.
+    // batch of > 48 tokens (skinny::MAX_ROWS) takes another CPU product than one text alone.
     std::thread::scope(|s| {
         for c in 0..4 {
             let ask = &ask;

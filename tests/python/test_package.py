@@ -89,7 +89,7 @@ def test_threads_and_batch_budget_do_not_change_vectors(model):
     one_thread = sgpt.Model(MODEL, device="cpu", threads=1)
     assert np.array_equal(one_thread.encode(TEXTS * 3, kind="document"), want)
     assert one_thread.info["threads"] == 1
-    # Another batch budget packs the texts into other batches; a batch of <= 32 tokens takes the
+    # Another batch budget packs the texts into other batches; a batch of <= 48 tokens takes the
     # CPU's other product (docs/semantics.md, batch invariance): equal up to float rounding,
     # within the bound of the Rust batch-invariance tests (1e-6 + 1e-5 |x|).
     got = sgpt.Model(MODEL, device="cpu", max_batch_tokens=300).encode(TEXTS * 3, kind="document")

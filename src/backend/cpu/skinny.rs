@@ -16,10 +16,11 @@
 use rayon::prelude::*;
 
 /// The largest batch (in tokens) that [`crate::backend::cpu::linear::linear`] sends here: up to
-/// 32 rows this product took 0.4–0.8× the `gemm` crate's time at hidden 2048 (fc1 and fc2,
-/// AVX-512, 2 cores; docs/bench/cpu-linear-small-2026-12-02.txt), at 64 it took 1.0–1.1×.
+/// 48 rows this product took less time than the `gemm` crate at hidden 2048 in every run (fc1
+/// and fc2, AVX-512, 2 cores; at 48 rows 0.55–0.88×: docs/bench/cpu-linear-small-2026-12-02-2.txt);
+/// at 64 the runs disagree (0.73–1.16×).
 /// `cargo bench --bench cpu_ops -- cpu_linear_small` times both.
-pub const MAX_ROWS: usize = 32;
+pub const MAX_ROWS: usize = 48;
 
 /// W rows per parallel task: 64 rows of 2048–8192 inputs are 0.5–2 MB of weights, enough to
 /// make the hand-off cheap, and N / 64 tasks spread over the cores.
@@ -131,8 +132,10 @@ fn tail(x: &[f32], w: &[f32]) -> f32 {
 mod simd {
     use std::arch::x86_64::*;
 
-    /// k is walked in blocks of this many values so that a block of x (T rows) and of the W
-    /// rows of a tile stays in L1 (16 KB at T = 12) while every group of x rows passes over it.
+    /// k is walked in blocks of this many values so that a block of x (T rows, T KB) and of the
+    /// W rows of a tile stays in L1 (16 KB at T = 12) while every group of x rows passes over
+    /// it; towards T = 48 the x block (48 KB) outgrows a 32–48 KB L1 and is partly served from
+    /// L2 — measured still faster than the packed GEMM there (see MAX_ROWS).
     const KB: usize = 256;
 
     #[derive(Clone, Copy, Debug)]
