@@ -701,12 +701,24 @@ fn bench_reports_throughput_ceilings_and_refuses_bad_requests() {
         "8",
         "--latency-reps",
         "2",
+        "--corpus-reps",
+        "3",
         "--json",
         &m(&out),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    // Three corpus passes, the fastest reported.
+    let passes: Vec<f64> = v["corpus_pass_seconds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(passes.len(), 3, "{v}");
+    let best = passes.iter().copied().fold(f64::INFINITY, f64::min);
+    assert_eq!(v["corpus_seconds"].as_f64().unwrap(), best, "{v}");
     for key in [
         "tokens_per_s",
         "mfu",
