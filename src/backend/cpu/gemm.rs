@@ -61,9 +61,10 @@ pub unsafe fn matmul(
                 s.spawn(move |_| {
                     // SAFETY: columns c0..c0+cols of dst and of rhs lie inside the shapes the
                     // caller vouched for; the ranges of different tasks are disjoint, so no two
-                    // tasks write the same dst element, and lhs and rhs are only read.
+                    // tasks write the same dst element, and lhs and rhs are only read. With
+                    // Parallelism::None this call is the single crate call below.
                     unsafe {
-                        product(
+                        matmul(
                             (m, cols, k),
                             (d as *mut f32).add(c0),
                             dst_rs,
@@ -78,37 +79,8 @@ pub unsafe fn matmul(
                 });
             }
         });
-    } else {
-        product(
-            (m, n, k),
-            dst,
-            dst_rs,
-            lhs,
-            (lhs_rs, lhs_cs),
-            rhs,
-            (rhs_rs, rhs_cs),
-            accumulate,
-            parallelism,
-        );
+        return;
     }
-}
-
-/// [`matmul`] in one call to the crate, threaded as `parallelism` says.
-///
-/// # Safety
-/// As [`matmul`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-    accumulate: bool,
-    parallelism: Parallelism,
-) {
     // gemm computes dst = alpha·dst + beta·lhs·rhs, reading dst only when asked to.
     let alpha = if accumulate { 1.0 } else { 0.0 };
     gemm::gemm(
