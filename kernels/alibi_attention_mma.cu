@@ -25,34 +25,6 @@
 #define MMA_BQ 64  // query rows per block (4 warps × 16)
 #define MMA_BK 64  // keys per tile
 
-template <typename T> struct Mma;
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ u32 pack(float lo, float hi) {
-        __half2 v = __floats2half2_rn(lo, hi);
-        return *reinterpret_cast<u32*>(&v);
-    }
-    static __device__ __forceinline__ void run(float* d, const u32* a, u32 b0, u32 b1) {
-        asm(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ u32 pack(float lo, float hi) {
-        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<u32*>(&v);
-    }
-    static __device__ __forceinline__ void run(float* d, const u32* a, u32 b0, u32 b1) {
-        asm(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-
 // Two T values (lower index in the low half), as one 32-bit operand register.
 template <typename T> __device__ __forceinline__ u32 pair(const T* lo, const T* hi) {
     const unsigned short l = *reinterpret_cast<const unsigned short*>(lo);
@@ -132,7 +104,7 @@ __device__ void alibi_attention_mma(const T* __restrict__ qkv, const int* __rest
             for (int k = 0; k < KS; ++k) {
                 const u32 b0 = *reinterpret_cast<const u32*>(krow + k * 16);
                 const u32 b1 = *reinterpret_cast<const u32*>(krow + k * 16 + 8);
-                Mma<T>::run(sc[b], qf[k], b0, b1);
+                mma_16816<T>(sc[b], qf[k], b0, b1);
             }
         }
 
@@ -184,17 +156,17 @@ __device__ void alibi_attention_mma(const T* __restrict__ qkv, const int* __rest
 #pragma unroll
         for (int kk = 0; kk < MMA_BK / 16; ++kk) {
             u32 a[4];
-            a[0] = Mma<T>::pack(sc[2 * kk][0], sc[2 * kk][1]);
-            a[1] = Mma<T>::pack(sc[2 * kk][2], sc[2 * kk][3]);
-            a[2] = Mma<T>::pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-            a[3] = Mma<T>::pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+            a[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+            a[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+            a[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            a[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
             const T* v0 = Vs + (kk * 16 + 2 * c) * LD + g;  // B(k, n) = V[key k][dim n]
 #pragma unroll
             for (int b = 0; b < NO; ++b) {
                 const T* v = v0 + b * 8;
                 const u32 b0 = pair(v, v + LD);
                 const u32 b1 = pair(v + 8 * LD, v + 9 * LD);
-                Mma<T>::run(o[b], a, b0, b1);
+                mma_16816<T>(o[b], a, b0, b1);
             }
         }
     }
@@ -207,7 +179,7 @@ __device__ void alibi_attention_mma(const T* __restrict__ qkv, const int* __rest
         T* out = ctx + (long)(start + rows[r]) * heads * D + (long)h * D + 2 * c;
 #pragma unroll
         for (int b = 0; b < NO; ++b)
-            *reinterpret_cast<u32*>(out + b * 8) = Mma<T>::pack(o[b][2 * r] * inv, o[b][2 * r + 1] * inv);
+            *reinterpret_cast<u32*>(out + b * 8) = pack2<T>(o[b][2 * r] * inv, o[b][2 * r + 1] * inv);
     }
 }
 

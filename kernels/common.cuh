@@ -69,3 +69,63 @@ __device__ __forceinline__ float alibi_slope(int h, int n) {
     while (p * 2 <= n) p *= 2;
     return h < p ? exp2f(-8.f * (h + 1) / p) : exp2f(-4.f * (2 * (h - p) + 1) / p);
 }
+
+// ---- Tensor-core building blocks (sm_80+; see the PTX ISA for the fragment layouts) ----------
+// mma.sync.m16n8k16, g = lane / 4, c = lane % 4: A (16×16, row-major) a0 (g, 2c..2c+1),
+// a1 (g+8, 2c..), a2 (g, 2c+8..), a3 (g+8, 2c+8..); B (16×8, "col": k × n) b0 (k 2c..2c+1, n g),
+// b1 (k 2c+8.., n g); C/D (16×8, f32) c0 c1 (g, 2c..2c+1), c2 c3 (g+8, 2c..2c+1).
+
+// Two values rounded to T, the lower index in the low half: one operand register.
+template <typename T> __device__ __forceinline__ u32 pack2(float lo, float hi);
+template <> __device__ __forceinline__ u32 pack2<__half>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+template <> __device__ __forceinline__ u32 pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+
+// d += a·b on tensor cores, T inputs, f32 accumulation.
+template <typename T> __device__ __forceinline__ void mma_16816(float* d, const u32* a, u32 b0, u32 b1);
+template <> __device__ __forceinline__ void mma_16816<__half>(float* d, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float* d, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8×8 b16 matrices from shared memory: lanes 8i .. 8i+7 give the 16-byte row addresses of
+// matrix i (`row`: a shared-window address, smem_addr). Without .trans, r[i] of lane l holds row
+// l/4, columns 2(l%4) and 2(l%4)+1 of matrix i; with .trans, rows 2(l%4) and 2(l%4)+1 of column
+// l/4 (the transpose's fragment).
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ldmatrix_x4(u32* r, u32 row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(row));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, u32 row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(row));
+}
+
+// 16 bytes global -> shared without passing through registers (cp.async, L2 only); zeros
+// instead when !fill (src is then not read, but must still be a valid address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) {
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    const int n = fill ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits for every cp.async this thread issued; a __syncthreads() after it publishes them to all.
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }

@@ -538,11 +538,16 @@ fn kernel_choices_are_typed_flags() {
     let model = m(&tiny_model());
     let o = sgpt(&["embed", "-m", &model, "--attention", "v9", "x"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("auto, v1, tc, mma"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("auto, v1, tc, mma, mma2"),
+        "{}",
+        stderr(&o)
+    );
     let o = sgpt(&["embed", "-m", &model, "--gemm", "cutlass", "x"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     for flags in [
         &["--attention", "mma"][..],
+        &["--attention", "mma2"][..],
         &["--gemm", "skinny"][..],
         &["--cuda-graphs"][..],
     ] {

@@ -198,7 +198,9 @@ fn layernorms_match_cpu() {
 
 fn attention<T: Act>(g: &Gpu) {
     // ragged batches with sequences of length 1 and across warp/tile edges
-    let cases: [(&[usize], usize, usize); 7] = [
+    // and more than 32 sequences (version 4 finds its tile 32 sequences at a time)
+    let many: Vec<usize> = (0..70).map(|i| (i * 37) % 150 + 1).collect();
+    let cases: [(&[usize], usize, usize); 9] = [
         (&[1], 16, 64),
         (&[1, 33, 2, 300], 16, 64),
         (&[299, 5, 1, 64], 32, 128),
@@ -206,6 +208,8 @@ fn attention<T: Act>(g: &Gpu) {
         (&[1, 40, 65], 112, 128),
         (&[3, 77, 128], 8, 96),
         (&[63, 1, 200], 4, 16),
+        (&[128, 129, 192, 255, 256, 257], 2, 128),
+        (&many, 4, 64),
     ];
     for (lens, heads, d) in cases {
         let mut cu = vec![0usize];
@@ -227,23 +231,39 @@ fn attention<T: Act>(g: &Gpu) {
         let cu32: Vec<i32> = cu.iter().map(|&c| c as i32).collect();
         let (dq, dcu) = (up::<T>(g, &qkv), g.s.clone_htod(&cu32).unwrap());
         let (n_seqs, max_len) = (lens.len(), *lens.iter().max().unwrap());
-        // versions 2 (tensor cores) and 3 (register tiles) round the probabilities to T once
-        // more than version 1, within the same bound
+        // versions 2 (tensor cores), 3 and 4 (register tiles) round the probabilities to T
+        // once more than version 1, within the same bound; version 4 with both tile heights
         for version in [
             "alibi_attention",
             "alibi_attention_tc",
             "alibi_attention_mma",
+            "alibi_attention_mma2_r64",
+            "alibi_attention_mma2_r128",
         ] {
             let mut out = poison::<T>(g, t * h);
+            let (q, cu, o) = (&dq, &dcu, &mut out);
             match version {
-                "alibi_attention" => {
-                    g.k.alibi_attention(&g.s, &dq, &dcu, n_seqs, &mut out, t, heads, d)
-                }
+                "alibi_attention" => g.k.alibi_attention(&g.s, q, cu, n_seqs, o, t, heads, d),
                 "alibi_attention_tc" => {
-                    g.k.alibi_attention_tc(&g.s, &dq, &dcu, n_seqs, max_len, &mut out, t, heads, d)
+                    g.k.alibi_attention_tc(&g.s, q, cu, n_seqs, max_len, o, t, heads, d)
+                }
+                "alibi_attention_mma" => {
+                    g.k.alibi_attention_mma(&g.s, q, cu, n_seqs, max_len, o, t, heads, d)
                 }
                 _ => {
-                    g.k.alibi_attention_mma(&g.s, &dq, &dcu, n_seqs, max_len, &mut out, t, heads, d)
+                    let rows = if version.ends_with("r64") { 64 } else { 128 };
+                    g.k.alibi_attention_mma2(
+                        &g.s,
+                        q,
+                        cu,
+                        n_seqs,
+                        max_len,
+                        o,
+                        t,
+                        heads,
+                        d,
+                        Some(rows),
+                    )
                 }
             }
             .unwrap();

@@ -6,7 +6,7 @@
 #   2. NVRTC compiles every kernel for this card's architecture and sm_80/sm_90, no spills
 #   3. GPU tests: each kernel vs its CPU twin, GEMMs, GPU forward vs CPU and fixtures, batch
 #      invariance (tests/gpu.rs, SGPT_REQUIRE_GPU=1 so nothing skips); the forward again with
-#      every kernel choice (--attention auto|v1|tc|mma × --gemm cublaslt|skinny × --cuda-graphs)
+#      every kernel choice (--attention auto|v1|tc|mma|mma2 × --gemm cublaslt|skinny × --cuda-graphs)
 #      inside tests/gpu.rs itself
 #   4. the CPU path against the fixtures on this machine too (tests/golden.rs)
 #   5. parity against PyTorch/transformers on this GPU at bloom-560m and bloom-7b1 shapes with
@@ -153,6 +153,13 @@ if want tc && fits 40 80 "bench with attention version 3"; then
   timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda --attention mma $ids $base \
     --json "$LOGS/bench-7b1-mma.json" > "$LOGS/bench-mma.txt" 2>&1 || status=1
   grep -E "throughput|latency|MFU|floor|baseline|rror" "$LOGS/bench-mma.txt" | sed 's/^/    /' >> "$report"
+fi
+if want tc && fits 40 80 "bench with attention version 4"; then
+  step "bench mma2"
+  echo -e "\n## The same with attention version 4 (--attention mma2, on trial)" >> "$report"
+  timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda --attention mma2 $ids $base \
+    --json "$LOGS/bench-7b1-mma2.json" > "$LOGS/bench-mma2.txt" 2>&1 || status=1
+  grep -E "throughput|latency|MFU|floor|baseline|rror" "$LOGS/bench-mma2.txt" | sed 's/^/    /' >> "$report"
 fi
 if want tc && fits 40 80 "bench with the skinny GEMM"; then
   step "bench skinny"

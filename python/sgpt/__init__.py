@@ -142,7 +142,7 @@ class Model:
             global pool, all cores; tokenization uses the global pool either way). 1 to 4 × the
             cores.
         attention, gemm, cuda_graphs: the GPU kernel choices, as the CLI's ``--attention``
-            (auto, v1, tc, mma), ``--gemm`` (cublaslt, skinny) and ``--cuda-graphs``; anything
+            (auto, v1, tc, mma, mma2), ``--gemm`` (cublaslt, skinny) and ``--cuda-graphs``; anything
             but the defaults with device="cpu" is a ValueError.
 
     Raises:

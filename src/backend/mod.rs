@@ -124,6 +124,25 @@ pub enum AttentionKernel {
     /// Version 3: FlashAttention-2-style register tiles with mma.sync. On trial: never run on
     /// a GPU yet; head dims it lacks fall back to auto.
     Mma,
+    /// Version 4: version 3 with ldmatrix fragments, cp.async K/V tiles overlapped with
+    /// compute, a base-2 softmax masked only on diagonal tiles, no empty blocks, and 128-row
+    /// query tiles for long sequences. On trial: never run on a GPU yet; head dims it lacks
+    /// fall back to auto.
+    Mma2,
+}
+
+impl AttentionKernel {
+    /// Written and compile-checked but never run on a GPU: opt-in only, tested last.
+    pub fn on_trial(self) -> bool {
+        matches!(self, AttentionKernel::Mma | AttentionKernel::Mma2)
+    }
+}
+
+impl GemmKernel {
+    /// Written and compile-checked but never run on a GPU: opt-in only, tested last.
+    pub fn on_trial(self) -> bool {
+        self == GemmKernel::Skinny
+    }
 }
 
 /// The GEMM path of the CUDA backend.
@@ -191,9 +210,7 @@ impl KernelChoices {
                 }
             }
         }
-        v.sort_by_key(|k| {
-            u8::from(k.attention == AttentionKernel::Mma) + u8::from(k.gemm == GemmKernel::Skinny)
-        });
+        v.sort_by_key(|k| u8::from(k.attention.on_trial()) + u8::from(k.gemm.on_trial()));
         v
     }
 }
@@ -221,13 +238,15 @@ mod tests {
     #[test]
     fn every_configuration_once_defaults_first() {
         let all = KernelChoices::all();
-        assert_eq!(all.len(), 4 * 2 * 2);
+        assert_eq!(all.len(), 5 * 2 * 2);
         assert_eq!(all[0], KernelChoices::default());
         let unique: std::collections::HashSet<_> = all.iter().collect();
         assert_eq!(unique.len(), all.len());
         // Proven choices before those on trial, so a trial's failure cannot hide them.
-        let trial =
-            |k: &KernelChoices| k.attention == AttentionKernel::Mma || k.gemm == GemmKernel::Skinny;
+        let trial = |k: &KernelChoices| {
+            matches!(k.attention, AttentionKernel::Mma | AttentionKernel::Mma2)
+                || k.gemm == GemmKernel::Skinny
+        };
         let first_trial = all.iter().position(trial).unwrap();
         assert!(all[first_trial..].iter().all(trial), "{all:?}");
     }
@@ -237,7 +256,7 @@ mod tests {
         assert_eq!("mma".parse::<AttentionKernel>(), Ok(AttentionKernel::Mma));
         assert_eq!("skinny".parse::<GemmKernel>(), Ok(GemmKernel::Skinny));
         let e = "v9".parse::<AttentionKernel>().unwrap_err();
-        assert!(e.contains("expected one of auto, v1, tc, mma"), "{e}");
+        assert!(e.contains("expected one of auto, v1, tc, mma, mma2"), "{e}");
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub(crate) struct EngineArgs {
     #[arg(long)]
     max_batch_tokens: Option<usize>,
     /// GPU attention kernel: auto (measured rule: v1 below 128 tokens, tc from 128), v1, tc,
-    /// or mma (on trial: never run on a GPU yet).
+    /// or mma and mma2 (versions 3 and 4, on trial: never run on a GPU yet).
     #[arg(long, value_enum, default_value = "auto")]
     attention: AttentionKernel,
     /// GPU GEMM path: cublaslt, or skinny for batches of at most 16 tokens (on trial: never run

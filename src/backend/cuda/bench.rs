@@ -94,6 +94,8 @@ pub const OPS: &[&str] = &[
     "alibi_attention",
     "alibi_attention_tc",
     "alibi_attention_mma",
+    "alibi_attention_mma2_r64",
+    "alibi_attention_mma2_r128",
     "bias_gelu",
     "final_norm_pool",
     "gemm_qkv",
@@ -213,9 +215,11 @@ impl<'k, T: Act> KernelBench<'k, T> {
         match op {
             "embedding_layernorm" => (t * h * (a + 4.0), 0.0),
             "add_layernorm" => (t * h * (4.0 + a + 4.0 + a), 0.0),
-            "alibi_attention" | "alibi_attention_tc" | "alibi_attention_mma" => {
-                (t * h * 4.0 * a, 4.0 * h * pairs)
-            }
+            "alibi_attention"
+            | "alibi_attention_tc"
+            | "alibi_attention_mma"
+            | "alibi_attention_mma2_r64"
+            | "alibi_attention_mma2_r128" => (t * h * 4.0 * a, 4.0 * h * pairs),
             "bias_gelu" => (t * 4.0 * h * 2.0 * a, 0.0),
             "final_norm_pool" => (2.0 * t * h * (4.0 + a), 0.0), // two passes over x + y
             "gemm_qkv" | "skinny_qkv" => gemm(h, 3.0 * h),
@@ -289,6 +293,18 @@ impl<'k, T: Act> KernelBench<'k, T> {
                 t,
                 n,
                 d,
+            ),
+            "alibi_attention_mma2_r64" | "alibi_attention_mma2_r128" => k.alibi_attention_mma2(
+                s,
+                &self.qkv,
+                &self.cu,
+                self.seqs,
+                self.len,
+                &mut self.ctx,
+                t,
+                n,
+                d,
+                Some(if op.ends_with("r64") { 64 } else { 128 }),
             ),
             "bias_gelu" => k.bias_gelu(s, &mut self.m, &self.b_f, t),
             "final_norm_pool" => k.final_norm_pool(

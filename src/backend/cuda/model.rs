@@ -16,7 +16,9 @@ use cudarc::driver::{
 
 use crate::backend::batch::PackedBatch;
 use crate::backend::cuda::gemm::Gemm;
-use crate::backend::cuda::ops::{skinny_fits, Act, Kernels, ATTENTION_MMA_DIMS};
+use crate::backend::cuda::ops::{
+    skinny_fits, Act, Kernels, ATTENTION_MMA2_DIMS, ATTENTION_MMA_DIMS,
+};
 use crate::backend::{AttentionKernel, GemmKernel, KernelChoices};
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
@@ -191,12 +193,14 @@ unsafe impl Send for Graph {}
 /// The kernel a batch whose longest sequence is `longest` gets at head dim `d`, under the
 /// choice `k`. Measured on an H200 at bloom-7b1 shape (docs/device-runs/): tc is 2.0× faster
 /// than v1 at 16 × 300 tokens (1.47 vs 3.00 ms), v1 1.2× faster at 64 × 80 tokens (0.93 vs
-/// 1.16 ms) and 2.3× at one 12-token query, so `Auto` picks tc from 128 tokens on. `Mma` (on
-/// trial, never run on a GPU yet) covers only some head dims; the others fall back to `Auto`.
+/// 1.16 ms) and 2.3× at one 12-token query, so `Auto` picks tc from 128 tokens on. `Mma` and
+/// `Mma2` (on trial, never run on a GPU yet) cover only some head dims; the others fall back to
+/// `Auto`.
 fn pick_attention(k: AttentionKernel, longest: usize, d: usize) -> AttentionKernel {
     const TC_FROM_LEN: usize = 128;
     match k {
         AttentionKernel::Mma if ATTENTION_MMA_DIMS.contains(&d) => AttentionKernel::Mma,
+        AttentionKernel::Mma2 if ATTENTION_MMA2_DIMS.contains(&d) => AttentionKernel::Mma2,
         AttentionKernel::V1 | AttentionKernel::Tc => k,
         _ if longest >= TC_FROM_LEN => AttentionKernel::Tc,
         _ => AttentionKernel::V1,
@@ -485,6 +489,9 @@ impl<T: Act> CudaModel<T> {
                 AttentionKernel::Mma => {
                     k.alibi_attention_mma(s, qkv, cu, s_count, max_len, ctx, t, n, d)?
                 }
+                AttentionKernel::Mma2 => {
+                    k.alibi_attention_mma2(s, qkv, cu, s_count, max_len, ctx, t, n, d, None)?
+                }
                 AttentionKernel::Tc => {
                     k.alibi_attention_tc(s, qkv, cu, s_count, max_len, ctx, t, n, d)?
                 }
@@ -595,7 +602,7 @@ impl<T: Act> crate::backend::Backend for CudaModel<T> {
 #[cfg(test)]
 mod tests {
     use super::pick_attention;
-    use crate::backend::AttentionKernel::{Auto, Mma, Tc, V1};
+    use crate::backend::AttentionKernel::{Auto, Mma, Mma2, Tc, V1};
 
     #[test]
     fn attention_kernel_by_length_and_head_dim() {
@@ -608,5 +615,7 @@ mod tests {
         assert_eq!(pick_attention(Mma, 12, 80), Mma);
         assert_eq!(pick_attention(Mma, 12, 32), V1);
         assert_eq!(pick_attention(Mma, 300, 32), Tc);
+        assert_eq!(pick_attention(Mma2, 12, 128), Mma2);
+        assert_eq!(pick_attention(Mma2, 12, 32), V1);
     }
 }

@@ -117,6 +117,45 @@ fn check_attention<T>(
 /// Head dims with a version-3 attention kernel (one instantiation each, kernels/alibi_attention_mma.cu).
 pub const ATTENTION_MMA_DIMS: [usize; 5] = [16, 64, 80, 96, 128];
 
+/// Head dims with a version-4 attention kernel (kernels/alibi_attention_mma2.cu).
+pub const ATTENTION_MMA2_DIMS: [usize; 5] = [16, 64, 80, 96, 128];
+
+/// Query rows per block of version 4 for a batch whose longest sequence is `max_len`: 128
+/// (two m16 tiles per warp, so each K and V fragment read from shared memory feeds two
+/// tensor-core ops) once a sequence spans three 64-row tiles, else 64 (short sequences would
+/// leave most of a 128-row tile empty). A prediction, to be settled by `sgpt bench kernels`.
+pub fn attention_mma2_rows(max_len: usize) -> usize {
+    if max_len >= 192 {
+        128
+    } else {
+        64
+    }
+}
+
+/// Keys per K/V tile of version 4: 64 with 64 query rows, 32 with 128 (the registers of two
+/// m16 tiles of 64 scores pushed head dim 128 into spills).
+pub fn attention_mma2_keys(rows: usize) -> usize {
+    if rows == 128 {
+        32
+    } else {
+        64
+    }
+}
+
+/// Dynamic shared memory of version 4: a Q tile of `rows` rows and one K and one V tile,
+/// rows padded by 8 elements of 2 bytes.
+pub fn attention_mma2_smem(d: usize, rows: usize) -> usize {
+    (rows + 2 * attention_mma2_keys(rows)) * (d + 8) * 2
+}
+
+/// Blocks version 4 launches: an upper bound of Σ ⌈n_s / rows⌉ over the batch's sequences that
+/// depends only on (tokens, sequences, longest), the key of a captured CUDA graph — at most
+/// ⌈longest / rows⌉ tiles per sequence, and at most (tokens + sequences·(rows − 1)) / rows in
+/// all. Blocks past the true count exit at once.
+pub fn attention_mma2_blocks(tokens: usize, seqs: usize, max_len: usize, rows: usize) -> usize {
+    (seqs * max_len.div_ceil(rows)).min((tokens + seqs * (rows - 1)) / rows)
+}
+
 /// Dynamic shared memory of `alibi_attention_tc` for head dim `d` (see the kernel's header):
 /// Q, K, V tiles of 64 rows, f32 scores, probabilities in T, f32 output rows, for 4 warps.
 pub fn attention_tc_smem(d: usize) -> usize {
@@ -157,6 +196,15 @@ impl Kernels {
             cached += from_cache as usize;
             for &f in k.functions {
                 let func = module.load_function(f).map_err(|e| err(f, e))?;
+                if f.starts_with("alibi_attention_mma2") {
+                    // Above the default 48 KB at d = 128: opt in once, for the largest.
+                    let most = attention_mma2_smem(128, 64).max(attention_mma2_smem(128, 128));
+                    func.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        most as i32,
+                    )
+                    .map_err(|e| err(f, e))?;
+                }
                 if f.starts_with("alibi_attention_tc") {
                     // Above the default 48 KB: opt in once, for the largest head dim (128).
                     func.set_attribute(
@@ -392,6 +440,71 @@ impl Kernels {
         };
         // static shared memory (the K and V tiles); d is in the function's name
         self.tiled_attention(s, &f, 0, None, qkv, cu_seqlens, ctx, b)
+    }
+
+    /// `alibi_attention_mma2_d<D>_r<R>_<T>(const T* qkv, const int* cu_seqlens, int S, T* ctx,
+    ///  int heads)` — version 4 of the attention (ldmatrix, cp.async, base-2 softmax, no empty
+    ///  blocks); same contract as [`Self::alibi_attention_tc`], for the head dims in
+    ///  [`ATTENTION_MMA2_DIMS`]. `rows` (64 or 128 query rows per block) defaults to
+    ///  [`attention_mma2_rows`]; `sgpt bench kernels` times both.
+    #[allow(clippy::too_many_arguments)]
+    pub fn alibi_attention_mma2<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        qkv: &CudaSlice<T>,
+        cu_seqlens: &CudaSlice<i32>,
+        seqs: usize,
+        max_len: usize,
+        ctx: &mut CudaSlice<T>,
+        tokens: usize,
+        heads: usize,
+        d: usize,
+        rows: Option<usize>,
+    ) -> Result<()> {
+        let name = "alibi_attention_mma2";
+        check(ATTENTION_MMA2_DIMS.contains(&d), || {
+            format!("{name}: head dim {d} not in {ATTENTION_MMA2_DIMS:?}")
+        })?;
+        let rows = rows.unwrap_or_else(|| attention_mma2_rows(max_len));
+        check(rows == 64 || rows == 128, || {
+            format!("{name}: {rows} query rows per block (64 or 128)")
+        })?;
+        let b = AttentionBatch {
+            seqs,
+            max_len,
+            tokens,
+            heads,
+            d,
+        };
+        check_attention(name, qkv, cu_seqlens, ctx, &b)?;
+        check(max_len <= tokens, || {
+            format!("{name}: longest sequence {max_len} > {tokens} tokens")
+        })?;
+        let blocks = attention_mma2_blocks(tokens, seqs, max_len, rows);
+        check(blocks < i32::MAX as usize, || {
+            format!("{name}: grid too large")
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: attention_mma2_smem(d, rows) as u32,
+        };
+        let (si, ni) = (seqs as i32, heads as i32);
+        let f = self.get(&format!("{name}_d{d}_r{rows}_{}", T::SUFFIX))?;
+        // SAFETY: sizes checked; cu_seqlens consistent (PackedBatch::validate) with every
+        // sequence at most max_len long, so `blocks` bounds the kernel's tile count; order as in
+        // the signature.
+        unsafe {
+            s.launch_builder(f)
+                .arg(qkv)
+                .arg(cu_seqlens)
+                .arg(&si)
+                .arg(ctx)
+                .arg(&ni)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(|e| err(name, e))
     }
 
     /// Versions 2 and 3: a block of 128 threads per (64 query rows of a sequence, head), with
@@ -630,5 +743,48 @@ impl Kernels {
         }
         .map(drop)
         .map_err(|e| err("convert", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Version 4's grid bounds its true tile count for every batch (a block too few would leave
+    /// a tile of queries unwritten), and is exact for a batch of equal lengths.
+    #[test]
+    fn mma2_grid_covers_every_tile() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |m: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % m as u64) as usize
+        };
+        for _ in 0..2000 {
+            let seqs = 1 + next(80);
+            let lens: Vec<usize> = (0..seqs).map(|_| 1 + next(600)).collect();
+            let (tokens, longest) = (lens.iter().sum(), *lens.iter().max().unwrap());
+            for rows in [64, 128] {
+                let tiles: usize = lens.iter().map(|n| n.div_ceil(rows)).sum();
+                let blocks = attention_mma2_blocks(tokens, seqs, longest, rows);
+                assert!(blocks >= tiles, "{lens:?} rows {rows}: {blocks} < {tiles}");
+            }
+        }
+        for (seqs, len) in [(64, 80), (16, 300), (1, 12), (3, 128)] {
+            for rows in [64, 128] {
+                let blocks = attention_mma2_blocks(seqs * len, seqs, len, rows);
+                assert_eq!(
+                    blocks,
+                    seqs * len.div_ceil(rows),
+                    "{seqs} × {len}, rows {rows}"
+                );
+            }
+        }
+        assert_eq!(attention_mma2_rows(191), 64);
+        assert_eq!(attention_mma2_rows(192), 128);
+        assert_eq!(attention_mma2_smem(128, 128), 52_224);
+        assert_eq!(attention_mma2_smem(128, 64), 52_224);
+        assert_eq!(attention_mma2_smem(64, 64), 27_648);
     }
 }
