@@ -383,7 +383,11 @@ fn gemm<T: Act>(g: &Gpu) {
                 if engine == "gemm" {
                     gm.linear(&dx, &dw, bias_arg, &mut y, t, n_in, n_out)
                 } else {
-                    g.k.skinny_gemm(&g.s, &dx, &dw, bias_arg, &mut y, t, n_in, n_out)
+                    // split-K partial sums, poisoned as y is (≥ 1 element: not every plan splits)
+                    let ws_len = g.k.skinny_workspace_len(t, n_in, n_out).max(1);
+                    let mut ws = up32(g, &vec![f32::NAN; ws_len]);
+                    let ws = Some(&mut ws);
+                    g.k.skinny_gemm(&g.s, &dx, &dw, bias_arg, &mut y, ws, t, n_in, n_out)
                 }
                 .unwrap();
                 // f32 accumulation on both sides; one rounding of the output to T
