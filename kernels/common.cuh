@@ -86,17 +86,18 @@ template <> __device__ __forceinline__ u32 pack2<__nv_bfloat16>(float lo, float 
     return *reinterpret_cast<u32*>(&v);
 }
 
-// d += a·b on tensor cores, T inputs, f32 accumulation.
+// d += a·b on tensor cores, T inputs, f32 accumulation. Not volatile: no side effects, so the
+// compiler may schedule it (e.g. after loads issued later in the source).
 template <typename T> __device__ __forceinline__ void mma_16816(float* d, const u32* a, u32 b0, u32 b1);
 template <> __device__ __forceinline__ void mma_16816<__half>(float* d, const u32* a, u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 template <> __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float* d, const u32* a, u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])

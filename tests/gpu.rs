@@ -13,7 +13,7 @@ use sgpt::backend::batch::PackedBatch;
 use sgpt::backend::cpu;
 use sgpt::backend::cuda::device::{unavailable_reason, GpuDtype};
 use sgpt::backend::cuda::gemm::Gemm;
-use sgpt::backend::cuda::ops::{skinny_fits, Act, Kernels};
+use sgpt::backend::cuda::ops::{skinny_fits, Act, Kernels, SkinnyPlan};
 use sgpt::backend::KernelChoices;
 use sgpt::engine::{Device, Embedder, EngineOptions};
 use sgpt::model::tokenize::Kind;
@@ -403,7 +403,11 @@ fn gemm<T: Act>(g: &Gpu) {
                 if engine == "gemm" {
                     gm.linear(&dx, &dw, bias_arg, &mut y, t, n_in, n_out)
                 } else {
-                    g.k.skinny_gemm(&g.s, &dx, &dw, bias_arg, &mut y, t, n_in, n_out)
+                    // split-K partial sums, poisoned as y is (≥ 1 element: not every plan splits)
+                    let ws_len = g.k.skinny_workspace_len(t, n_in, n_out).max(1);
+                    let mut ws = up32(g, &vec![f32::NAN; ws_len]);
+                    let ws = Some(&mut ws);
+                    g.k.skinny_gemm(&g.s, &dx, &dw, bias_arg, &mut y, ws, t, n_in, n_out)
                 }
                 .unwrap();
                 // f32 accumulation on both sides; one rounding of the output to T
@@ -422,11 +426,97 @@ fn gemm<T: Act>(g: &Gpu) {
     }
 }
 
+/// The skinny GEMM's split-K path at the shapes that matter (bloom-7b1's dense, fc2 and a
+/// one-token QKV) and at edges: this device's plan and forced ones — pieces that do not divide K,
+/// pieces in which some warps have no chunk, one piece — with and without a bias, against the
+/// CPU; and the same call twice gives the same bits (the sums run in a fixed order).
+fn skinny_split_k<T: Act>(g: &Gpu) {
+    for (t, n_in, n_out, forced) in [
+        // dense: 3 pieces as on an H200 (1536, 1536, 1024), and no split
+        (12usize, 4096usize, 4096usize, &[1536usize, 4096][..]),
+        // fc2: 3 pieces as on an H200 (5632, 5632, 5120)
+        (12, 16384, 4096, &[5632][..]),
+        // QKV of one token: no split on an H200; 4 pieces of 1024
+        (1, 4096, 12288, &[1024][..]),
+        // 11 pieces (the last of 64: warps 2..7 have no chunk in it); 800 + 224; 4 of 256
+        (16, 1024, 256, &[96, 800, 256][..]),
+        // K no multiple of 256, 5 rows
+        (5, 2080, 64, &[1280, 224][..]),
+    ] {
+        let x = round::<T>(&rand(t * n_in, 41, 1.0));
+        let w = round::<T>(&rand(n_out * n_in, 42, 0.05));
+        let b = round::<T>(&rand(n_out, 43, 0.5));
+        let (dx, dw, db) = (up::<T>(g, &x), up::<T>(g, &w), up::<T>(g, &b));
+        let device_plan = g.k.skinny_plan(n_in, n_out);
+        eprintln!(
+            "skinny [{n_in} → {n_out}] on {} SMs: {device_plan:?}",
+            g.k.sms
+        );
+        let mut plans = vec![device_plan];
+        plans.extend(
+            forced
+                .iter()
+                .map(|&k| SkinnyPlan::with_k_per_split(n_in, k)),
+        );
+        for bias in [false, true] {
+            let mut want = vec![0f32; t * n_out];
+            let zero = vec![0f32; n_out];
+            cpu::linear::linear(&x, &w, if bias { &b } else { &zero }, &mut want, false);
+            for plan in &plans {
+                let label = format!(
+                    "skinny_gemm {} [{t}×{n_in}]·[{n_out}×{n_in}]ᵀ bias {bias} {plan:?}",
+                    T::SUFFIX
+                );
+                let runs: Vec<Vec<f32>> = (0..2)
+                    .map(|_| {
+                        let mut y = poison::<T>(g, t * n_out);
+                        let ws_len = plan.workspace_len(t, n_out).max(1);
+                        let mut ws = up32(g, &vec![f32::NAN; ws_len]);
+                        g.k.skinny_gemm_with_plan(
+                            &g.s,
+                            &dx,
+                            &dw,
+                            bias.then_some(&db),
+                            &mut y,
+                            Some(&mut ws),
+                            t,
+                            n_in,
+                            n_out,
+                            *plan,
+                        )
+                        .unwrap_or_else(|e| panic!("{label}: {e}"));
+                        down(g, &y)
+                    })
+                    .collect();
+                assert_close(&label, &runs[0], &want, tol::<T>(), tol::<T>());
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                assert!(
+                    bits(&runs[0]) == bits(&runs[1]),
+                    "{label}: two identical calls gave different bits"
+                );
+                if plan.splits > 1 {
+                    // a split plan without (enough) workspace is an error, not a launch
+                    let mut y = poison::<T>(g, t * n_out);
+                    let mut short = up32(g, &vec![0f32; plan.workspace_len(t, n_out) - 1]);
+                    for ws in [None, Some(&mut short)] {
+                        let r = g.k.skinny_gemm_with_plan(
+                            &g.s, &dx, &dw, None, &mut y, ws, t, n_in, n_out, *plan,
+                        );
+                        assert!(r.is_err(), "{label}: ran without its workspace");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn gemms_match_cpu() {
     let Some(g) = gpu() else { return };
     gemm::<half::f16>(&g);
     gemm::<half::bf16>(&g);
+    skinny_split_k::<half::f16>(&g);
+    skinny_split_k::<half::bf16>(&g);
 }
 
 /// The whole GPU forward against the CPU forward and the transformers fixtures, by cosine:

@@ -144,6 +144,8 @@ pub struct KernelBench<'k, T: Act> {
     gemm: Gemm,
     /// Per GEMM (qkv, dense, fc1, fc2).
     lin: Vec<Linear<T>>,
+    /// The skinny GEMM's split-K partial sums (the most any of the four needs; ≥ 1 element).
+    skinny_ws: CudaSlice<f32>,
 }
 
 impl<'k, T: Act> KernelBench<'k, T> {
@@ -160,7 +162,13 @@ impl<'k, T: Act> KernelBench<'k, T> {
         let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7919) % rows as u32).collect();
         let cu: Vec<i32> = (0..=seqs).map(|i| (i * len) as i32).collect();
         let mut lin = Vec::new();
-        for (i, (n_in, n_out)) in [(h, 3 * h), (h, h), (h, f), (f, h)].into_iter().enumerate() {
+        let dims = [(h, 3 * h), (h, h), (h, f), (f, h)];
+        let ws_len = dims
+            .iter()
+            .map(|&(n_in, n_out)| k.skinny_workspace_len(t.min(SKINNY_MAX_ROWS), n_in, n_out))
+            .max()
+            .unwrap_or(0);
+        for (i, (n_in, n_out)) in dims.into_iter().enumerate() {
             let seed = 11 + 4 * i as u64;
             lin.push(Linear {
                 x: seeded(&s, t * n_in, 1.0, seed)?,
@@ -186,6 +194,7 @@ impl<'k, T: Act> KernelBench<'k, T> {
             ids: s.clone_htod(&ids).map_err(|e| err("upload", e))?,
             gemm: Gemm::new(s.clone())?,
             lin,
+            skinny_ws: s.alloc_zeros(ws_len.max(1)).map_err(|e| err("alloc", e))?,
             s,
             k,
             cfg: cfg.clone(),
@@ -330,7 +339,8 @@ impl<'k, T: Act> KernelBench<'k, T> {
                 let l = &mut self.lin[i];
                 let (n_in, n_out) = dims[i];
                 if kind == "skinny" {
-                    k.skinny_gemm(s, &l.x, &l.w, Some(&l.b), &mut l.y, t, n_in, n_out)
+                    let ws = Some(&mut self.skinny_ws);
+                    k.skinny_gemm(s, &l.x, &l.w, Some(&l.b), &mut l.y, ws, t, n_in, n_out)
                 } else {
                     self.gemm
                         .linear(&l.x, &l.w, Some(&l.b), &mut l.y, t, n_in, n_out)

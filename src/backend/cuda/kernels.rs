@@ -92,7 +92,12 @@ pub const KERNELS: &[KernelSource] = &[
     KernelSource {
         file: "skinny_gemm.cu",
         source: include_str!("../../../kernels/skinny_gemm.cu"),
-        functions: &["skinny_gemm_f16", "skinny_gemm_bf16"],
+        functions: &[
+            "skinny_gemm_f16",
+            "skinny_gemm_bf16",
+            "skinny_reduce_f16",
+            "skinny_reduce_bf16",
+        ],
     },
     KernelSource {
         file: "convert.cu",

@@ -17,7 +17,7 @@ use cudarc::driver::{
 use crate::backend::batch::PackedBatch;
 use crate::backend::cuda::gemm::Gemm;
 use crate::backend::cuda::ops::{
-    skinny_fits, Act, Kernels, ATTENTION_MMA2_DIMS, ATTENTION_MMA_DIMS,
+    skinny_fits, Act, Kernels, ATTENTION_MMA2_DIMS, ATTENTION_MMA_DIMS, SKINNY_MAX_ROWS,
 };
 use crate::backend::{AttentionKernel, GemmKernel, KernelChoices};
 use crate::error::{Error, Result};
@@ -181,6 +181,9 @@ struct State<T> {
     m: CudaSlice<T>,       // [T, F]
     stats: CudaSlice<f32>, // [T, 2] final layernorm statistics
     out: CudaSlice<f32>,   // [S, H]
+    /// The skinny GEMM's split-K partial sums, sized once for the largest of the block's four
+    /// GEMMs (≤ 16 rows × n_out × splits f32); only with `--gemm skinny` and a split plan.
+    skinny_ws: Option<CudaSlice<f32>>,
     /// Captured forwards of small batches, by (tokens, sequences, longest).
     graphs: HashMap<(usize, usize, usize), Graph>,
 }
@@ -318,6 +321,20 @@ impl<T: Act> CudaModel<T> {
                 .alloc_zeros::<f32>(n)
                 .map_err(|e| err("activation buffer", e))
         };
+        // The skinny GEMM's workspace: the most any of the four GEMMs needs under this
+        // device's split rule, at the most rows it takes.
+        let skinny_ws = if choices.gemm == GemmKernel::Skinny {
+            let rows = SKINNY_MAX_ROWS.min(tmax);
+            let len = [(h, 3 * h), (h, h), (h, f), (f, h)]
+                .into_iter()
+                .filter(|&(n_in, n_out)| skinny_fits(rows, n_in, n_out))
+                .map(|(n_in, n_out)| kernels.skinny_workspace_len(rows, n_in, n_out))
+                .max()
+                .unwrap_or(0);
+            (len > 0).then(|| z32(len)).transpose()?
+        } else {
+            None
+        };
         let state = State {
             gemm: Gemm::new(stream.clone())?,
             ids: stream
@@ -334,6 +351,7 @@ impl<T: Act> CudaModel<T> {
             m: z(tmax * f)?,
             stats: z32(tmax * 2)?,
             out: z32(tmax * h)?,
+            skinny_ws,
             graphs: HashMap::new(),
         };
         Ok(CudaModel {
@@ -428,11 +446,13 @@ impl<T: Act> CudaModel<T> {
         Ok(host)
     }
 
-    /// y[T, out] = x·Wᵀ (+ b): the skinny kernel for ≤ 16 tokens when enabled, else cuBLASLt.
+    /// y[T, out] = x·Wᵀ (+ b): the skinny kernel for ≤ 16 tokens when enabled (its split-K
+    /// partial sums in `ws`, the state's `skinny_ws`), else cuBLASLt.
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         gemm: &mut Gemm,
+        ws: Option<&mut CudaSlice<f32>>,
         x: &CudaSlice<T>,
         w: &CudaSlice<T>,
         b: Option<&CudaSlice<T>>,
@@ -444,7 +464,7 @@ impl<T: Act> CudaModel<T> {
         if self.choices.gemm == GemmKernel::Skinny && skinny_fits(t, n_in, n_out) {
             return self
                 .kernels
-                .skinny_gemm(&self.stream, x, w, b, y, t, n_in, n_out);
+                .skinny_gemm(&self.stream, x, w, b, y, ws, t, n_in, n_out);
         }
         gemm.linear(x, w, b, y, t, n_in, n_out)
     }
@@ -476,6 +496,7 @@ impl<T: Act> CudaModel<T> {
         for (l, blk) in self.blocks.iter().enumerate() {
             self.linear(
                 &mut st.gemm,
+                st.skinny_ws.as_mut(),
                 &st.a,
                 &blk.qkv_w,
                 Some(&blk.qkv_b),
@@ -499,6 +520,7 @@ impl<T: Act> CudaModel<T> {
             } // ctx [T, H]
             self.linear(
                 &mut st.gemm,
+                st.skinny_ws.as_mut(),
                 &st.ctx,
                 &blk.dense_w,
                 Some(&blk.dense_b),
@@ -518,10 +540,21 @@ impl<T: Act> CudaModel<T> {
                 h,
                 eps,
             )?; // x += y; a = LN2(x)
-            self.linear(&mut st.gemm, &st.a, &blk.fc1_w, None, &mut st.m, t, h, f)?; // [T, F]
+            self.linear(
+                &mut st.gemm,
+                st.skinny_ws.as_mut(),
+                &st.a,
+                &blk.fc1_w,
+                None,
+                &mut st.m,
+                t,
+                h,
+                f,
+            )?; // [T, F]
             k.bias_gelu(s, &mut st.m, &blk.fc1_b, t)?; // m = gelu(m + b1)
             self.linear(
                 &mut st.gemm,
+                st.skinny_ws.as_mut(),
                 &st.m,
                 &blk.fc2_w,
                 Some(&blk.fc2_b),

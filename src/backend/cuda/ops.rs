@@ -84,6 +84,65 @@ pub fn skinny_fits(rows: usize, n_in: usize, n_out: usize) -> bool {
         && n_out > 0
 }
 
+/// Input features one round of a skinny GEMM block covers: 8 warps × 32.
+const SKINNY_ROUND_K: usize = 256;
+/// Fewest rounds per split: each warp then runs ≥ 4 steps, so its 3-deep load ring fills
+/// once; a shorter piece saves less streaming time than the second launch costs.
+const SKINNY_MIN_SPLIT_ROUNDS: usize = 4;
+/// Blocks wanted per SM (the kernel's `__launch_bounds__(256, 2)`: two fit on an SM).
+const SKINNY_BLOCKS_PER_SM: usize = 2;
+/// Most splits of the reduction (bounds the workspace).
+pub const SKINNY_MAX_SPLITS: usize = 32;
+
+/// How a skinny GEMM cuts its reduction: `splits` pieces of `k_per_split` input features (the
+/// last one shorter when `k_per_split` does not divide n_in), summed in piece order by a second
+/// kernel when `splits > 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkinnyPlan {
+    pub k_per_split: usize,
+    pub splits: usize,
+}
+
+impl SkinnyPlan {
+    /// Pieces of `k_per_split` (a positive multiple of 32) over `n_in` features.
+    pub fn with_k_per_split(n_in: usize, k_per_split: usize) -> Self {
+        SkinnyPlan {
+            k_per_split,
+            splits: n_in.div_ceil(k_per_split.max(1)),
+        }
+    }
+
+    /// f32 elements of the partial sums [splits, rows, n_out]; 0 without a split.
+    pub fn workspace_len(&self, rows: usize, n_out: usize) -> usize {
+        if self.splits > 1 {
+            self.splits * rows * n_out
+        } else {
+            0
+        }
+    }
+}
+
+/// The split rule for [n_out × n_in] weights on a device with `sms` SMs. The grid is
+/// (n_out / 32) × splits blocks; the aim is two blocks per SM (2·sms), so the GEMMs whose
+/// column blocks alone cover that (n_out ≥ 64·sms: the QKV and fc1 GEMMs of bloom-7b1 on an
+/// H200) are not split, and the others get ⌈2·sms / (n_out/32)⌉ splits, at most one per 4
+/// rounds of 256 features and at most [`SKINNY_MAX_SPLITS`]; the rounds are dealt evenly, the
+/// last piece taking what is left. On 132 SMs at bloom-7b1: dense (4096 → 4096) 3 pieces of
+/// 1536, 1536, 1024; fc2 (16384 → 4096) 5632, 5632, 5120. Depends on (n_in, n_out, sms) only, so
+/// a row's result never depends on the batch's other rows.
+pub fn skinny_plan(n_in: usize, n_out: usize, sms: usize) -> SkinnyPlan {
+    let tiles = (n_out / 32).max(1);
+    let want = SKINNY_BLOCKS_PER_SM * sms.max(1);
+    let rounds = n_in.div_ceil(SKINNY_ROUND_K).max(1);
+    let most = (rounds / SKINNY_MIN_SPLIT_ROUNDS).clamp(1, SKINNY_MAX_SPLITS);
+    let splits = if tiles >= want {
+        1
+    } else {
+        want.div_ceil(tiles).min(most)
+    };
+    SkinnyPlan::with_k_per_split(n_in, rounds.div_ceil(splits) * SKINNY_ROUND_K)
+}
+
 /// A packed batch's sizes, as the attention launchers need them.
 struct AttentionBatch {
     seqs: usize,
@@ -167,6 +226,8 @@ pub fn attention_tc_smem(d: usize) -> usize {
 pub struct Kernels {
     funcs: HashMap<&'static str, CudaFunction>,
     pub arch: String,
+    /// Streaming multiprocessors of the device (the skinny GEMM's split rule).
+    pub sms: usize,
     /// Files served from the on-disk cache rather than compiled.
     pub cached: usize,
 }
@@ -178,6 +239,12 @@ impl Kernels {
             .compute_capability()
             .map_err(|e| err("compute capability", e))?;
         let arch = format!("sm_{major}{minor}");
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| err("multiprocessor count", e))?
+            .max(1) as usize;
         let mut funcs = HashMap::new();
         let mut cached = 0;
         for k in KERNELS {
@@ -219,6 +286,7 @@ impl Kernels {
         Ok(Kernels {
             funcs,
             arch,
+            sms,
             cached,
         })
     }
@@ -551,9 +619,21 @@ impl Kernels {
             .map_err(|e| err(name, e))
     }
 
-    /// `skinny_gemm_<T>(const T* x, const T* w, const T* bias, T* y, int M, int K, int N)` —
-    /// y[M, N] = x[M, K]·Wᵀ (+ b) for M ≤ [`SKINNY_MAX_ROWS`], K and N multiples of 32; the
-    /// same contract as `Gemm::linear` for those shapes.
+    /// The split rule ([`skinny_plan`]) on this device.
+    pub fn skinny_plan(&self, n_in: usize, n_out: usize) -> SkinnyPlan {
+        skinny_plan(n_in, n_out, self.sms)
+    }
+
+    /// f32 elements of workspace [`Self::skinny_gemm`] needs for this shape on this device (0
+    /// when the plan does not split).
+    pub fn skinny_workspace_len(&self, rows: usize, n_in: usize, n_out: usize) -> usize {
+        self.skinny_plan(n_in, n_out).workspace_len(rows, n_out)
+    }
+
+    /// y[rows, n_out] = x[rows, n_in]·Wᵀ (+ b) for rows ≤ [`SKINNY_MAX_ROWS`], n_in and n_out
+    /// multiples of 32 — the same contract as `Gemm::linear` for those shapes — cut as this
+    /// device's [`skinny_plan`] says; `ws` must hold [`Self::skinny_workspace_len`] f32 when that
+    /// is not 0 (the caller allocates it once). See [`Self::skinny_gemm_with_plan`].
     #[allow(clippy::too_many_arguments)]
     pub fn skinny_gemm<T: Act>(
         &self,
@@ -562,27 +642,89 @@ impl Kernels {
         w: &CudaSlice<T>,
         bias: Option<&CudaSlice<T>>,
         y: &mut CudaSlice<T>,
+        ws: Option<&mut CudaSlice<f32>>,
         rows: usize,
         n_in: usize,
         n_out: usize,
     ) -> Result<()> {
+        let plan = self.skinny_plan(n_in, n_out);
+        self.skinny_gemm_with_plan(s, x, w, bias, y, ws, rows, n_in, n_out, plan)
+    }
+
+    /// `skinny_gemm_<T>(const T* x, const T* w, const T* bias, T* y, float* ws, int M, int K,
+    ///  int N, int kc)` on a grid (N / 32, splits), then, when splits > 1,
+    /// `skinny_reduce_<T>(const float* ws, const T* bias, T* y, int M, int N, int splits)` —
+    /// [`Self::skinny_gemm`] under a given plan (tests force plans; the forward uses the rule).
+    /// With one split the first kernel writes y (bias included) and `ws` may be `None`; else it
+    /// writes the partial sums to `ws` [splits, rows, n_out] and the second sums them in split
+    /// order, adds b and rounds once to T.
+    #[allow(clippy::too_many_arguments)]
+    pub fn skinny_gemm_with_plan<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        bias: Option<&CudaSlice<T>>,
+        y: &mut CudaSlice<T>,
+        mut ws: Option<&mut CudaSlice<f32>>,
+        rows: usize,
+        n_in: usize,
+        n_out: usize,
+        plan: SkinnyPlan,
+    ) -> Result<()> {
+        let shape = format!("[{rows}×{n_in}]·[{n_out}×{n_in}]ᵀ");
         check(skinny_fits(rows, n_in, n_out), || {
-            format!("skinny_gemm: [{rows}×{n_in}]·[{n_out}×{n_in}]ᵀ needs ≤ {SKINNY_MAX_ROWS} rows and multiples of 32")
+            format!("skinny_gemm: {shape} needs ≤ {SKINNY_MAX_ROWS} rows and multiples of 32")
         })?;
         check(
             x.len() >= rows * n_in
                 && w.len() >= n_in * n_out
                 && y.len() >= rows * n_out
                 && bias.is_none_or(|b| b.len() == n_out),
-            || format!("skinny_gemm: buffer sizes do not fit [{rows}×{n_in}]·[{n_out}×{n_in}]ᵀ"),
+            || format!("skinny_gemm: buffer sizes do not fit {shape}"),
         )?;
+        let SkinnyPlan {
+            k_per_split: kc,
+            splits,
+        } = plan;
+        check(
+            kc > 0
+                && kc.is_multiple_of(32)
+                && splits == n_in.div_ceil(kc)
+                && (1..=SKINNY_MAX_SPLITS).contains(&splits),
+            || {
+                format!(
+                    "skinny_gemm: bad plan {plan:?} for {n_in} input features (pieces: a positive \
+                     multiple of 32, at most {SKINNY_MAX_SPLITS})"
+                )
+            },
+        )?;
+        // The kernels index with 32-bit ints (row offsets in 64 bits).
+        let limit = i32::MAX as usize;
+        check(
+            n_in + kc <= limit && n_out <= limit && rows * n_out <= limit,
+            || format!("skinny_gemm: {shape} too large"),
+        )?;
+        let need = plan.workspace_len(rows, n_out);
+        let have = ws.as_ref().map_or(0, |b| b.len());
+        check(need == 0 || have >= need, || {
+            format!(
+                "skinny_gemm: {shape} in {splits} pieces needs a workspace of {need} f32, got {have}"
+            )
+        })?;
+        let (mi, ki, ni, kci, si) = (
+            rows as i32,
+            n_in as i32,
+            n_out as i32,
+            kc as i32,
+            splits as i32,
+        );
+        let null: u64 = 0;
         let cfg = LaunchConfig {
-            grid_dim: ((n_out / 32) as u32, 1, 1),
+            grid_dim: ((n_out / 32) as u32, splits as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0, // static: the 8 warps' partial tiles
         };
-        let (mi, ki, ni) = (rows as i32, n_in as i32, n_out as i32);
-        let null: u64 = 0;
         let f = self.get(&format!("skinny_gemm_{}", T::SUFFIX))?;
         let mut lb = s.launch_builder(f);
         lb.arg(x).arg(w);
@@ -590,10 +732,38 @@ impl Kernels {
             Some(b) => lb.arg(b),
             None => lb.arg(&null),
         };
-        // SAFETY: sizes and shape rules checked; order as in the signature.
-        unsafe { lb.arg(y).arg(&mi).arg(&ki).arg(&ni).launch(cfg) }
+        lb.arg(&mut *y);
+        match ws.as_deref_mut() {
+            Some(b) if need > 0 => lb.arg(b),
+            _ => lb.arg(&null), // one piece: the kernel writes y and never touches ws
+        };
+        // SAFETY: sizes, plan and shape rules checked; order as in the signature.
+        unsafe { lb.arg(&mi).arg(&ki).arg(&ni).arg(&kci).launch(cfg) }
+            .map_err(|e| err("skinny_gemm", e))?;
+        if need == 0 {
+            return Ok(());
+        }
+        let Some(ws) = ws else {
+            return Err(Error::Cuda("skinny_gemm: workspace missing".into()));
+        };
+        let quads = (rows * n_out / 4) as u32; // n_out is a multiple of 32
+        let cfg = LaunchConfig {
+            grid_dim: (quads.div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = self.get(&format!("skinny_reduce_{}", T::SUFFIX))?;
+        let mut lb = s.launch_builder(f);
+        lb.arg(&*ws);
+        match bias {
+            Some(b) => lb.arg(b),
+            None => lb.arg(&null),
+        };
+        // SAFETY: ws holds splits·rows·n_out f32 written by the launch above (same stream); y
+        // and bias checked above; order as in the signature.
+        unsafe { lb.arg(y).arg(&mi).arg(&ni).arg(&si).launch(cfg) }
             .map(drop)
-            .map_err(|e| err("skinny_gemm", e))
+            .map_err(|e| err("skinny_reduce", e))
     }
 
     /// `bias_gelu_<T>(T* m, const float* b, long n, int F)` — m = gelu(m + b) over [tokens, F].
@@ -786,5 +956,41 @@ mod tests {
         assert_eq!(attention_mma2_smem(128, 128), 52_224);
         assert_eq!(attention_mma2_smem(128, 64), 52_224);
         assert_eq!(attention_mma2_smem(64, 64), 27_648);
+    }
+
+    #[test]
+    fn skinny_split_rule() {
+        let plan = |k, s| SkinnyPlan {
+            k_per_split: k,
+            splits: s,
+        };
+        // bloom-7b1 on an H200 (132 SMs): QKV and fc1 have ≥ 264 column blocks, no split;
+        // dense and fc2 (128 column blocks) get 3 pieces, the last one shorter.
+        assert_eq!(skinny_plan(4096, 12288, 132), plan(4096, 1));
+        assert_eq!(skinny_plan(4096, 16384, 132), plan(4096, 1));
+        assert_eq!(skinny_plan(4096, 4096, 132), plan(1536, 3));
+        assert_eq!(skinny_plan(16384, 4096, 132), plan(5632, 3));
+        // bloom-560m: only fc2 (4096 → 1024) has the 16 rounds for a split (4 of 1024).
+        assert_eq!(skinny_plan(1024, 3072, 132), plan(1024, 1));
+        assert_eq!(skinny_plan(1024, 1024, 132), plan(1024, 1));
+        assert_eq!(skinny_plan(4096, 1024, 132), plan(1024, 4));
+        // an A100 (108 SMs): 216 blocks wanted
+        assert_eq!(skinny_plan(4096, 4096, 108), plan(2048, 2));
+        // a K that is no multiple of 256 and a tiny N
+        assert_eq!(skinny_plan(2080, 64, 132), plan(1280, 2));
+        for n_in in (32..20000).step_by(32 * 7) {
+            for n_out in [32, 64, 1024, 4096, 12288] {
+                for sms in [1, 16, 108, 132, 200] {
+                    let p = skinny_plan(n_in, n_out, sms);
+                    // the pieces cover K, none is empty, and the count is bounded
+                    assert!(p.k_per_split.is_multiple_of(256) && p.k_per_split > 0);
+                    assert_eq!(p.splits, n_in.div_ceil(p.k_per_split));
+                    assert!((p.splits - 1) * p.k_per_split < n_in);
+                    assert!((1..=SKINNY_MAX_SPLITS).contains(&p.splits));
+                    assert!(p.splits == 1 || p.k_per_split >= 1024);
+                    assert_eq!(p.workspace_len(12, n_out) > 0, p.splits > 1);
+                }
+            }
+        }
     }
 }
