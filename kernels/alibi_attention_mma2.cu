@@ -4,7 +4,9 @@
 // Math: as alibi_attention.cu (docs/semantics.md): for query i and key j <= i of one sequence,
 //   s_ij = (q_i · k_j) / sqrt(d) + slope_h · j;  p = softmax_j(s) in f32;  ctx_i = Σ_j p_ij v_j.
 // Layout: qkv [T, 3H] T, interleaved per head (column h·3d + part·d + e); cu_seqlens [S+1] i32;
-//   ctx [T, H] T, head h in columns h·d ..; the same contract as versions 1 to 3.
+//   slopes [heads] f32; ctx [T, H] T, head h in columns h·d ..; the contract of versions 1 to 3,
+//   except that the ALiBi slopes come from the host (the CPU path's alibi_slopes, computed as
+//   the reference computes them) instead of exp2f in the kernel.
 // Launch: grid (blocks, heads), block 128 threads = 4 warps, dynamic shared memory
 //   (R + 2·BK)·(D + 8)·2 bytes (a Q tile of R rows, one K and one V tile of BK keys; 52,224 B at
 //   D = 128 for both shapes, (R, BK) = (64, 64) and (128, 32): the caller opts in above 48 KB).
@@ -24,8 +26,8 @@
 //   - fragments come from shared memory by ldmatrix (x4: four 8×8 matrices per instruction;
 //     .trans for V) instead of 2- and 4-byte loads with shuffles;
 //   - the softmax runs in base 2: x = s·log2(e) is one FFMA (scale and slope pre-multiplied),
-//     p = exp2(x − max); the causal mask is applied only on tiles that cross the diagonal of
-//     the m16 tile, and tiles wholly above it are skipped per m16 tile;
+//     p = 2^(x − max) by ex2.approx (no subnormal fix-up); the causal mask is applied only on
+//     tiles that cross the diagonal of the m16 tile, and tiles wholly above it are skipped;
 //   - no empty blocks for ragged batches (the tile numbering above), and 128-row query tiles
 //     for long sequences (the launcher's rule) to halve K/V traffic per query.
 // Why no −inf guards: key tile 0 is processed first by every m16 tile that is processed at all,
@@ -35,7 +37,8 @@
 //   for every real row by causality (only diagonal tiles can hold them), rows past it are
 //   computed (finite) and never stored.
 // Numerics: QKᵀ and PV on tensor cores (T inputs, f32 accumulation); scale, bias, mask and the
-//   online softmax in f32 (base-2 exponent: ≤ 2 ulp from version 3's expf per probability);
+//   online softmax in f32 (ex2.approx: ≤ 2 ulp per probability, like version 3's expf; results
+//   below 2^-126 flushed to 0, invisible once P is rounded to T or summed with the row's 1);
 //   P rounded to T for PV, as versions 2, 3 and FlashAttention.
 // Caller: src/backend/cuda/ops.rs `alibi_attention_mma2`.
 #include "common.cuh"
@@ -86,8 +89,8 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, long stride, int
 }
 
 template <typename T, int D, int MT, int BK>
-__device__ void attention_mma2(const T* __restrict__ qkv, const int* __restrict__ cu_seqlens, int S,
-                               T* __restrict__ ctx, int heads) {
+__device__ void attention_mma2(const T* __restrict__ qkv, const int* __restrict__ cu_seqlens,
+                               const float* __restrict__ slopes, int S, T* __restrict__ ctx, int heads) {
     constexpr int R = 64 * MT;      // query rows per block
     constexpr int KS = D / 16;      // k-steps of Q·Kᵀ
     constexpr int NO = D / 8;       // n-blocks of the output (even for every D above)
@@ -127,7 +130,7 @@ __device__ void attention_mma2(const T* __restrict__ qkv, const int* __restrict_
         l[mt][0] = l[mt][1] = 0.f;
     }
     const float log2e = 1.4426950408889634f;
-    const float qk_scale = rsqrtf((float)D) * log2e, key_bias = alibi_slope(h, heads) * log2e;
+    const float qk_scale = rsqrtf((float)D) * log2e, key_bias = slopes[h] * log2e;
 
     // ldmatrix row addresses of this lane (see common.cuh): for Q (A operand) matrices 0..3 are
     // (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8); for K (B operand, two n-blocks) (keys +0,
@@ -207,14 +210,14 @@ __device__ void attention_mma2(const T* __restrict__ qkv, const int* __restrict_
                 tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
                 tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
                 const float m_new = fmaxf(m[mt][r], tmax[r]);  // finite: see the header
-                corr[r] = exp2f(m[mt][r] - m_new);
+                corr[r] = exp2_fast(m[mt][r] - m_new);
                 m[mt][r] = m_new;
             }
 #pragma unroll
             for (int b = 0; b < NB; ++b)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float p = exp2f(sc[mt][b][e] - m[mt][e >> 1]);
+                    const float p = exp2_fast(sc[mt][b][e] - m[mt][e >> 1]);
                     sc[mt][b][e] = p;
                     sum[e >> 1] += p;
                 }
@@ -281,12 +284,13 @@ __device__ void attention_mma2(const T* __restrict__ qkv, const int* __restrict_
 
 #define ATTENTION_MMA2(D, MT, R, BK)                                                                 \
     extern "C" __global__ void __launch_bounds__(M2_THREADS) alibi_attention_mma2_d##D##_r##R##_f16( \
-        const __half* qkv, const int* cu_seqlens, int S, __half* ctx, int heads) {                   \
-        attention_mma2<__half, D, MT, BK>(qkv, cu_seqlens, S, ctx, heads);                           \
+        const __half* qkv, const int* cu_seqlens, const float* slopes, int S, __half* ctx, int heads) { \
+        attention_mma2<__half, D, MT, BK>(qkv, cu_seqlens, slopes, S, ctx, heads);                   \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(M2_THREADS) alibi_attention_mma2_d##D##_r##R##_bf16( \
-        const __nv_bfloat16* qkv, const int* cu_seqlens, int S, __nv_bfloat16* ctx, int heads) {     \
-        attention_mma2<__nv_bfloat16, D, MT, BK>(qkv, cu_seqlens, S, ctx, heads);                    \
+        const __nv_bfloat16* qkv, const int* cu_seqlens, const float* slopes, int S,                \
+        __nv_bfloat16* ctx, int heads) {                                                             \
+        attention_mma2<__nv_bfloat16, D, MT, BK>(qkv, cu_seqlens, slopes, S, ctx, heads);            \
     }
 // 64 query rows with 64-key tiles; 128 query rows with 32-key tiles (two m16 tiles of scores
 // and of output per warp: with 64-key tiles the score registers pushed d = 128 into spills)

@@ -130,3 +130,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Waits for every cp.async this thread issued; a __syncthreads() after it publishes them to all.
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// 2^x by the special-function unit (ex2.approx.ftz: ≤ 2 ulp, results below 2^-126 flushed to 0,
+// 2^-inf = 0). exp2f adds a compare and two multiplies per call to keep f32 subnormal results,
+// which a softmax probability never needs: it is rounded to f16/bf16 or summed with terms ≥ 1.
+__device__ __forceinline__ float exp2_fast(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}

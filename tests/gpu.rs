@@ -221,13 +221,9 @@ fn attention<T: Act>(g: &Gpu) {
         let label = format!("{} lens {lens:?} heads {heads} d {d}", T::SUFFIX);
         let qkv = round::<T>(&rand(t * 3 * h, t as u64 + heads as u64, 2.0));
         let mut want = vec![0f32; t * h];
-        cpu::attention::alibi_attention(
-            &qkv,
-            &cu,
-            heads,
-            &cpu::attention::alibi_slopes(heads),
-            &mut want,
-        );
+        let slopes = cpu::attention::alibi_slopes(heads);
+        cpu::attention::alibi_attention(&qkv, &cu, heads, &slopes, &mut want);
+        let dslopes = g.s.clone_htod(&slopes).unwrap();
         let cu32: Vec<i32> = cu.iter().map(|&c| c as i32).collect();
         let (dq, dcu) = (up::<T>(g, &qkv), g.s.clone_htod(&cu32).unwrap());
         let (n_seqs, max_len) = (lens.len(), *lens.iter().max().unwrap());
@@ -256,6 +252,7 @@ fn attention<T: Act>(g: &Gpu) {
                         &g.s,
                         q,
                         cu,
+                        &dslopes,
                         n_seqs,
                         max_len,
                         o,

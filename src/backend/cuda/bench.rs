@@ -137,6 +137,7 @@ pub struct KernelBench<'k, T: Act> {
     m: CudaSlice<T>,
     b_f: CudaSlice<f32>,
     cu: CudaSlice<i32>,
+    slopes: CudaSlice<f32>,
     stats: CudaSlice<f32>,
     out: CudaSlice<f32>,
     emb: CudaSlice<T>,
@@ -188,6 +189,9 @@ impl<'k, T: Act> KernelBench<'k, T> {
             m: seeded(&s, t * f, 1.0, 8)?,
             b_f: seeded32(&s, f, 0.1, 9)?,
             cu: s.clone_htod(&cu).map_err(|e| err("upload", e))?,
+            slopes: s
+                .clone_htod(&crate::backend::cpu::attention::alibi_slopes(cfg.heads))
+                .map_err(|e| err("upload", e))?,
             stats: s.alloc_zeros(2 * t).map_err(|e| err("alloc", e))?,
             out: s.alloc_zeros(seqs * h).map_err(|e| err("alloc", e))?,
             emb: seeded(&s, rows * h, 1.0, 10)?,
@@ -307,6 +311,7 @@ impl<'k, T: Act> KernelBench<'k, T> {
                 s,
                 &self.qkv,
                 &self.cu,
+                &self.slopes,
                 self.seqs,
                 self.len,
                 &mut self.ctx,

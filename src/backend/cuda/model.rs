@@ -229,6 +229,8 @@ pub struct CudaModel<T: Act> {
     emb_ln: Norm,
     blocks: Vec<Block<T>>,
     ln_f: Norm,
+    /// ALiBi slopes [heads] as the reference computes them (attention version 4 reads them).
+    slopes: CudaSlice<f32>,
     state: Mutex<State<T>>,
 }
 
@@ -354,6 +356,9 @@ impl<T: Act> CudaModel<T> {
             skinny_ws,
             graphs: HashMap::new(),
         };
+        let slopes = stream
+            .clone_htod(&crate::backend::cpu::attention::alibi_slopes(cfg.heads))
+            .map_err(|e| err("slopes upload", e))?;
         Ok(CudaModel {
             cfg: cfg.clone(),
             report: LoadReport {
@@ -373,6 +378,7 @@ impl<T: Act> CudaModel<T> {
             emb_ln,
             blocks,
             ln_f,
+            slopes,
             state: Mutex::new(state),
         })
     }
@@ -511,7 +517,8 @@ impl<T: Act> CudaModel<T> {
                     k.alibi_attention_mma(s, qkv, cu, s_count, max_len, ctx, t, n, d)?
                 }
                 AttentionKernel::Mma2 => {
-                    k.alibi_attention_mma2(s, qkv, cu, s_count, max_len, ctx, t, n, d, None)?
+                    let sl = &self.slopes;
+                    k.alibi_attention_mma2(s, qkv, cu, sl, s_count, max_len, ctx, t, n, d, None)?
                 }
                 AttentionKernel::Tc => {
                     k.alibi_attention_tc(s, qkv, cu, s_count, max_len, ctx, t, n, d)?

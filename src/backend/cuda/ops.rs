@@ -510,9 +510,11 @@ impl Kernels {
         self.tiled_attention(s, &f, 0, None, qkv, cu_seqlens, ctx, b)
     }
 
-    /// `alibi_attention_mma2_d<D>_r<R>_<T>(const T* qkv, const int* cu_seqlens, int S, T* ctx,
-    ///  int heads)` — version 4 of the attention (ldmatrix, cp.async, base-2 softmax, no empty
-    ///  blocks); same contract as [`Self::alibi_attention_tc`], for the head dims in
+    /// `alibi_attention_mma2_d<D>_r<R>_<T>(const T* qkv, const int* cu_seqlens,
+    ///  const float* slopes, int S, T* ctx, int heads)` — version 4 of the attention (ldmatrix,
+    ///  cp.async, base-2 softmax, no empty blocks); the contract of
+    ///  [`Self::alibi_attention_tc`] with the ALiBi slopes given (`slopes[heads]`, as
+    ///  `cpu::attention::alibi_slopes` computes them), for the head dims in
     ///  [`ATTENTION_MMA2_DIMS`]. `rows` (64 or 128 query rows per block) defaults to
     ///  [`attention_mma2_rows`]; `sgpt bench kernels` times both.
     #[allow(clippy::too_many_arguments)]
@@ -521,6 +523,7 @@ impl Kernels {
         s: &Arc<CudaStream>,
         qkv: &CudaSlice<T>,
         cu_seqlens: &CudaSlice<i32>,
+        slopes: &CudaSlice<f32>,
         seqs: usize,
         max_len: usize,
         ctx: &mut CudaSlice<T>,
@@ -530,6 +533,9 @@ impl Kernels {
         rows: Option<usize>,
     ) -> Result<()> {
         let name = "alibi_attention_mma2";
+        check(slopes.len() == heads, || {
+            format!("{name}: {} slopes for {heads} heads", slopes.len())
+        })?;
         check(ATTENTION_MMA2_DIMS.contains(&d), || {
             format!("{name}: head dim {d} not in {ATTENTION_MMA2_DIMS:?}")
         })?;
@@ -566,6 +572,7 @@ impl Kernels {
             s.launch_builder(f)
                 .arg(qkv)
                 .arg(cu_seqlens)
+                .arg(slopes)
                 .arg(&si)
                 .arg(ctx)
                 .arg(&ni)
