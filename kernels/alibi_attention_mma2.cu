@@ -3,18 +3,21 @@
 //
 // Math: as alibi_attention.cu (docs/semantics.md): for query i and key j <= i of one sequence,
 //   s_ij = (q_i · k_j) / sqrt(d) + slope_h · j;  p = softmax_j(s) in f32;  ctx_i = Σ_j p_ij v_j.
-// Layout: qkv [T, 3H] T, interleaved per head (column h·3d + part·d + e); cu_seqlens [S+1] i32;
-//   slopes [heads] f32; ctx [T, H] T, head h in columns h·d ..; the contract of versions 1 to 3,
-//   except that the ALiBi slopes come from the host (the CPU path's alibi_slopes, computed as
-//   the reference computes them) instead of exp2f in the kernel.
-// Launch: grid (blocks, heads), block 128 threads = 4 warps, dynamic shared memory
+// Layout: qkv [T, 3H] T, interleaved per head (column h·3d + part·d + e); ctx [T, H] T, head h
+//   in columns h·d ..; as versions 1 to 3. In place of cu_seqlens, a tile map [blocks] int4
+//   built on the host (ops.rs `attention_mma2_tiles`): per query tile (first token of its
+//   sequence, sequence length, first query row, 0), heaviest (most keys) first, then entries of
+//   length 0 up to the launch's `blocks`; slopes [heads] f32, the ALiBi slopes as the reference
+//   computes them (the CPU path's alibi_slopes) instead of exp2f in the kernel.
+// Launch: grid (blocks · heads), block 128 threads = 4 warps, dynamic shared memory
 //   (R + 2·BK)·(D + 8)·2 bytes (a Q tile of R rows, one K and one V tile of BK keys; 52,224 B at
 //   D = 128 for both shapes, (R, BK) = (64, 64) and (128, 32): the caller opts in above 48 KB).
-//   A block serves R = 64·MT query rows of one
-//   sequence: the sequences' ⌈n/R⌉ tiles are numbered in order (the last tile of a sequence,
-//   which has the most keys, first), and block x takes tile x; `blocks` may be any upper bound
-//   of the count (the launcher passes one computed from tokens, sequences and the longest, so a
-//   captured CUDA graph stays valid for every batch of that shape); blocks past the end exit.
+//   Block x serves head x mod heads of map entry x / heads: R = 64·MT query rows of one
+//   sequence, so every head of the heaviest tiles starts first (a longest-first schedule for
+//   ragged batches) and a block finds its work in one 16-byte load. `blocks` is an upper bound
+//   of the tile count computed from (tokens, sequences, longest), so a captured CUDA graph stays
+//   valid for every batch of that shape (the map is uploaded before each launch, as cu_seqlens
+//   is); blocks on padding entries exit at once.
 //   One function per (D, R, T): alibi_attention_mma2_d<D>_r<R>_<T>, D ∈ {16, 64, 80, 96, 128},
 //   R ∈ {64, 128}.
 // Idea (FlashAttention-2, Dao 2023): warp w owns query rows 16w.. and, when MT = 2, 64 + 16w..
@@ -28,7 +31,7 @@
 //   - the softmax runs in base 2: x = s·log2(e) is one FFMA (scale and slope pre-multiplied),
 //     p = 2^(x − max) by ex2.approx (no subnormal fix-up); the causal mask is applied only on
 //     tiles that cross the diagonal of the m16 tile, and tiles wholly above it are skipped;
-//   - no empty blocks for ragged batches (the tile numbering above), and 128-row query tiles
+//   - no empty blocks for ragged batches (the tile map above), and 128-row query tiles
 //     for long sequences (the launcher's rule) to halve K/V traffic per query.
 // Why no −inf guards: key tile 0 is processed first by every m16 tile that is processed at all,
 //   and key 0 is visible to every row, so each row's running max is finite from the first tile
@@ -45,35 +48,6 @@
 
 #define M2_THREADS 128
 
-// Which tile of which sequence block `x` serves, tiles of R rows numbered sequence by sequence
-// (the last of a sequence first). Every warp computes the same answer (32 sequences per step:
-// lengths loaded by the lanes, an inclusive scan of their tile counts by shuffles).
-template <int R>
-__device__ __forceinline__ bool find_tile(const int* cu_seqlens, int S, int x, int& seq, int& tile) {
-    const int lane = threadIdx.x & 31;
-    for (int s0 = 0; s0 < S; s0 += 32) {
-        const int i = s0 + lane;
-        const int nt = i < S ? (cu_seqlens[i + 1] - cu_seqlens[i] + R - 1) / R : 0;
-        int incl = nt;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int v = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o) incl += v;
-        }
-        const int total = __shfl_sync(0xffffffffu, incl, 31);
-        if (x < total) {
-            const int L = __ffs(__ballot_sync(0xffffffffu, incl > x)) - 1;  // first lane past x
-            const int before = __shfl_sync(0xffffffffu, incl - nt, L);
-            const int count = __shfl_sync(0xffffffffu, nt, L);
-            seq = s0 + L;
-            tile = count - 1 - (x - before);
-            return true;
-        }
-        x -= total;
-    }
-    return false;
-}
-
 // ROWS rows of one part (Q, K or V: `src` points at the part's column 0 of the sequence's row
 // 0) starting at row r0, into a shared tile with row stride LD; rows at or past n are zeros.
 template <typename T, int D, int ROWS>
@@ -89,8 +63,8 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, long stride, int
 }
 
 template <typename T, int D, int MT, int BK>
-__device__ void attention_mma2(const T* __restrict__ qkv, const int* __restrict__ cu_seqlens,
-                               const float* __restrict__ slopes, int S, T* __restrict__ ctx, int heads) {
+__device__ void attention_mma2(const T* __restrict__ qkv, const int4* __restrict__ tiles,
+                               const float* __restrict__ slopes, T* __restrict__ ctx, int heads) {
     constexpr int R = 64 * MT;      // query rows per block
     constexpr int KS = D / 16;      // k-steps of Q·Kᵀ
     constexpr int NO = D / 8;       // n-blocks of the output (even for every D above)
@@ -101,12 +75,11 @@ __device__ void attention_mma2(const T* __restrict__ qkv, const int* __restrict_
     T* Ks = Qs + R * LD;
     T* Vs = Ks + BK * LD;
 
-    int seq, tile;
-    if (!find_tile<R>(cu_seqlens, S, blockIdx.x, seq, tile)) return;  // uniform across the block
+    const int h = blockIdx.x % heads;
+    const int4 work = tiles[blockIdx.x / heads];
+    const int start = work.x, n = work.y, q0 = work.z;
+    if (q0 >= n) return;  // a padding entry (n = 0); uniform across the block
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const int h = blockIdx.y;
-    const int start = cu_seqlens[seq], n = cu_seqlens[seq + 1] - start;
-    const int q0 = tile * R;
     const int key_tiles = (min(q0 + R, n) - 1) / BK + 1;  // keys 0 .. the block's last row
     const long stride = 3L * heads * D;
     const T* base = qkv + (long)start * stride + (long)h * 3 * D;
@@ -206,7 +179,7 @@ __device__ void attention_mma2(const T* __restrict__ qkv, const int* __restrict_
             float corr[2], sum[2] = {0.f, 0.f};
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                // the four lanes of a quad hold one row's 64 keys
+                // the four lanes of a quad hold one row's BK keys
                 tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
                 tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
                 const float m_new = fmaxf(m[mt][r], tmax[r]);  // finite: see the header
@@ -221,12 +194,9 @@ __device__ void attention_mma2(const T* __restrict__ qkv, const int* __restrict_
                     sc[mt][b][e] = p;
                     sum[e >> 1] += p;
                 }
+            // l stays this lane's partial sum (m and corr are the quad's): reduced once, at the end
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
-                sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
-                l[mt][r] = l[mt][r] * corr[r] + sum[r];
-            }
+            for (int r = 0; r < 2; ++r) l[mt][r] = l[mt][r] * corr[r] + sum[r];
 #pragma unroll
             for (int b = 0; b < NO; ++b)
 #pragma unroll
@@ -272,9 +242,12 @@ __device__ void attention_mma2(const T* __restrict__ qkv, const int* __restrict_
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
+            float sum = l[mt][r];  // the quad's four partial sums (all lanes shuffle)
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
             const int row = row0[mt] + g + 8 * r;
             if (row >= n) continue;
-            const float inv = 1.f / l[mt][r];
+            const float inv = 1.f / sum;
             T* out = ctx + (long)(start + row) * heads * D + (long)h * D + 2 * c;
 #pragma unroll
             for (int b = 0; b < NO; ++b)
@@ -282,15 +255,18 @@ __device__ void attention_mma2(const T* __restrict__ qkv, const int* __restrict_
         }
 }
 
+// __launch_bounds__' second argument: the blocks per SM the registers must allow (4 for 64 rows,
+// 2 for 128: what NVRTC 13.0 reached unasked), so another compiler cannot lower occupancy.
 #define ATTENTION_MMA2(D, MT, R, BK)                                                                 \
-    extern "C" __global__ void __launch_bounds__(M2_THREADS) alibi_attention_mma2_d##D##_r##R##_f16( \
-        const __half* qkv, const int* cu_seqlens, const float* slopes, int S, __half* ctx, int heads) { \
-        attention_mma2<__half, D, MT, BK>(qkv, cu_seqlens, slopes, S, ctx, heads);                   \
+    extern "C" __global__ void __launch_bounds__(M2_THREADS, 4 / MT)                                 \
+        alibi_attention_mma2_d##D##_r##R##_f16(const __half* qkv, const int4* tiles,                 \
+                                               const float* slopes, __half* ctx, int heads) {        \
+        attention_mma2<__half, D, MT, BK>(qkv, tiles, slopes, ctx, heads);                           \
     }                                                                                                \
-    extern "C" __global__ void __launch_bounds__(M2_THREADS) alibi_attention_mma2_d##D##_r##R##_bf16( \
-        const __nv_bfloat16* qkv, const int* cu_seqlens, const float* slopes, int S,                \
-        __nv_bfloat16* ctx, int heads) {                                                             \
-        attention_mma2<__nv_bfloat16, D, MT, BK>(qkv, cu_seqlens, slopes, S, ctx, heads);            \
+    extern "C" __global__ void __launch_bounds__(M2_THREADS, 4 / MT)                                 \
+        alibi_attention_mma2_d##D##_r##R##_bf16(const __nv_bfloat16* qkv, const int4* tiles,        \
+                                                const float* slopes, __nv_bfloat16* ctx, int heads) { \
+        attention_mma2<__nv_bfloat16, D, MT, BK>(qkv, tiles, slopes, ctx, heads);                    \
     }
 // 64 query rows with 64-key tiles; 128 query rows with 32-key tiles (two m16 tiles of scores
 // and of output per warp: with 64-key tiles the score registers pushed d = 128 into spills)

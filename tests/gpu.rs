@@ -13,7 +13,7 @@ use sgpt::backend::batch::PackedBatch;
 use sgpt::backend::cpu;
 use sgpt::backend::cuda::device::{unavailable_reason, GpuDtype};
 use sgpt::backend::cuda::gemm::Gemm;
-use sgpt::backend::cuda::ops::{skinny_fits, Act, Kernels, SkinnyPlan};
+use sgpt::backend::cuda::ops::{attention_mma2_tiles, skinny_fits, Act, Kernels, SkinnyPlan};
 use sgpt::backend::KernelChoices;
 use sgpt::engine::{Device, Embedder, EngineOptions};
 use sgpt::model::tokenize::Kind;
@@ -248,19 +248,9 @@ fn attention<T: Act>(g: &Gpu) {
                 }
                 _ => {
                     let rows = if version.ends_with("r64") { 64 } else { 128 };
-                    g.k.alibi_attention_mma2(
-                        &g.s,
-                        q,
-                        cu,
-                        &dslopes,
-                        n_seqs,
-                        max_len,
-                        o,
-                        t,
-                        heads,
-                        d,
-                        Some(rows),
-                    )
+                    let plan = attention_mma2_tiles(&cu32, Some(rows));
+                    let map = g.s.clone_htod(&plan.map).unwrap();
+                    g.k.alibi_attention_mma2(&g.s, q, &map, &plan, &dslopes, o, t, heads, d)
                 }
             }
             .unwrap();

@@ -8,7 +8,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 use crate::backend::cuda::gemm::Gemm;
-use crate::backend::cuda::ops::{Act, Kernels, SKINNY_MAX_ROWS};
+use crate::backend::cuda::ops::{attention_mma2_tiles, Act, Kernels, Mma2Tiles, SKINNY_MAX_ROWS};
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
 
@@ -138,6 +138,8 @@ pub struct KernelBench<'k, T: Act> {
     b_f: CudaSlice<f32>,
     cu: CudaSlice<i32>,
     slopes: CudaSlice<f32>,
+    /// Attention version 4's tile maps of this batch, 64 and 128 query rows per block.
+    mma2: [(CudaSlice<i32>, Mma2Tiles); 2],
     stats: CudaSlice<f32>,
     out: CudaSlice<f32>,
     emb: CudaSlice<T>,
@@ -178,6 +180,10 @@ impl<'k, T: Act> KernelBench<'k, T> {
                 y: s.alloc_zeros(t * n_out).map_err(|e| err("alloc", e))?,
             });
         }
+        let mma2 = |rows| -> Result<(CudaSlice<i32>, Mma2Tiles)> {
+            let plan = attention_mma2_tiles(&cu, Some(rows));
+            Ok((s.clone_htod(&plan.map).map_err(|e| err("upload", e))?, plan))
+        };
         Ok(KernelBench {
             x: seeded32(&s, t * h, 2.0, 1)?,
             y: seeded(&s, t * h, 1.0, 2)?,
@@ -192,6 +198,7 @@ impl<'k, T: Act> KernelBench<'k, T> {
             slopes: s
                 .clone_htod(&crate::backend::cpu::attention::alibi_slopes(cfg.heads))
                 .map_err(|e| err("upload", e))?,
+            mma2: [mma2(64)?, mma2(128)?],
             stats: s.alloc_zeros(2 * t).map_err(|e| err("alloc", e))?,
             out: s.alloc_zeros(seqs * h).map_err(|e| err("alloc", e))?,
             emb: seeded(&s, rows * h, 1.0, 10)?,
@@ -307,19 +314,11 @@ impl<'k, T: Act> KernelBench<'k, T> {
                 n,
                 d,
             ),
-            "alibi_attention_mma2_r64" | "alibi_attention_mma2_r128" => k.alibi_attention_mma2(
-                s,
-                &self.qkv,
-                &self.cu,
-                &self.slopes,
-                self.seqs,
-                self.len,
-                &mut self.ctx,
-                t,
-                n,
-                d,
-                Some(if op.ends_with("r64") { 64 } else { 128 }),
-            ),
+            "alibi_attention_mma2_r64" | "alibi_attention_mma2_r128" => {
+                let (map, plan) = &self.mma2[usize::from(op.ends_with("r128"))];
+                let (q, sl) = (&self.qkv, &self.slopes);
+                k.alibi_attention_mma2(s, q, map, plan, sl, &mut self.ctx, t, n, d)
+            }
             "bias_gelu" => k.bias_gelu(s, &mut self.m, &self.b_f, t),
             "final_norm_pool" => k.final_norm_pool(
                 s,

@@ -17,7 +17,8 @@ use cudarc::driver::{
 use crate::backend::batch::PackedBatch;
 use crate::backend::cuda::gemm::Gemm;
 use crate::backend::cuda::ops::{
-    skinny_fits, Act, Kernels, ATTENTION_MMA2_DIMS, ATTENTION_MMA_DIMS, SKINNY_MAX_ROWS,
+    attention_mma2_tiles, skinny_fits, Act, Kernels, Mma2Tiles, ATTENTION_MMA2_DIMS,
+    ATTENTION_MMA_DIMS, SKINNY_MAX_ROWS,
 };
 use crate::backend::{AttentionKernel, GemmKernel, KernelChoices};
 use crate::error::{Error, Result};
@@ -184,6 +185,9 @@ struct State<T> {
     /// The skinny GEMM's split-K partial sums, sized once for the largest of the block's four
     /// GEMMs (≤ 16 rows × n_out × splits f32); only with `--gemm skinny` and a split plan.
     skinny_ws: Option<CudaSlice<f32>>,
+    /// Attention version 4's tile map [4 × blocks ≤ 4T] and the plan it was built with (for
+    /// this batch, uploaded with cu_seqlens); only with `--attention mma2`.
+    mma2: Option<(CudaSlice<i32>, Mma2Tiles)>,
     /// Captured forwards of small batches, by (tokens, sequences, longest).
     graphs: HashMap<(usize, usize, usize), Graph>,
 }
@@ -354,6 +358,16 @@ impl<T: Act> CudaModel<T> {
             stats: z32(tmax * 2)?,
             out: z32(tmax * h)?,
             skinny_ws,
+            // blocks ≤ tokens (attention_mma2_blocks), 4 i32 each
+            mma2: match choices.attention {
+                AttentionKernel::Mma2 => Some((
+                    stream
+                        .alloc_zeros::<i32>(4 * tmax)
+                        .map_err(|e| err("tile map buffer", e))?,
+                    attention_mma2_tiles(&[0], None),
+                )),
+                _ => None,
+            },
             graphs: HashMap::new(),
         };
         let slopes = stream
@@ -412,8 +426,16 @@ impl<T: Act> CudaModel<T> {
             .map_err(|e| err("ids upload", e))?;
         s.memcpy_htod(&cu, &mut st.cu.slice_mut(..s_count + 1))
             .map_err(|e| err("cu_seqlens upload", e))?;
-
         let max_len = batch.max_len();
+        let d = self.cfg.head_dim();
+        if let Some((buf, plan)) = st.mma2.as_mut() {
+            if pick_attention(self.choices.attention, max_len, d) == AttentionKernel::Mma2 {
+                *plan = attention_mma2_tiles(&cu, None);
+                s.memcpy_htod(&plan.map, &mut buf.slice_mut(..plan.map.len()))
+                    .map_err(|e| err("tile map upload", e))?;
+            }
+        }
+
         if self.choices.cuda_graphs && t <= GRAPH_MAX_TOKENS {
             // The latency path: one graph launch instead of ≈ 9 launches per layer. Captured
             // once per (tokens, sequences, longest); inputs live at fixed addresses.
@@ -512,13 +534,14 @@ impl<T: Act> CudaModel<T> {
                 3 * h,
             )?; // [T, 3H]
             let (qkv, cu, ctx) = (&st.qkv, &st.cu, &mut st.ctx);
+            let mma2 = st.mma2.as_ref();
             match pick_attention(self.choices.attention, max_len, d) {
                 AttentionKernel::Mma => {
                     k.alibi_attention_mma(s, qkv, cu, s_count, max_len, ctx, t, n, d)?
                 }
                 AttentionKernel::Mma2 => {
-                    let sl = &self.slopes;
-                    k.alibi_attention_mma2(s, qkv, cu, sl, s_count, max_len, ctx, t, n, d, None)?
+                    let (map, plan) = mma2.ok_or_else(|| Error::Cuda("no tile map".into()))?;
+                    k.alibi_attention_mma2(s, qkv, map, plan, &self.slopes, ctx, t, n, d)?
                 }
                 AttentionKernel::Tc => {
                     k.alibi_attention_tc(s, qkv, cu, s_count, max_len, ctx, t, n, d)?

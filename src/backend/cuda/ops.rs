@@ -215,6 +215,47 @@ pub fn attention_mma2_blocks(tokens: usize, seqs: usize, max_len: usize, rows: u
     (seqs * max_len.div_ceil(rows)).min((tokens + seqs * (rows - 1)) / rows)
 }
 
+/// Version 4's work list for one batch, built on the host from its cu_seqlens and uploaded
+/// before the launch (as cu_seqlens is), so a block finds its query tile in one load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mma2Tiles {
+    /// Query rows per block: 64 or 128.
+    pub rows: usize,
+    /// Map entries, i.e. blocks per head: [`attention_mma2_blocks`] of the batch, which depends
+    /// only on (tokens, sequences, longest) — the key of a captured CUDA graph.
+    pub blocks: usize,
+    /// 4 i32 per entry: (first token of the sequence, its length, the tile's first query row,
+    /// 0); every query tile of every sequence once, those with the most keys first (a
+    /// longest-first schedule), then padding entries of zeros that the kernel skips.
+    pub map: Vec<i32>,
+}
+
+/// The tile map of the batch `cu` (cu_seqlens, non-decreasing from 0) at `rows` query rows per
+/// block, [`attention_mma2_rows`] of its longest sequence when `None`.
+pub fn attention_mma2_tiles(cu: &[i32], rows: Option<usize>) -> Mma2Tiles {
+    let lens: Vec<usize> = cu
+        .windows(2)
+        .map(|w| (w[1] - w[0]).max(0) as usize)
+        .collect();
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let rows = rows.unwrap_or_else(|| attention_mma2_rows(longest));
+    let tokens = lens.iter().sum();
+    let mut tiles: Vec<[i32; 4]> = Vec::new();
+    for (&start, &n) in cu.iter().zip(&lens) {
+        tiles.extend(
+            (0..n)
+                .step_by(rows)
+                .map(|q0| [start, n as i32, q0 as i32, 0]),
+        );
+    }
+    // keys of a tile: up to its last row; a stable sort, so ties keep the batch's order
+    tiles.sort_by_key(|t| std::cmp::Reverse(t[1].min(t[2] + rows as i32)));
+    let blocks = attention_mma2_blocks(tokens, lens.len(), longest, rows);
+    let mut map: Vec<i32> = tiles.into_iter().flatten().collect();
+    map.resize(4 * blocks, 0);
+    Mma2Tiles { rows, blocks, map }
+}
+
 /// Dynamic shared memory of `alibi_attention_tc` for head dim `d` (see the kernel's header):
 /// Q, K, V tiles of 64 rows, f32 scores, probabilities in T, f32 output rows, for 4 warps.
 pub fn attention_tc_smem(d: usize) -> usize {
@@ -510,70 +551,71 @@ impl Kernels {
         self.tiled_attention(s, &f, 0, None, qkv, cu_seqlens, ctx, b)
     }
 
-    /// `alibi_attention_mma2_d<D>_r<R>_<T>(const T* qkv, const int* cu_seqlens,
-    ///  const float* slopes, int S, T* ctx, int heads)` — version 4 of the attention (ldmatrix,
-    ///  cp.async, base-2 softmax, no empty blocks); the contract of
-    ///  [`Self::alibi_attention_tc`] with the ALiBi slopes given (`slopes[heads]`, as
-    ///  `cpu::attention::alibi_slopes` computes them), for the head dims in
-    ///  [`ATTENTION_MMA2_DIMS`]. `rows` (64 or 128 query rows per block) defaults to
-    ///  [`attention_mma2_rows`]; `sgpt bench kernels` times both.
+    /// `alibi_attention_mma2_d<D>_r<R>_<T>(const T* qkv, const int4* tiles,
+    ///  const float* slopes, T* ctx, int heads)` — version 4 of the attention (ldmatrix,
+    ///  cp.async, base-2 softmax, a tile map instead of cu_seqlens); the contract of
+    ///  [`Self::alibi_attention_tc`] with the batch given as `plan` (built by
+    ///  [`attention_mma2_tiles`] from its cu_seqlens, `plan.map` uploaded to `tiles`) and the
+    ///  ALiBi slopes given (`slopes[heads]`, as `cpu::attention::alibi_slopes` computes them),
+    ///  for the head dims in [`ATTENTION_MMA2_DIMS`]. `sgpt bench kernels` times both tile
+    ///  heights.
     #[allow(clippy::too_many_arguments)]
     pub fn alibi_attention_mma2<T: Act>(
         &self,
         s: &Arc<CudaStream>,
         qkv: &CudaSlice<T>,
-        cu_seqlens: &CudaSlice<i32>,
+        tiles: &CudaSlice<i32>,
+        plan: &Mma2Tiles,
         slopes: &CudaSlice<f32>,
-        seqs: usize,
-        max_len: usize,
         ctx: &mut CudaSlice<T>,
         tokens: usize,
         heads: usize,
         d: usize,
-        rows: Option<usize>,
     ) -> Result<()> {
         let name = "alibi_attention_mma2";
-        check(slopes.len() == heads, || {
-            format!("{name}: {} slopes for {heads} heads", slopes.len())
-        })?;
+        let rows = plan.rows;
         check(ATTENTION_MMA2_DIMS.contains(&d), || {
             format!("{name}: head dim {d} not in {ATTENTION_MMA2_DIMS:?}")
         })?;
-        let rows = rows.unwrap_or_else(|| attention_mma2_rows(max_len));
         check(rows == 64 || rows == 128, || {
             format!("{name}: {rows} query rows per block (64 or 128)")
         })?;
-        let b = AttentionBatch {
-            seqs,
-            max_len,
-            tokens,
-            heads,
-            d,
+        check(slopes.len() == heads && heads > 0, || {
+            format!("{name}: {} slopes for {heads} heads", slopes.len())
+        })?;
+        let h = heads * d;
+        check(
+            qkv.len() >= tokens * 3 * h && ctx.len() >= tokens * h,
+            || format!("{name}: buffers too small"),
+        )?;
+        // Every entry's rows lie inside the batch (a map of another batch could read past qkv).
+        let inside = |e: &[i32]| {
+            e[0] >= 0 && e[1] >= 0 && e[2] >= 0 && (e[0] as usize + e[1] as usize) <= tokens
         };
-        check_attention(name, qkv, cu_seqlens, ctx, &b)?;
-        check(max_len <= tokens, || {
-            format!("{name}: longest sequence {max_len} > {tokens} tokens")
-        })?;
-        let blocks = attention_mma2_blocks(tokens, seqs, max_len, rows);
-        check(blocks < i32::MAX as usize, || {
-            format!("{name}: grid too large")
-        })?;
+        check(
+            plan.map.chunks(4).all(inside)
+                && plan.map.len() == 4 * plan.blocks
+                && tiles.len() >= plan.map.len(),
+            || format!("{name}: the tile map does not fit a batch of {tokens} tokens"),
+        )?;
+        check(
+            plan.blocks > 0 && plan.blocks * heads < i32::MAX as usize,
+            || format!("{name}: grid too large"),
+        )?;
         let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, heads as u32, 1),
+            grid_dim: ((plan.blocks * heads).max(1) as u32, 1, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: attention_mma2_smem(d, rows) as u32,
         };
-        let (si, ni) = (seqs as i32, heads as i32);
+        let ni = heads as i32;
         let f = self.get(&format!("{name}_d{d}_r{rows}_{}", T::SUFFIX))?;
-        // SAFETY: sizes checked; cu_seqlens consistent (PackedBatch::validate) with every
-        // sequence at most max_len long, so `blocks` bounds the kernel's tile count; order as in
-        // the signature.
+        // SAFETY: sizes checked and every map entry inside the batch; `tiles` holds `plan.map`
+        // (the caller's upload); order as in the signature.
         unsafe {
             s.launch_builder(f)
                 .arg(qkv)
-                .arg(cu_seqlens)
+                .arg(tiles)
                 .arg(slopes)
-                .arg(&si)
                 .arg(ctx)
                 .arg(&ni)
                 .launch(cfg)
@@ -942,11 +984,44 @@ mod tests {
             let seqs = 1 + next(80);
             let lens: Vec<usize> = (0..seqs).map(|_| 1 + next(600)).collect();
             let (tokens, longest) = (lens.iter().sum(), *lens.iter().max().unwrap());
+            let mut cu = vec![0i32];
+            for &n in &lens {
+                cu.push(cu.last().unwrap() + n as i32);
+            }
             for rows in [64, 128] {
                 let tiles: usize = lens.iter().map(|n| n.div_ceil(rows)).sum();
                 let blocks = attention_mma2_blocks(tokens, seqs, longest, rows);
                 assert!(blocks >= tiles, "{lens:?} rows {rows}: {blocks} < {tiles}");
+                // the map: every query tile once, most keys first, then zero padding
+                let plan = attention_mma2_tiles(&cu, Some(rows));
+                assert_eq!((plan.rows, plan.blocks), (rows, blocks));
+                assert_eq!(plan.map.len(), 4 * blocks);
+                let (work, pad) = plan.map.split_at(4 * tiles);
+                assert!(pad.iter().all(|&v| v == 0));
+                let mut seen: Vec<(i32, i32)> = Vec::new();
+                let mut keys_before = i32::MAX;
+                for e in work.chunks(4) {
+                    let s = cu.iter().position(|&c| c == e[0]).unwrap();
+                    assert_eq!(e[1], cu[s + 1] - cu[s], "{e:?}");
+                    assert!(
+                        e[2] < e[1] && (e[2] as usize).is_multiple_of(rows) && e[3] == 0,
+                        "{e:?}"
+                    );
+                    let keys = e[1].min(e[2] + rows as i32);
+                    assert!(keys <= keys_before, "not longest-first: {e:?}");
+                    keys_before = keys;
+                    seen.push((e[0], e[2]));
+                }
+                let mut want: Vec<(i32, i32)> = (0..seqs)
+                    .flat_map(|s| (0..lens[s]).step_by(rows).map(move |q| (s, q)))
+                    .map(|(s, q)| (cu[s], q as i32))
+                    .collect();
+                seen.sort();
+                want.sort();
+                assert_eq!(seen, want);
             }
+            let rule = attention_mma2_tiles(&cu, None).rows;
+            assert_eq!(rule, attention_mma2_rows(longest));
         }
         for (seqs, len) in [(64, 80), (16, 300), (1, 12), (3, 128)] {
             for rows in [64, 128] {
