@@ -416,7 +416,9 @@ fn gemm<T: Act>(g: &Gpu) {
 /// The skinny GEMM's split-K path at the shapes that matter (bloom-7b1's dense, fc2 and a
 /// one-token QKV) and at edges: this device's plan and forced ones — pieces that do not divide K,
 /// pieces in which some warps have no chunk, one piece — with and without a bias, against the
-/// CPU; and the same call twice gives the same bits (the sums run in a fixed order).
+/// CPU; the same call twice gives the same bits (the sums run in a fixed order), a row's bits do
+/// not depend on the other rows (the last row alone gives the same), and nothing is written past
+/// y's rows or the plan's workspace (both end in a poisoned tail that must stay as it was).
 fn skinny_split_k<T: Act>(g: &Gpu) {
     for (t, n_in, n_out, forced) in [
         // dense: 3 pieces as on an H200 (1536, 1536, 1024), and no split
@@ -425,8 +427,9 @@ fn skinny_split_k<T: Act>(g: &Gpu) {
         (12, 16384, 4096, &[5632][..]),
         // QKV of one token: no split on an H200; 4 pieces of 1024
         (1, 4096, 12288, &[1024][..]),
-        // 11 pieces (the last of 64: warps 2..7 have no chunk in it); 800 + 224; 4 of 256
-        (16, 1024, 256, &[96, 800, 256][..]),
+        // 11 pieces (the last of 64: warps 2..7 have no chunk in it); 800 + 224; 4 of 256;
+        // 2 of 512 (two ring steps for every warp); 288 (warp 0 two steps, the others one)
+        (16, 1024, 256, &[96, 800, 256, 512, 288][..]),
         // K no multiple of 256, 5 rows
         (5, 2080, 64, &[1280, 224][..]),
     ] {
@@ -454,32 +457,43 @@ fn skinny_split_k<T: Act>(g: &Gpu) {
                     "skinny_gemm {} [{t}×{n_in}]·[{n_out}×{n_in}]ᵀ bias {bias} {plan:?}",
                     T::SUFFIX
                 );
-                let runs: Vec<Vec<f32>> = (0..2)
-                    .map(|_| {
-                        let mut y = poison::<T>(g, t * n_out);
-                        let ws_len = plan.workspace_len(t, n_out).max(1);
-                        let mut ws = up32(g, &vec![f32::NAN; ws_len]);
-                        g.k.skinny_gemm_with_plan(
-                            &g.s,
-                            &dx,
-                            &dw,
-                            bias.then_some(&db),
-                            &mut y,
-                            Some(&mut ws),
-                            t,
-                            n_in,
-                            n_out,
-                            *plan,
-                        )
-                        .unwrap_or_else(|e| panic!("{label}: {e}"));
-                        down(g, &y)
-                    })
-                    .collect();
-                assert_close(&label, &runs[0], &want, tol::<T>(), tol::<T>());
+                const TAIL: usize = 64;
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                let nan_tail = |v: &[f32]| v.iter().all(|x| x.is_nan());
+                let run = |xs: &CudaSlice<T>, rows: usize| {
+                    let mut y = poison::<T>(g, rows * n_out + TAIL);
+                    let ws_len = plan.workspace_len(rows, n_out);
+                    let mut ws = up32(g, &vec![f32::NAN; ws_len + TAIL]);
+                    g.k.skinny_gemm_with_plan(
+                        &g.s,
+                        xs,
+                        &dw,
+                        bias.then_some(&db),
+                        &mut y,
+                        Some(&mut ws),
+                        rows,
+                        n_in,
+                        n_out,
+                        *plan,
+                    )
+                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                    let (y, ws) = (down(g, &y), g.s.clone_dtoh(&ws).unwrap());
+                    assert!(
+                        nan_tail(&y[rows * n_out..]) && nan_tail(&ws[ws_len..]),
+                        "{label}, {rows} rows: written past y's rows or the workspace"
+                    );
+                    y[..rows * n_out].to_vec()
+                };
+                let runs = [run(&dx, t), run(&dx, t)];
+                assert_close(&label, &runs[0], &want, tol::<T>(), tol::<T>());
                 assert!(
                     bits(&runs[0]) == bits(&runs[1]),
                     "{label}: two identical calls gave different bits"
+                );
+                let last = up::<T>(g, &x[(t - 1) * n_in..]);
+                assert!(
+                    bits(&run(&last, 1)) == bits(&runs[0][(t - 1) * n_out..]),
+                    "{label}: the last row alone gave other bits than within the batch"
                 );
                 if plan.splits > 1 {
                     // a split plan without (enough) workspace is an error, not a launch

@@ -8,7 +8,9 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 use crate::backend::cuda::gemm::Gemm;
-use crate::backend::cuda::ops::{attention_mma2_tiles, Act, Kernels, Mma2Tiles, SKINNY_MAX_ROWS};
+use crate::backend::cuda::ops::{
+    attention_mma2_tiles, Act, Kernels, Mma2Tiles, SkinnyPlan, SKINNY_MAX_ROWS,
+};
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
 
@@ -106,7 +108,20 @@ pub const OPS: &[&str] = &[
     "skinny_dense",
     "skinny_fc1",
     "skinny_fc2",
+    "skinny_dense_s1",
+    "skinny_dense_s2",
+    "skinny_fc2_s1",
+    "skinny_fc2_s2",
 ];
+
+/// The plan a `skinny_<gemm>_s<n>` op forces: K in n pieces of whole 256-feature rounds (the
+/// device's own rule gives 3 on an H200 for dense and fc2; 1 and 2 are the alternatives a
+/// device run should time before the rule is settled).
+fn forced_skinny_plan(op: &str, n_in: usize) -> Option<SkinnyPlan> {
+    let splits: usize = op.rsplit_once("_s")?.1.parse().ok()?;
+    let k = n_in.div_ceil(splits.max(1)).div_ceil(256) * 256;
+    Some(SkinnyPlan::with_k_per_split(n_in, k))
+}
 
 /// The GEMMs of one block, in the order of the `gemm_*` and `skinny_*` ops.
 const GEMMS: [&str; 4] = ["qkv", "dense", "fc1", "fc2"];
@@ -166,9 +181,21 @@ impl<'k, T: Act> KernelBench<'k, T> {
         let cu: Vec<i32> = (0..=seqs).map(|i| (i * len) as i32).collect();
         let mut lin = Vec::new();
         let dims = [(h, 3 * h), (h, h), (h, f), (f, h)];
+        let rows_max = t.min(SKINNY_MAX_ROWS);
+        let forced_len = |(n_in, n_out): (usize, usize)| {
+            let plans = ["_s1", "_s2"].map(|sfx| forced_skinny_plan(sfx, n_in));
+            plans
+                .iter()
+                .flatten()
+                .map(|p| p.workspace_len(rows_max, n_out))
+                .max()
+        };
         let ws_len = dims
             .iter()
-            .map(|&(n_in, n_out)| k.skinny_workspace_len(t.min(SKINNY_MAX_ROWS), n_in, n_out))
+            .map(|&(n_in, n_out)| {
+                let own = k.skinny_workspace_len(rows_max, n_in, n_out);
+                own.max(forced_len((n_in, n_out)).unwrap_or(0))
+            })
             .max()
             .unwrap_or(0);
         for (i, (n_in, n_out)) in dims.into_iter().enumerate() {
@@ -243,9 +270,9 @@ impl<'k, T: Act> KernelBench<'k, T> {
             "bias_gelu" => (t * 4.0 * h * 2.0 * a, 0.0),
             "final_norm_pool" => (2.0 * t * h * (4.0 + a), 0.0), // two passes over x + y
             "gemm_qkv" | "skinny_qkv" => gemm(h, 3.0 * h),
-            "gemm_dense" | "skinny_dense" => gemm(h, h),
+            "gemm_dense" | "skinny_dense" | "skinny_dense_s1" | "skinny_dense_s2" => gemm(h, h),
             "gemm_fc1" | "skinny_fc1" => gemm(h, 4.0 * h),
-            "gemm_fc2" | "skinny_fc2" => gemm(4.0 * h, h),
+            "gemm_fc2" | "skinny_fc2" | "skinny_fc2_s1" | "skinny_fc2_s2" => gemm(4.0 * h, h),
             _ => (0.0, 0.0),
         }
     }
@@ -335,7 +362,8 @@ impl<'k, T: Act> KernelBench<'k, T> {
                 eps,
             ),
             _ if op.starts_with("gemm_") || op.starts_with("skinny_") => {
-                let (kind, name) = op.split_once('_').unwrap_or_default();
+                let (kind, rest) = op.split_once('_').unwrap_or_default();
+                let name = rest.split_once("_s").map_or(rest, |(n, _)| n);
                 let i = GEMMS
                     .iter()
                     .position(|g| *g == name)
@@ -344,7 +372,23 @@ impl<'k, T: Act> KernelBench<'k, T> {
                 let (n_in, n_out) = dims[i];
                 if kind == "skinny" {
                     let ws = Some(&mut self.skinny_ws);
-                    k.skinny_gemm(s, &l.x, &l.w, Some(&l.b), &mut l.y, ws, t, n_in, n_out)
+                    match forced_skinny_plan(op, n_in) {
+                        Some(plan) => k.skinny_gemm_with_plan(
+                            s,
+                            &l.x,
+                            &l.w,
+                            Some(&l.b),
+                            &mut l.y,
+                            ws,
+                            t,
+                            n_in,
+                            n_out,
+                            plan,
+                        ),
+                        None => {
+                            k.skinny_gemm(s, &l.x, &l.w, Some(&l.b), &mut l.y, ws, t, n_in, n_out)
+                        }
+                    }
                 } else {
                     self.gemm
                         .linear(&l.x, &l.w, Some(&l.b), &mut l.y, t, n_in, n_out)
@@ -378,4 +422,24 @@ pub fn kernel_times<T: Act>(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forced_skinny_plans_by_op_name() {
+        let plan = |op, n_in| forced_skinny_plan(op, n_in).map(|p| (p.k_per_split, p.splits));
+        assert_eq!(plan("skinny_fc2_s2", 16384), Some((8192, 2)));
+        assert_eq!(plan("skinny_dense_s2", 4096), Some((2048, 2)));
+        assert_eq!(plan("skinny_dense_s1", 4096), Some((4096, 1)));
+        assert_eq!(plan("skinny_fc2_s2", 1056), Some((768, 2))); // whole rounds of 256
+        assert_eq!(plan("skinny_dense", 4096), None); // the device's own rule
+        assert_eq!(plan("skinny_fc2", 16384), None);
+        for op in OPS.iter().filter(|o| o.starts_with("skinny_")) {
+            let name = op["skinny_".len()..].split('_').next().unwrap();
+            assert!(GEMMS.contains(&name), "{op}");
+        }
+    }
 }

@@ -79,6 +79,7 @@ pub const SKINNY_MAX_ROWS: usize = 16;
 /// Whether [`Kernels::skinny_gemm`] takes [rows × n_in]·[n_out × n_in]ᵀ.
 pub fn skinny_fits(rows: usize, n_in: usize, n_out: usize) -> bool {
     (1..=SKINNY_MAX_ROWS).contains(&rows)
+        && n_in > 0
         && n_in.is_multiple_of(32)
         && n_out.is_multiple_of(32)
         && n_out > 0
