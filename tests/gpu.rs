@@ -600,6 +600,75 @@ fn forward_matches_cpu_and_reference() {
     );
 }
 
+/// The per-layer view: the GPU forward's residual stream after the embedding and after each
+/// block against the CPU forward's, token by token (cosine ≥ 0.9999 in f16, the forward test's
+/// bar), with the proven kernels and with each attention version on trial — so a numerical bug
+/// is reported at the first layer it shows in, not only in the pooled embedding.
+#[test]
+fn layers_match_cpu() {
+    use sgpt::backend::cuda::model::CudaModel;
+    use sgpt::backend::AttentionKernel;
+    let Some(_g) = gpu() else { return };
+    let mut failures: Vec<String> = Vec::new();
+    for name in ["sgpt-tiny", "tiny-b"] {
+        let golden = load_golden(name);
+        let m = ModelDir::open(&golden.model_dir).unwrap();
+        let cpu_model = cpu::CpuModel::load(&m.checkpoint, &m.config).unwrap();
+        let seqs: Vec<&[u32]> = golden.texts.iter().map(|t| &t.ids[..]).collect();
+        let batch = PackedBatch::from_seqs(&seqs);
+        let mut want: Vec<Vec<f32>> = Vec::new();
+        cpu_model
+            .forward(&batch, &mut |_, x| want.push(x.to_vec()))
+            .unwrap();
+        let h = m.config.hidden;
+        for attention in [
+            AttentionKernel::Auto,
+            AttentionKernel::Mma,
+            AttentionKernel::Mma2,
+        ] {
+            let kernels = KernelChoices {
+                attention,
+                ..Default::default()
+            };
+            let label = format!("{name} f16 [{kernels}]");
+            let ctx = sgpt::backend::cuda::device::open(0).unwrap();
+            let gpu_model = CudaModel::<half::f16>::load(
+                ctx,
+                &m.checkpoint,
+                &m.config,
+                batch.num_tokens(),
+                kernels,
+                &|_, _| {},
+            )
+            .unwrap();
+            let mut got: Vec<Vec<f32>> = Vec::new();
+            if let Err(e) = gpu_model.forward_observed(&batch, &mut |_, x| got.push(x.to_vec())) {
+                failures.push(format!("{label}: {e}"));
+                continue;
+            }
+            // states 0..L-1 (the GPU fuses the final layernorm into the pooling)
+            assert_eq!(got.len(), m.config.layers, "{label}: states observed");
+            for (layer, (g, c)) in got.iter().zip(&want).enumerate() {
+                let (worst, token) = g
+                    .chunks(h)
+                    .zip(c.chunks(h))
+                    .map(|(a, b)| cosine(a, b))
+                    .enumerate()
+                    .map(|(k, cos)| (cos, k))
+                    .fold((1.0, 0), |w, x| if x.0 < w.0 { x } else { w });
+                if worst < 0.9999 {
+                    failures.push(format!(
+                        "{label}: hidden states {layer}: token {token} cosine {worst:.6} \
+                         (bar 0.9999); the first layer that fails is where to look"
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn batch_invariance_on_gpu() {
     let Some(_g) = gpu() else { return };

@@ -214,6 +214,9 @@ fn pick_attention(k: AttentionKernel, longest: usize, d: usize) -> AttentionKern
     }
 }
 
+/// What [`CudaModel::forward_observed`] calls with (layer, hidden states [T, H]).
+type Observer<'a> = &'a mut dyn FnMut(usize, &[f32]);
+
 /// Batches up to this many tokens take the graph path (single queries, small service batches).
 const GRAPH_MAX_TOKENS: usize = 128;
 /// Most graphs kept at once.
@@ -400,6 +403,24 @@ impl<T: Act> CudaModel<T> {
     /// Embeddings [S, H] of a packed batch (unit-length scaling, when asked for, is the
     /// caller's: `Embedder` does it on the host for every backend).
     pub fn forward(&self, batch: &PackedBatch) -> Result<Vec<f32>> {
+        self.run(batch, None)
+    }
+
+    /// [`Self::forward`], showing `observe(i, states)` the residual stream [T, H] as the CPU
+    /// forward's `observe` shows it (transformers' `output_hidden_states`): i = 0 after the
+    /// embedding layernorm, i = 1..L-1 after block i-1 (the final layernorm's output is not
+    /// materialized on the GPU: it is fused into the pooling). The per-layer view of a GPU
+    /// test, so a numerical bug points at its layer; it synchronizes after every block and
+    /// never takes the CUDA-graph path.
+    pub fn forward_observed(
+        &self,
+        batch: &PackedBatch,
+        observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<f32>> {
+        self.run(batch, Some(observe))
+    }
+
+    fn run(&self, batch: &PackedBatch, observe: Option<Observer>) -> Result<Vec<f32>> {
         batch.validate(self.cfg.vocab)?;
         let (t, s_count) = (batch.num_tokens(), batch.num_seqs());
         if s_count == 0 {
@@ -436,7 +457,7 @@ impl<T: Act> CudaModel<T> {
             }
         }
 
-        if self.choices.cuda_graphs && t <= GRAPH_MAX_TOKENS {
+        if self.choices.cuda_graphs && t <= GRAPH_MAX_TOKENS && observe.is_none() {
             // The latency path: one graph launch instead of ≈ 9 launches per layer. Captured
             // once per (tokens, sequences, longest); inputs live at fixed addresses.
             let key = (t, s_count, max_len);
@@ -447,7 +468,7 @@ impl<T: Act> CudaModel<T> {
                 }
                 s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(|e| err("graph capture", e))?;
-                let enqueued = self.enqueue(st, t, s_count, max_len);
+                let enqueued = self.enqueue(st, t, s_count, max_len, None);
                 // End the capture whatever happened, so the stream is usable again.
                 let graph = s
                     .end_capture(
@@ -464,7 +485,7 @@ impl<T: Act> CudaModel<T> {
                 .launch()
                 .map_err(|e| err("graph launch", e))?;
         } else {
-            self.enqueue(st, t, s_count, max_len)?;
+            self.enqueue(st, t, s_count, max_len, observe)?;
         }
         let mut host = vec![0f32; s_count * h];
         s.memcpy_dtoh(&st.out.slice(..s_count * h), &mut host)
@@ -498,8 +519,17 @@ impl<T: Act> CudaModel<T> {
     }
 
     /// Enqueues the whole forward on the stream (no host synchronization, no host copies, so it
-    /// can be captured into a graph): ids and cu_seqlens already uploaded; out [S, H] written.
-    fn enqueue(&self, st: &mut State<T>, t: usize, s_count: usize, max_len: usize) -> Result<()> {
+    /// can be captured into a graph — unless `observe` is given: then the residual stream is
+    /// downloaded for it after the embedding and after every block but the last): ids and
+    /// cu_seqlens already uploaded; out [S, H] written.
+    fn enqueue(
+        &self,
+        st: &mut State<T>,
+        t: usize,
+        s_count: usize,
+        max_len: usize,
+        mut observe: Option<Observer>,
+    ) -> Result<()> {
         let (h, f, n, d, eps) = (
             self.cfg.hidden,
             4 * self.cfg.hidden,
@@ -519,6 +549,18 @@ impl<T: Act> CudaModel<T> {
             h,
             eps,
         )?; // x [T, H]
+        let mut look = |i: usize, x: &CudaSlice<f32>| -> Result<()> {
+            if let Some(f) = observe.as_mut() {
+                let mut host = vec![0f32; t * h];
+                s.memcpy_dtoh(&x.slice(..t * h), &mut host)
+                    .map_err(|e| err("hidden states download", e))?;
+                s.synchronize()
+                    .map_err(|e| err("hidden states download", e))?;
+                f(i, &host);
+            }
+            Ok(())
+        };
+        look(0, &st.x)?;
         let first = &self.blocks[0].ln1;
         k.add_layernorm::<T>(s, &mut st.x, None, &first.w, &first.b, &mut st.a, t, h, eps)?; // a = LN1(x)
         for (l, blk) in self.blocks.iter().enumerate() {
@@ -605,6 +647,7 @@ impl<T: Act> CudaModel<T> {
                     h,
                     eps,
                 )?; // x += y; a = LN1'(x)
+                look(l + 1, &st.x)?;
             }
         }
         // x + y of the last block, LN_f, weighted mean: [S, H]
