@@ -1133,21 +1133,35 @@ fn fp8_gemm_matches_the_emulation() {
     fp8_linear_case(&g);
 }
 
-/// The GPU `--dtype fp8` forward against the CPU emulation (`--device cpu --dtype fp8`), per
-/// text, cosine ≥ 0.9999 (issue 15's bar), on the two fixture models (f32 and f16 checkpoints)
-/// and a random bloom-560m-like one (bf16 checkpoint, H 1024, 24 blocks, a small vocabulary):
-/// one text at a time, then all together, under each kernel choice that applies (the skinny
-/// GEMM has no FP8 version and is refused). The two differ by the GPU's f16 activations (which
-/// can move an input across an E4M3 rounding boundary) and the accumulation order, not by the
-/// quantization rules (checked bit for bit above). Also: the engine reports dtype fp8, and the
-/// weights take on the device what `device_weight_bytes` says (≈ half of f16's).
+/// The GPU `--dtype fp8` forward against the CPU emulation (`--device cpu --dtype fp8`) and the
+/// f32 forward, on the two fixture models (f32 and f16 checkpoints) and a random
+/// bloom-560m-like one (bf16 checkpoint, H 1024, 24 blocks, a small vocabulary): one text at a
+/// time, then all together, under each kernel choice that applies (the skinny GEMM has no FP8
+/// version and is refused). Also: the engine reports dtype fp8, and the weights take on the
+/// device what `device_weight_bytes` says (≈ half of f16's).
+///
+/// The bars, and why not issue 15's 0.9999 to the emulation: the two cannot agree that closely.
+/// The GPU holds activations in f16 and sums in another order; wherever that moves a GEMM input
+/// across an E4M3 rounding boundary, the input changes by a whole E4M3 step (≈ 6%), and the
+/// difference spreads through the following blocks. Measured on the CPU (the emulation against
+/// itself with every GEMM input and output rounded to f16): worst cosine 0.99953 (sgpt-tiny),
+/// 0.99923 (tiny-b), 0.99882 (this bloom-560m-like model, 24 blocks); even a relative
+/// perturbation of 1e-7 on each GEMM output, the size of a reordered f32 sum, gives 0.99955
+/// after 24 blocks. So each text must be within cosine 0.997 of the emulation (a wrong or
+/// transposed weight or an unscaled product lands far below), and the GPU path must be as
+/// accurate as the emulation: its worst 1 − cosine to the f32 forward at most 1.5× the
+/// emulation's (measured with f16 rounding on the CPU: 0.88–1.15×), which a missing or doubled
+/// bias would break.
+/// The cosine to the emulation is printed against 0.9999 too, for the record.
 #[test]
 fn fp8_forward_matches_the_emulation() {
     use sgpt::backend::cuda::model::{device_weight_bytes, CudaModel, WeightFormat};
     use sgpt::model::weights::{Checkpoint, DType};
     let Some(_g) = gpu() else { return };
-    let ctx = sgpt::backend::cuda::device::open(0).unwrap();
-    let cc = ctx.compute_capability().unwrap();
+    // A context per model, as the engine opens them (a model with CUDA graphs turns its
+    // context's event tracking off).
+    let open = || sgpt::backend::cuda::device::open(0).unwrap();
+    let cc = open().compute_capability().unwrap();
     let none = &|_: usize, _: usize| {};
     let mut failures: Vec<String> = Vec::new();
     let mut cases: Vec<(
@@ -1176,19 +1190,33 @@ fn fp8_forward_matches_the_emulation() {
     for (name, ckpt, cfg, texts) in &cases {
         let cpu_fp8 =
             cpu::CpuModel::load_fp8(ckpt, cfg, cpu::fp8::ActScale::PerToken, none).unwrap();
+        let cpu_f32 = cpu::CpuModel::load(ckpt, cfg).unwrap();
         let h = cfg.hidden;
         // Every text alone on the fixture models, the first three alone at bloom-560m's width
         // (the CPU emulation's time), then all together.
         let alone = if h < 1024 { texts.len() } else { 3 };
         let mut batches: Vec<Vec<usize>> = (0..alone).map(|k| vec![k]).collect();
         batches.push((0..texts.len()).collect());
-        let want: Vec<Vec<f32>> = batches
+        let run = |m: &cpu::CpuModel| -> Vec<Vec<f32>> {
+            batches
+                .iter()
+                .map(|ks| {
+                    let seqs: Vec<&[u32]> = ks.iter().map(|&k| &texts[k][..]).collect();
+                    m.embed(&PackedBatch::from_seqs(&seqs)).unwrap()
+                })
+                .collect()
+        };
+        let (want, want32) = (run(&cpu_fp8), run(&cpu_f32));
+        // The emulation's own worst 1 − cosine to f32 over every text of every batch.
+        let emu_err = want
             .iter()
-            .map(|ks| {
-                let seqs: Vec<&[u32]> = ks.iter().map(|&k| &texts[k][..]).collect();
-                cpu_fp8.embed(&PackedBatch::from_seqs(&seqs)).unwrap()
+            .zip(&want32)
+            .flat_map(|(a, b)| {
+                a.chunks(h)
+                    .zip(b.chunks(h))
+                    .map(|(p, q)| 1.0 - cosine(p, q))
             })
-            .collect();
+            .fold(0f64, f64::max);
         let choices: Vec<KernelChoices> = KernelChoices::all()
             .into_iter()
             .filter(|k| k.gemm != sgpt::backend::GemmKernel::Skinny)
@@ -1197,7 +1225,7 @@ fn fp8_forward_matches_the_emulation() {
         for kernels in choices {
             let label = format!("{name} fp8 [{kernels}]");
             let m = match CudaModel::<half::f16>::load(
-                ctx.clone(),
+                open(),
                 ckpt,
                 cfg,
                 4096,
@@ -1221,8 +1249,8 @@ fn fp8_forward_matches_the_emulation() {
                     "{label}: weights hold {held} bytes, predicted {predicted}"
                 ));
             }
-            let mut worst = 1.0f64;
-            for (ks, want) in batches.iter().zip(&want) {
+            let (mut worst, mut gpu_err) = (1.0f64, 0f64);
+            for ((ks, want), want32) in batches.iter().zip(&want).zip(&want32) {
                 let seqs: Vec<&[u32]> = ks.iter().map(|&k| &texts[k][..]).collect();
                 let got = match m.forward(&PackedBatch::from_seqs(&seqs)) {
                     Ok(got) => got,
@@ -1232,9 +1260,11 @@ fn fp8_forward_matches_the_emulation() {
                     }
                 };
                 for (i, &k) in ks.iter().enumerate() {
-                    let c = cosine(&got[i * h..(i + 1) * h], &want[i * h..(i + 1) * h]);
+                    let row = &got[i * h..(i + 1) * h];
+                    let c = cosine(row, &want[i * h..(i + 1) * h]);
                     worst = worst.min(c);
-                    if c.is_nan() || c < 0.9999 {
+                    gpu_err = gpu_err.max(1.0 - cosine(row, &want32[i * h..(i + 1) * h]));
+                    if c.is_nan() || c < 0.997 {
                         failures.push(format!(
                             "{label}: text {k} in a batch of {}: cosine {c:.6} to the emulation",
                             ks.len()
@@ -1242,25 +1272,27 @@ fn fp8_forward_matches_the_emulation() {
                     }
                 }
             }
-            println!("{label}: worst cosine to the CPU emulation {worst:.7}");
+            if gpu_err.is_nan() || gpu_err > 1.5 * emu_err {
+                failures.push(format!(
+                    "{label}: worst 1 − cosine to f32 {gpu_err:.2e}, the emulation's {emu_err:.2e}"
+                ));
+            }
+            println!(
+                "{label}: worst 1 − cosine to f32: GPU {gpu_err:.2e}, emulation {emu_err:.2e}; \
+                 issue 15's 0.9999 to the emulation {}; worst cosine to the CPU emulation {worst:.7}",
+                if worst >= 0.9999 { "met" } else { "not met" }
+            );
         }
         // The skinny GEMM is refused with the reason, before anything is uploaded.
         let skinny = KernelChoices {
             gemm: sgpt::backend::GemmKernel::Skinny,
             ..KernelChoices::default()
         };
-        let e = CudaModel::<half::f16>::load(
-            ctx.clone(),
-            ckpt,
-            cfg,
-            64,
-            skinny,
-            WeightFormat::Fp8,
-            none,
-        )
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+        let e =
+            CudaModel::<half::f16>::load(open(), ckpt, cfg, 64, skinny, WeightFormat::Fp8, none)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
         if !e.contains("--gemm skinny has no FP8 version") {
             failures.push(format!("{name}: --gemm skinny with fp8 gave {e:?}"));
         }
