@@ -606,7 +606,7 @@ fn forward_matches_cpu_and_reference() {
 /// is reported at the first layer it shows in, not only in the pooled embedding.
 #[test]
 fn layers_match_cpu() {
-    use sgpt::backend::cuda::model::CudaModel;
+    use sgpt::backend::cuda::model::{CudaModel, WeightFormat};
     use sgpt::backend::AttentionKernel;
     let Some(_g) = gpu() else { return };
     let mut failures: Vec<String> = Vec::new();
@@ -638,6 +638,7 @@ fn layers_match_cpu() {
                 &m.config,
                 batch.num_tokens(),
                 kernels,
+                WeightFormat::Half,
                 &|_, _| {},
             )
             .unwrap();
@@ -875,4 +876,539 @@ fn two_replicas_on_one_gpu_match_one_engine() {
     let stats = two.backend.replica_stats();
     assert_eq!(stats.len(), 2);
     assert!(stats.iter().all(|s| s.batches > 0), "{stats:?}");
+}
+
+// ---- FP8 (`--dtype fp8`, docs/fp8.md): every piece against the CPU emulation ----------------
+
+/// Rows that exercise every rule of the per-row E4M3 rounding, `rnd` applied to every value (the
+/// rounding to the kernel's input type, so both sides see the same numbers): random rows, an
+/// all-zero row, a row whose scale is exactly 1 holding every midpoint between E4M3 codes (ties)
+/// and one f32 step either side of them, values in E4M3's subnormal range and below it, a row
+/// with an outlier (the rest falls into the subnormal range after scaling), a row whose amax
+/// divided by its scale rounds above 448 (must saturate to 448, not become NaN), a row with a
+/// NaN (its code is 0x7F, the scale ignores it), and rows of tiny and huge magnitudes.
+fn fp8_test_rows(n: usize, seed: u64, rnd: &dyn Fn(f32) -> f32) -> Vec<f32> {
+    use sgpt::backend::cpu::fp8::{from_e4m3, scale_for};
+    let codes: Vec<f32> = (0u8..=0x7E).map(from_e4m3).collect();
+    let mut special = Vec::new();
+    for w in codes.windows(2) {
+        let mid = (w[0] + w[1]) / 2.0; // ≤ 5 significant bits: exact
+        special.extend([
+            mid,
+            -mid,
+            f32::from_bits(mid.to_bits() + 1),
+            f32::from_bits(mid.to_bits() - 1),
+            w[0],
+        ]);
+    }
+    special.extend([
+        0.0,
+        -0.0,
+        2f32.powi(-10),
+        3.0 * 2f32.powi(-10),
+        1e-4,
+        1e-12,
+        -1e-30,
+    ]);
+    // amax / scale_for(amax) > 448 after rounding: found by search, in the input type.
+    let saturating = (0..200_000)
+        .map(|i| rnd(1.0 + i as f32 * 0.0137))
+        .find(|&a| a / scale_for(a) > 448.0)
+        .expect("an amax whose quotient rounds above 448");
+    let mut x = Vec::new();
+    for r in 0..10 {
+        let mut row = rand(n, seed + r, 3.0);
+        match r {
+            1 => row.fill(0.0),
+            2 => {
+                // scale exactly 1: 448 first, then the special values in turn
+                row[0] = 448.0;
+                for (i, v) in row.iter_mut().enumerate().skip(1) {
+                    *v = special[(i * 7 + seed as usize) % special.len()];
+                }
+            }
+            3 => {
+                row.iter_mut().for_each(|v| *v *= 0.01 / 3.0);
+                row[n / 3] = -1e4;
+            }
+            4 => {
+                row.iter_mut().for_each(|v| *v *= 0.1); // below `saturating` (≥ 1): it is the amax
+                row[n / 2] = saturating;
+            }
+            5 => row.iter_mut().step_by(3).for_each(|v| *v = 0.0),
+            6 if n > 1 => row[n - 1] = f32::NAN,
+            7 => row.iter_mut().for_each(|v| *v *= 1e-30),
+            8 => row.iter_mut().for_each(|v| *v *= 1e30),
+            _ => {}
+        }
+        x.extend(row.into_iter().map(rnd));
+    }
+    x
+}
+
+/// The types the quantize kernel reads, with their host conversions.
+trait Fp8Input: sgpt::backend::cuda::ops::Fp8Source + Copy {
+    fn of(v: f32) -> Self;
+    fn value(self) -> f32;
+}
+
+impl Fp8Input for f32 {
+    fn of(v: f32) -> Self {
+        v
+    }
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+impl Fp8Input for half::f16 {
+    fn of(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn value(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Fp8Input for half::bf16 {
+    fn of(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn value(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// The quantize kernel against `fp8::quantize` (per token): codes and scales bit for bit, for
+/// the input type S (f32: weights at load; f16/bf16: GEMM inputs), at widths that take its
+/// 8-wide path (multiples of 8, 1000 not of 16) and its one-element path (1, 7, 37, 1030).
+fn fp8_quantize_case<S: Fp8Input>(g: &Gpu, name: &str) {
+    use sgpt::backend::cpu::fp8::{quantize, ActScale};
+    let rnd = |v: f32| S::of(v).value();
+    let mut saturated = 0;
+    for n in [1usize, 7, 37, 64, 1000, 1030, 4096] {
+        let x = fp8_test_rows(n, 50 + n as u64, &rnd);
+        let rows = x.len() / n;
+        let (want_q, want_s) = quantize(&x, n, ActScale::PerToken);
+        let host: Vec<S> = x.iter().map(|&v| S::of(v)).collect();
+        let dx: CudaSlice<S> = g.s.clone_htod(&host).unwrap();
+        let mut q: CudaSlice<u8> = g.s.clone_htod(&vec![0xAAu8; rows * n]).unwrap();
+        let mut s = up32(g, &vec![f32::NAN; rows]);
+        g.k.fp8_quantize_rows(&g.s, &dx, &mut q, &mut s, rows, n)
+            .unwrap();
+        let (got_q, got_s) = (g.s.clone_dtoh(&q).unwrap(), g.s.clone_dtoh(&s).unwrap());
+        for r in 0..rows {
+            assert_eq!(
+                got_s[r].to_bits(),
+                want_s[r].to_bits(),
+                "fp8_quantize_rows_{name} n {n} row {r}: scale {} vs {}",
+                got_s[r],
+                want_s[r]
+            );
+            let (gq, wq) = (&got_q[r * n..(r + 1) * n], &want_q[r * n..(r + 1) * n]);
+            if let Some(i) = (0..n).find(|&i| gq[i] != wq[i]) {
+                panic!(
+                    "fp8_quantize_rows_{name} n {n} row {r} element {i}: x {:e} (x/s {:e}) → \
+                     code {:#04x}, want {:#04x}",
+                    x[r * n + i],
+                    x[r * n + i] / want_s[r],
+                    gq[i],
+                    wq[i]
+                );
+            }
+            saturated += (0..n)
+                .filter(|&i| x[r * n + i].abs() / want_s[r] > 448.0 && wq[i] & 0x7F == 0x7E)
+                .count();
+        }
+    }
+    assert!(
+        saturated > 0,
+        "{name}: no value beyond 448 after scaling was exercised"
+    );
+}
+
+#[test]
+fn fp8_quantize_matches_the_emulation_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    fp8_quantize_case::<f32>(&g, "f32");
+    fp8_quantize_case::<half::f16>(&g, "f16");
+    fp8_quantize_case::<half::bf16>(&g, "bf16");
+}
+
+/// The epilogue alone, bit for bit: the same f32 operations in the same order on the host
+/// (acc·(sx·sw), then + b, then one rounding to T), with and without a bias, a width that is
+/// not a multiple of 256·4 (the grid's last block partly idle), and more rows than the grid's
+/// 65535 (the row loop).
+fn fp8_epilogue_case<T: Act>(g: &Gpu) {
+    for (rows, n, bias) in [
+        (1usize, 16usize, true),
+        (7, 4100, false),
+        (33, 1024, true),
+        (65_600, 16, true),
+    ] {
+        let acc: Vec<f32> = rand(rows * n, 61, 3e9);
+        let sx: Vec<f32> = rand(rows, 62, 1e-2)
+            .iter()
+            .map(|v| v.abs() + 1e-6)
+            .collect();
+        let sw: Vec<f32> = rand(n, 63, 1e-4).iter().map(|v| v.abs() + 1e-9).collect();
+        let b = rand(n, 64, 0.5);
+        let mut y = poison::<T>(g, rows * n);
+        let db = up32(g, &b);
+        g.k.fp8_epilogue(
+            &g.s,
+            &up32(g, &acc),
+            &up32(g, &sx),
+            &up32(g, &sw),
+            bias.then_some(&db),
+            &mut y,
+            rows,
+            n,
+        )
+        .unwrap();
+        let got = down(g, &y);
+        for t in 0..rows {
+            for o in 0..n {
+                let mut v = acc[t * n + o] * (sx[t] * sw[o]);
+                if bias {
+                    v += b[o];
+                }
+                let want = T::from_f32(v).to_f32();
+                let i = t * n + o;
+                assert!(
+                    got[i].to_bits() == want.to_bits(),
+                    "fp8_epilogue_{} rows {rows} n {n} bias {bias}: [{t}, {o}] {} vs {want}",
+                    T::SUFFIX,
+                    got[i]
+                );
+            }
+        }
+    }
+}
+
+/// The FP8 product (cuBLASLt, E4M3 in, f32 out) and the epilogue against `Fp8Linear`, the CPU
+/// emulation, on the same operands (x rounded to f16 as the forward holds it, W in f32 as a
+/// checkpoint's widened values), at small shapes and bloom-7b1's (12 tokens: the latency path;
+/// 260: a corpus batch). Both sides multiply the same E4M3 codes (the quantize kernel is
+/// checked bit for bit above) and every product is exact in f32, so they differ only in the
+/// order and width of the accumulation, then in the GPU's rounding of y to f16. Every shape
+/// runs and reports before the test fails (one device run says everything).
+fn fp8_linear_case(g: &Gpu) {
+    use sgpt::backend::cpu::fp8::{decode_codes, ActScale, Fp8Linear};
+    use sgpt::backend::cpu::linear::LinearKernel;
+    let mut gm = Gemm::new(g.s.clone()).unwrap();
+    let mut failures: Vec<String> = Vec::new();
+    // y: one rounding to f16 (2^-11 ≈ 4.9e-4 relative) on O(1) outputs dominates the
+    // accumulation differences (an f32 sum of K random-signed terms in another order: ≈ 2^-24·√K
+    // ≈ 1e-5 relative at K = 16384); assert_close's report names the worst element.
+    let close = |label: &str, got: &[f32], want: &[f32]| -> Option<String> {
+        std::panic::catch_unwind(|| assert_close(label, got, want, 2e-3, 2e-3))
+            .err()
+            .map(|_| format!("{label}: y differs (see the panic message above)"))
+    };
+    for (t, n_in, n_out) in [
+        (1usize, 64usize, 192usize),
+        (7, 96, 288),
+        (33, 1024, 4096),
+        (12, 4096, 12288),
+        (12, 4096, 4096),
+        (12, 4096, 16384),
+        (12, 16384, 4096),
+        (260, 4096, 1024),
+    ] {
+        for bias in [false, true] {
+            let label = format!("fp8 linear [{t}×{n_in}]·[{n_out}×{n_in}]ᵀ bias {bias}");
+            let mut x = round::<half::f16>(&rand(t * n_in, 71, 1.0));
+            x[n_in / 2] = 40.0; // an outlier channel in token 0
+            let w = rand(n_out * n_in, 72, 0.05);
+            let b = rand(n_out, 73, 0.5);
+            let zero = vec![0f32; n_out];
+            let lin = Fp8Linear::new(&w, n_out, ActScale::PerToken);
+            let mut want = vec![0f32; t * n_out];
+            lin.forward(&x, if bias { &b } else { &zero }, &mut want, false);
+
+            let (dx, dw) = (up::<half::f16>(g, &x), up32(g, &w));
+            let mut wq: CudaSlice<u8> = g.s.alloc_zeros(n_out * n_in).unwrap();
+            let mut sw = up32(g, &vec![f32::NAN; n_out]);
+            g.k.fp8_quantize_rows(&g.s, &dw, &mut wq, &mut sw, n_out, n_in)
+                .unwrap();
+            let mut xq: CudaSlice<u8> = g.s.alloc_zeros(t * n_in).unwrap();
+            let mut sx = up32(g, &vec![f32::NAN; t]);
+            g.k.fp8_quantize_rows(&g.s, &dx, &mut xq, &mut sx, t, n_in)
+                .unwrap();
+            let mut acc = up32(g, &vec![f32::NAN; t * n_out]);
+            if let Err(e) = gm.fp8_product(&xq, &wq, &mut acc, t, n_in, n_out) {
+                failures.push(format!("{label}: {e}"));
+                continue;
+            }
+            let mut y = poison::<half::f16>(g, t * n_out);
+            let db = up32(g, &b);
+            g.k.fp8_epilogue(&g.s, &acc, &sx, &sw, bias.then_some(&db), &mut y, t, n_out)
+                .unwrap();
+
+            // The unscaled sums against f64 sums of the same codes, relative to Σ|products|
+            // (what bounds any order's rounding error): measured, and bounded loosely — an f32
+            // sum in any order stays below K·2^-24 ≈ 1e-3 of it at K = 16384; Hopper's FP8
+            // tensor cores add in fewer bits between promotions to f32, which this would show.
+            failures.extend(close(&label, &down(g, &y), &want));
+            if bias {
+                continue; // the sums do not depend on the bias: checked once, below
+            }
+            let (codes, _) = lin.parts();
+            let (qw, qx) = (
+                decode_codes(codes),
+                decode_codes(&g.s.clone_dtoh(&xq).unwrap()),
+            );
+            let got_acc = g.s.clone_dtoh(&acc).unwrap();
+            let mut worst = 0f64;
+            for r in 0..t {
+                let xr = &qx[r * n_in..(r + 1) * n_in];
+                for o in (0..n_out).step_by(if t * n_in * n_out > 1 << 26 { 7 } else { 1 }) {
+                    let wr = &qw[o * n_in..(o + 1) * n_in];
+                    let (exact, mag) = xr.iter().zip(wr).fold((0f64, 0f64), |(s, m), (a, b)| {
+                        let p = f64::from(*a) * f64::from(*b);
+                        (s + p, m + p.abs())
+                    });
+                    let e = (f64::from(got_acc[r * n_out + o]) - exact).abs() / mag.max(1e-30);
+                    worst = worst.max(e);
+                }
+            }
+            println!("{label}: max |acc − exact| / Σ|products| = {worst:.2e}");
+            if worst.is_nan() || worst >= 1e-3 {
+                failures.push(format!("{label}: accumulation error {worst:e}"));
+            }
+        }
+    }
+    // A width cuBLASLt's FP8 kernels cannot take is an error, not a launch.
+    let (xq, wq) = (
+        g.s.alloc_zeros::<u8>(64).unwrap(),
+        g.s.alloc_zeros::<u8>(64 * 8).unwrap(),
+    );
+    let mut acc = g.s.alloc_zeros::<f32>(64).unwrap();
+    if gm.fp8_product(&xq, &wq, &mut acc, 1, 64, 8).is_ok() {
+        failures.push("fp8_product took n_out = 8".into());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn fp8_gemm_matches_the_emulation() {
+    let Some(g) = gpu() else { return };
+    fp8_epilogue_case::<half::f16>(&g);
+    fp8_epilogue_case::<half::bf16>(&g);
+    fp8_linear_case(&g);
+}
+
+/// The GPU `--dtype fp8` forward against the CPU emulation (`--device cpu --dtype fp8`) and the
+/// f32 forward, on the two fixture models (f32 and f16 checkpoints) and a random
+/// bloom-560m-like one (bf16 checkpoint, H 1024, 24 blocks, a small vocabulary): one text at a
+/// time, then all together, under each kernel choice that applies (the skinny GEMM has no FP8
+/// version and is refused). Also: the engine reports dtype fp8, and the weights take on the
+/// device what `device_weight_bytes` says (≈ half of f16's).
+///
+/// The bars, and why not issue 15's 0.9999 to the emulation: the two cannot agree that closely.
+/// The GPU holds activations in f16 and sums in another order; wherever that moves a GEMM input
+/// across an E4M3 rounding boundary, the input changes by a whole E4M3 step (≈ 6%), and the
+/// difference spreads through the following blocks. Measured on the CPU (the emulation against
+/// itself with every GEMM input and output rounded to f16): worst cosine 0.99953 (sgpt-tiny),
+/// 0.99923 (tiny-b), 0.99882 (this bloom-560m-like model, 24 blocks); even a relative
+/// perturbation of 1e-7 on each GEMM output, the size of a reordered f32 sum, gives 0.99955
+/// after 24 blocks. So each text must be within cosine 0.997 of the emulation (a wrong or
+/// transposed weight or an unscaled product lands far below), and the GPU path must be as
+/// accurate as the emulation: its worst 1 − cosine to the f32 forward at most 1.5× the
+/// emulation's (measured with f16 rounding on the CPU: 0.88–1.15×), which a missing or doubled
+/// bias would break.
+/// The cosine to the emulation is printed against 0.9999 too, for the record.
+#[test]
+fn fp8_forward_matches_the_emulation() {
+    use sgpt::backend::cuda::model::{device_weight_bytes, CudaModel, WeightFormat};
+    use sgpt::model::weights::{Checkpoint, DType};
+    let Some(_g) = gpu() else { return };
+    // A context per model, as the engine opens them (a model with CUDA graphs turns its
+    // context's event tracking off).
+    let open = || sgpt::backend::cuda::device::open(0).unwrap();
+    let cc = open().compute_capability().unwrap();
+    let none = &|_: usize, _: usize| {};
+    let mut failures: Vec<String> = Vec::new();
+    let mut cases: Vec<(
+        String,
+        Checkpoint,
+        sgpt::model::config::BloomConfig,
+        Vec<Vec<u32>>,
+    )> = Vec::new();
+    for name in ["sgpt-tiny", "tiny-b"] {
+        let golden = load_golden(name);
+        let m = ModelDir::open(&golden.model_dir).unwrap();
+        let texts = golden.texts.iter().map(|t| t.ids.clone()).collect();
+        cases.push((name.into(), m.checkpoint, m.config, texts));
+    }
+    let mut cfg = sgpt::bench::shape("bloom-560m").unwrap();
+    cfg.vocab = 4096;
+    let ckpt = sgpt::bench::random_checkpoint(&cfg, DType::BF16, 7).unwrap();
+    let texts = sgpt::bench::synthetic_corpus(12, 4096, 120, [(62, 64), (94, 96)]);
+    cases.push((
+        "random bloom-560m-like (vocab 4096)".into(),
+        ckpt,
+        cfg,
+        texts,
+    ));
+
+    for (name, ckpt, cfg, texts) in &cases {
+        let cpu_fp8 =
+            cpu::CpuModel::load_fp8(ckpt, cfg, cpu::fp8::ActScale::PerToken, none).unwrap();
+        let cpu_f32 = cpu::CpuModel::load(ckpt, cfg).unwrap();
+        let h = cfg.hidden;
+        // Every text alone on the fixture models, the first three alone at bloom-560m's width
+        // (the CPU emulation's time), then all together.
+        let alone = if h < 1024 { texts.len() } else { 3 };
+        let mut batches: Vec<Vec<usize>> = (0..alone).map(|k| vec![k]).collect();
+        batches.push((0..texts.len()).collect());
+        let run = |m: &cpu::CpuModel| -> Vec<Vec<f32>> {
+            batches
+                .iter()
+                .map(|ks| {
+                    let seqs: Vec<&[u32]> = ks.iter().map(|&k| &texts[k][..]).collect();
+                    m.embed(&PackedBatch::from_seqs(&seqs)).unwrap()
+                })
+                .collect()
+        };
+        let (want, want32) = (run(&cpu_fp8), run(&cpu_f32));
+        // The emulation's own worst 1 − cosine to f32 over every text of every batch.
+        let emu_err = want
+            .iter()
+            .zip(&want32)
+            .flat_map(|(a, b)| {
+                a.chunks(h)
+                    .zip(b.chunks(h))
+                    .map(|(p, q)| 1.0 - cosine(p, q))
+            })
+            .fold(0f64, f64::max);
+        let choices: Vec<KernelChoices> = KernelChoices::all()
+            .into_iter()
+            .filter(|k| k.gemm != sgpt::backend::GemmKernel::Skinny)
+            .filter(|k| h < 1024 || k.attention == sgpt::backend::AttentionKernel::Auto)
+            .collect();
+        for kernels in choices {
+            let label = format!("{name} fp8 [{kernels}]");
+            let m = match CudaModel::<half::f16>::load(
+                open(),
+                ckpt,
+                cfg,
+                4096,
+                kernels,
+                WeightFormat::Fp8,
+                none,
+            ) {
+                Ok(m) => m,
+                Err(e) => {
+                    failures.push(format!("{label}: load: {e}"));
+                    continue;
+                }
+            };
+            assert_eq!(sgpt::backend::Backend::info(&m).dtype, "fp8");
+            let (held, predicted) = (
+                m.report.weight_bytes,
+                device_weight_bytes(cfg, WeightFormat::Fp8, 2),
+            );
+            if held != predicted {
+                failures.push(format!(
+                    "{label}: weights hold {held} bytes, predicted {predicted}"
+                ));
+            }
+            let (mut worst, mut gpu_err) = (1.0f64, 0f64);
+            for ((ks, want), want32) in batches.iter().zip(&want).zip(&want32) {
+                let seqs: Vec<&[u32]> = ks.iter().map(|&k| &texts[k][..]).collect();
+                let got = match m.forward(&PackedBatch::from_seqs(&seqs)) {
+                    Ok(got) => got,
+                    Err(e) => {
+                        failures.push(format!("{label}: batch of {}: {e}", ks.len()));
+                        break;
+                    }
+                };
+                for (i, &k) in ks.iter().enumerate() {
+                    let row = &got[i * h..(i + 1) * h];
+                    let c = cosine(row, &want[i * h..(i + 1) * h]);
+                    worst = worst.min(c);
+                    gpu_err = gpu_err.max(1.0 - cosine(row, &want32[i * h..(i + 1) * h]));
+                    if c.is_nan() || c < 0.997 {
+                        failures.push(format!(
+                            "{label}: text {k} in a batch of {}: cosine {c:.6} to the emulation",
+                            ks.len()
+                        ));
+                    }
+                }
+            }
+            if gpu_err.is_nan() || gpu_err > 1.5 * emu_err {
+                failures.push(format!(
+                    "{label}: worst 1 − cosine to f32 {gpu_err:.2e}, the emulation's {emu_err:.2e}"
+                ));
+            }
+            println!(
+                "{label}: worst 1 − cosine to f32: GPU {gpu_err:.2e}, emulation {emu_err:.2e}; \
+                 issue 15's 0.9999 to the emulation {}; worst cosine to the CPU emulation {worst:.7}",
+                if worst >= 0.9999 { "met" } else { "not met" }
+            );
+        }
+        // The skinny GEMM is refused with the reason, before anything is uploaded.
+        let skinny = KernelChoices {
+            gemm: sgpt::backend::GemmKernel::Skinny,
+            ..KernelChoices::default()
+        };
+        let e =
+            CudaModel::<half::f16>::load(open(), ckpt, cfg, 64, skinny, WeightFormat::Fp8, none)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+        if !e.contains("--gemm skinny has no FP8 version") {
+            failures.push(format!("{name}: --gemm skinny with fp8 gave {e:?}"));
+        }
+    }
+    println!("device compute capability {cc:?}");
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Through the engine: `--device cuda --dtype fp8` opens (no longer refused), reports dtype
+/// fp8 (the eval cache key, /info, bench JSON), and embeds finite vectors close to f16's.
+#[test]
+fn fp8_engine_on_the_gpu() {
+    let Some(_g) = gpu() else { return };
+    let golden = load_golden("sgpt-tiny");
+    let open = |dtype| {
+        Embedder::open_with(
+            &golden.model_dir,
+            EngineOptions {
+                device: Device::Cuda(0),
+                dtype: Some(dtype),
+                max_batch_tokens: None,
+                kernels: KernelChoices::default(),
+            },
+        )
+        .unwrap()
+    };
+    let (e8, e16) = (open(GpuDtype::Fp8), open(GpuDtype::F16));
+    assert_eq!(e8.backend.info().dtype, "fp8");
+    assert_ne!(e8.backend.info().identity(), e16.backend.info().identity());
+    let seqs: Vec<&[u32]> = golden.texts.iter().map(|t| &t.ids[..]).collect();
+    let batch = PackedBatch::from_seqs(&seqs);
+    let (a, b) = (
+        e8.embed_batch(&batch).unwrap(),
+        e16.embed_batch(&batch).unwrap(),
+    );
+    let h = golden.hidden;
+    for k in 0..seqs.len() {
+        let c = cosine(&a[k * h..(k + 1) * h], &b[k * h..(k + 1) * h]);
+        // FP8's own error on this random model: the emulation gives 0.9962–0.998 to f32
+        // (docs/fp8-accuracy.md); 0.99 leaves room without hiding a broken path (≈ 0 or < 0.9).
+        assert!(c >= 0.99, "text {k}: fp8 vs f16 cosine {c}");
+    }
 }

@@ -133,7 +133,8 @@ class Model:
         device: "auto" (the GPU when usable, else the CPU; ``notice`` says why), "cpu",
             "cuda", "cuda:N", or one replica per GPU: "cuda:all" or a list like "cuda:0,2".
         dtype: activation/weight type on the GPU, "f16" (the default) or "bf16"; or "fp8":
-            with device="cpu" the CPU emulation of FP8 GEMMs (docs/fp8.md; not yet on the GPU).
+            E4M3 GEMMs, on a GPU of compute capability >= 8.9 with f16 activations (not yet
+            run on a GPU), or with device="cpu" the CPU emulation (docs/fp8.md).
             Otherwise the CPU computes in f32, so "f16"/"bf16" with device="cpu" is a
             ValueError.
         max_batch_tokens: most tokens in one packed batch (default 2048 on the CPU, 16384 on

@@ -58,7 +58,8 @@ pub struct BackendInfo {
     pub kind: &'static str,
     /// "cpu", or the GPU's name and architecture (e.g. "NVIDIA H200 (sm_90)").
     pub device: String,
-    /// Activation type of the forward: "f32" or "fp8" (the FP8 emulation) on the CPU, "f16" or
+    /// Activation type of the forward: "f32" or "fp8" (the FP8 emulation) on the CPU, "fp8"
+    /// (E4M3 GEMMs, f16 activations), "f16" or
     /// "bf16" on the GPU.
     pub dtype: &'static str,
     /// CPU threads (the CPU forward gives the same result for any count).

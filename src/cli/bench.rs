@@ -224,13 +224,20 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
                 GpuDtype::Bf16 => {
                     sgpt::backend::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?
                 }
-                GpuDtype::Fp8 => bail!(sgpt::engine::options::FP8_ON_GPU),
+                // The E4M3 product alone: the ceiling of the four GEMMs that run in FP8.
+                GpuDtype::Fp8 => sgpt::backend::cuda::bench::fp8_gemm_rate(&s, 16384, h, 4 * h)?,
+            };
+            // Bytes per weight of the four linear layers (the scales and biases of FP8's are
+            // < 0.3% more, left out of the floor).
+            let per_param = match a.engine.gpu_dtype() {
+                GpuDtype::Fp8 => 1.0,
+                _ => 2.0,
             };
             (
                 sgpt::backend::cuda::bench::copy_bandwidth(&s)?,
                 gemm,
                 sgpt::backend::cuda::bench::memory_used(&ctx)? as f64,
-                2.0,
+                per_param,
             )
         }
         None => (
@@ -256,7 +263,8 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         "tokens_per_s": tokens as f64 / corpus_s,
         "texts_per_s": seqs.len() as f64 / corpus_s,
         "latency": latency,
-        "ceilings": {"copy_bandwidth_gb_s": copy_bw / 1e9, "gemm_tflop_s": gemm_rate / 1e12},
+        "ceilings": {"copy_bandwidth_gb_s": copy_bw / 1e9, "gemm_tflop_s": gemm_rate / 1e12,
+                     "gemm_dtype": if on_gpu { a.engine.gpu_dtype().name() } else { "f32" }},
         "achieved_tflop_s": achieved / 1e12,
         "mfu": achieved / gemm_rate,
         "weight_bytes_per_forward": weight_bytes,
@@ -300,9 +308,14 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     }
     report!(
         show,
-        "ceilings           copy {:.1} GB/s, GEMM {:.2} TFLOP/s (measured now)",
+        "ceilings           copy {:.1} GB/s, GEMM {:.2} TFLOP/s{} (measured now)",
         copy_bw / 1e9,
-        gemm_rate / 1e12
+        gemm_rate / 1e12,
+        if on_gpu && a.engine.gpu_dtype() == GpuDtype::Fp8 {
+            " in FP8"
+        } else {
+            ""
+        }
     );
     report!(
         show,
@@ -370,20 +383,26 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let h = st.cfg.hidden;
     let show = a.json.human();
     let copy_bw = sgpt::backend::cuda::bench::copy_bandwidth(&s)?;
-    let (gemm_rate, times) = match a.engine.gpu_dtype() {
+    use sgpt::backend::cuda::bench as cb;
+    let (seqs, len) = (a.seqs, a.seq_len);
+    // fp8: the f16 ops (activations stay f16) and the FP8 path's, whose products are measured
+    // against the FP8 GEMM ceiling.
+    let (gemm_rate, fp8_rate, times) = match a.engine.gpu_dtype() {
         GpuDtype::F16 => (
-            sgpt::backend::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
-            sgpt::backend::cuda::bench::kernel_times::<half::f16>(
-                &ctx, &k, &st.cfg, a.seqs, a.seq_len,
-            )?,
+            cb::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
+            None,
+            cb::kernel_times::<half::f16>(&ctx, &k, &st.cfg, seqs, len, false)?,
         ),
         GpuDtype::Bf16 => (
-            sgpt::backend::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
-            sgpt::backend::cuda::bench::kernel_times::<half::bf16>(
-                &ctx, &k, &st.cfg, a.seqs, a.seq_len,
-            )?,
+            cb::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
+            None,
+            cb::kernel_times::<half::bf16>(&ctx, &k, &st.cfg, seqs, len, false)?,
         ),
-        GpuDtype::Fp8 => bail!(sgpt::engine::options::FP8_ON_GPU),
+        GpuDtype::Fp8 => (
+            cb::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
+            Some(cb::fp8_gemm_rate(&s, 16384, h, 4 * h)?),
+            cb::kernel_times::<half::f16>(&ctx, &k, &st.cfg, seqs, len, true)?,
+        ),
     };
     report!(
         show,
@@ -396,9 +415,13 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     );
     report!(
         show,
-        "ceilings: copy {:.1} GB/s, GEMM {:.1} TFLOP/s (measured now)",
+        "ceilings: copy {:.1} GB/s, GEMM {:.1} TFLOP/s{} (measured now)",
         copy_bw / 1e9,
-        gemm_rate / 1e12
+        gemm_rate / 1e12,
+        fp8_rate.map_or(String::new(), |r| format!(
+            " (f16), {:.1} TFLOP/s (FP8)",
+            r / 1e12
+        ))
     );
     report!(
         show,
@@ -412,9 +435,14 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let mut rows = Vec::new();
     for t in &times {
         let (gbs, tfs) = (t.bytes / (t.ms / 1e3) / 1e9, t.flops / (t.ms / 1e3) / 1e12);
-        // GEMMs and attention against the GEMM rate; the rest against copy bandwidth.
+        // GEMMs and attention against the GEMM rate (the FP8 products against FP8's); the
+        // rest against copy bandwidth.
+        let rate = match fp8_rate {
+            Some(r) if t.name.starts_with("fp8_gemm") => r,
+            _ => gemm_rate,
+        };
         let frac = if t.flops > 0.0 {
-            t.flops / (t.ms / 1e3) / gemm_rate
+            t.flops / (t.ms / 1e3) / rate
         } else {
             t.bytes / (t.ms / 1e3) / copy_bw
         };
@@ -430,7 +458,8 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         rows.push(json!({"op": t.name, "ms": t.ms, "gb_s": gbs, "tflop_s": tfs, "fraction_of_ceiling": frac}));
     }
     let report = json!({"device": ctx.name().unwrap_or_default(), "model": st.label, "dtype": a.engine.gpu_dtype().name(),
-        "seqs": a.seqs, "seq_len": a.seq_len, "copy_bandwidth_gb_s": copy_bw / 1e9, "gemm_tflop_s": gemm_rate / 1e12, "ops": rows});
+        "seqs": a.seqs, "seq_len": a.seq_len, "copy_bandwidth_gb_s": copy_bw / 1e9, "gemm_tflop_s": gemm_rate / 1e12,
+        "fp8_gemm_tflop_s": fp8_rate.map(|r| r / 1e12), "ops": rows});
     a.json.write(&report)
 }
 

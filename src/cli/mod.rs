@@ -60,8 +60,9 @@ pub(crate) struct EngineArgs {
     #[arg(long, default_value = "auto")]
     device: Device,
     /// Activation and weight type on the GPU [default: f16]; the CPU computes in f32, so f16
-    /// or bf16 with --device cpu is an error. fp8: E4M3 GEMMs, for now only as the CPU
-    /// emulation (--device cpu --dtype fp8; docs/fp8.md).
+    /// or bf16 with --device cpu is an error. fp8: the four GEMMs of each block in E4M3 — on a
+    /// GPU of compute capability 8.9 or newer with f16 activations (not yet run on a GPU), or
+    /// as the CPU emulation with --device cpu (docs/fp8.md).
     #[arg(long, value_enum)]
     dtype: Option<GpuDtype>,
     /// CPU threads (default: all cores).

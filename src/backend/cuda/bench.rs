@@ -62,6 +62,22 @@ pub fn gemm_rate<T: Act>(s: &Arc<CudaStream>, tokens: usize, k: usize, n: usize)
     Ok(2.0 * (tokens * k * n) as f64 / (ms / 1e3))
 }
 
+/// cuBLASLt's FP8 rate in FLOP/s at [tokens × k]·[n × k]ᵀ: E4M3 inputs, f32 output, fast
+/// accumulation off — the product `--dtype fp8` runs ([`Gemm::fp8_product`]), without the
+/// quantization and epilogue kernels around it. Needs compute capability ≥ 8.9.
+pub fn fp8_gemm_rate(s: &Arc<CudaStream>, tokens: usize, k: usize, n: usize) -> Result<f64> {
+    let mut g = Gemm::new(s.clone())?;
+    let xq = s
+        .alloc_zeros::<u8>(tokens * k)
+        .map_err(|e| err("alloc", e))?;
+    let wq = s.alloc_zeros::<u8>(n * k).map_err(|e| err("alloc", e))?;
+    let mut acc = s
+        .alloc_zeros::<f32>(tokens * n)
+        .map_err(|e| err("alloc", e))?;
+    let ms = time_ms(s, 10, || g.fp8_product(&xq, &wq, &mut acc, tokens, k, n))?;
+    Ok(2.0 * (tokens * k * n) as f64 / (ms / 1e3))
+}
+
 /// Device memory in use (bytes), as the driver reports it.
 pub fn memory_used(ctx: &Arc<CudaContext>) -> Result<usize> {
     let (free, total) = ctx.mem_get_info().map_err(|e| err("mem_get_info", e))?;
@@ -123,8 +139,36 @@ fn forced_skinny_plan(op: &str, n_in: usize) -> Option<SkinnyPlan> {
     Some(SkinnyPlan::with_k_per_split(n_in, k))
 }
 
-/// The GEMMs of one block, in the order of the `gemm_*` and `skinny_*` ops.
+/// The FP8 path's ops (`sgpt bench kernels --dtype fp8`), per GEMM of the block: the input's
+/// per-token quantization, the E4M3 product (against the FP8 GEMM ceiling) and the epilogue
+/// (scales, bias; fc1's bias is added later in bias_gelu, as in the forward).
+pub const FP8_OPS: &[&str] = &[
+    "fp8_quantize_qkv",
+    "fp8_gemm_qkv",
+    "fp8_epilogue_qkv",
+    "fp8_quantize_dense",
+    "fp8_gemm_dense",
+    "fp8_epilogue_dense",
+    "fp8_quantize_fc1",
+    "fp8_gemm_fc1",
+    "fp8_epilogue_fc1",
+    "fp8_quantize_fc2",
+    "fp8_gemm_fc2",
+    "fp8_epilogue_fc2",
+];
+
+/// The GEMMs of one block, in the order of the `gemm_*`, `skinny_*` and `fp8_*` ops.
 const GEMMS: [&str; 4] = ["qkv", "dense", "fc1", "fc2"];
+
+/// One GEMM's FP8 operands: the input's codes and scales, the weight's, the f32 bias and sums.
+struct Fp8Operands {
+    xq: CudaSlice<u8>,
+    sx: CudaSlice<f32>,
+    wq: CudaSlice<u8>,
+    sw: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+    acc: CudaSlice<f32>,
+}
 
 /// One GEMM's input, weight, bias and output.
 struct Linear<T> {
@@ -164,6 +208,8 @@ pub struct KernelBench<'k, T: Act> {
     lin: Vec<Linear<T>>,
     /// The skinny GEMM's split-K partial sums (the most any of the four needs; ≥ 1 element).
     skinny_ws: CudaSlice<f32>,
+    /// Per GEMM, after [`Self::with_fp8`].
+    fp8: Vec<Fp8Operands>,
 }
 
 impl<'k, T: Act> KernelBench<'k, T> {
@@ -233,12 +279,36 @@ impl<'k, T: Act> KernelBench<'k, T> {
             gemm: Gemm::new(s.clone())?,
             lin,
             skinny_ws: s.alloc_zeros(ws_len.max(1)).map_err(|e| err("alloc", e))?,
+            fp8: Vec::new(),
             s,
             k,
             cfg: cfg.clone(),
             seqs,
             len,
         })
+    }
+
+    /// Adds the FP8 operands of the four GEMMs (for [`FP8_OPS`]): each GEMM's input and
+    /// weight quantized on the device as the forward does it.
+    pub fn with_fp8(mut self) -> Result<Self> {
+        let (s, k, t, h) = (&self.s, self.k, self.seqs * self.len, self.cfg.hidden);
+        let dims = [(h, 3 * h), (h, h), (h, 4 * h), (4 * h, h)];
+        for (l, (n_in, n_out)) in self.lin.iter().zip(dims) {
+            let zeros8 = |n| s.alloc_zeros::<u8>(n).map_err(|e| err("alloc", e));
+            let zeros32 = |n| s.alloc_zeros::<f32>(n).map_err(|e| err("alloc", e));
+            let mut o = Fp8Operands {
+                xq: zeros8(t * n_in)?,
+                sx: zeros32(t)?,
+                wq: zeros8(n_out * n_in)?,
+                sw: zeros32(n_out)?,
+                b: seeded32(s, n_out, 0.02, 40 + n_out as u64)?,
+                acc: zeros32(t * n_out)?,
+            };
+            k.fp8_quantize_rows(s, &l.x, &mut o.xq, &mut o.sx, t, n_in)?;
+            k.fp8_quantize_rows(s, &l.w, &mut o.wq, &mut o.sw, n_out, n_in)?;
+            self.fp8.push(o);
+        }
+        Ok(self)
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -273,13 +343,32 @@ impl<'k, T: Act> KernelBench<'k, T> {
             "gemm_dense" | "skinny_dense" | "skinny_dense_s1" | "skinny_dense_s2" => gemm(h, h),
             "gemm_fc1" | "skinny_fc1" => gemm(h, 4.0 * h),
             "gemm_fc2" | "skinny_fc2" | "skinny_fc2_s1" | "skinny_fc2_s2" => gemm(4.0 * h, h),
+            _ if op.starts_with("fp8_") => {
+                let (stage, name) = op["fp8_".len()..].split_once('_').unwrap_or_default();
+                let (n_in, n_out) = match name {
+                    "qkv" => (h, 3.0 * h),
+                    "dense" => (h, h),
+                    "fc1" => (h, 4.0 * h),
+                    _ => (4.0 * h, h),
+                };
+                match stage {
+                    "quantize" => (t * n_in * (a + 1.0) + t * 4.0, 0.0),
+                    "gemm" => (
+                        t * n_in + n_in * n_out + t * n_out * 4.0,
+                        2.0 * t * n_in * n_out,
+                    ),
+                    _ => (t * n_out * (4.0 + a) + n_out * 8.0, 0.0),
+                }
+            }
             _ => (0.0, 0.0),
         }
     }
 
-    /// Whether `op` runs at this batch's shape (the skinny GEMM takes at most 16 tokens).
+    /// Whether `op` runs at this batch's shape (the skinny GEMM takes at most 16 tokens) and
+    /// with these operands (the FP8 ops after [`Self::with_fp8`]).
     pub fn applies(&self, op: &str) -> bool {
-        !op.starts_with("skinny_") || self.seqs * self.len <= SKINNY_MAX_ROWS
+        (!op.starts_with("skinny_") || self.seqs * self.len <= SKINNY_MAX_ROWS)
+            && (!op.starts_with("fp8_") || !self.fp8.is_empty())
     }
 
     /// Enqueues one run of `op` (one of [`OPS`]).
@@ -394,22 +483,53 @@ impl<'k, T: Act> KernelBench<'k, T> {
                         .linear(&l.x, &l.w, Some(&l.b), &mut l.y, t, n_in, n_out)
                 }
             }
+            _ if op.starts_with("fp8_") => {
+                let (stage, name) = op["fp8_".len()..].split_once('_').unwrap_or_default();
+                let i = GEMMS
+                    .iter()
+                    .position(|g| *g == name)
+                    .ok_or_else(|| Error::Input(format!("unknown op {op}")))?;
+                let (l, (n_in, n_out)) = (&mut self.lin[i], dims[i]);
+                let o = self.fp8.get_mut(i).ok_or_else(|| {
+                    Error::Input(format!("{op}: the FP8 operands were not built (with_fp8)"))
+                })?;
+                match stage {
+                    "quantize" => k.fp8_quantize_rows(s, &l.x, &mut o.xq, &mut o.sx, t, n_in),
+                    "gemm" => self
+                        .gemm
+                        .fp8_product(&o.xq, &o.wq, &mut o.acc, t, n_in, n_out),
+                    "epilogue" => {
+                        let b = (name != "fc1").then_some(&o.b); // fc1's bias: in bias_gelu
+                        k.fp8_epilogue(s, &o.acc, &o.sx, &o.sw, b, &mut l.y, t, n_out)
+                    }
+                    _ => Err(Error::Input(format!("unknown op {op}"))),
+                }
+            }
             other => Err(Error::Input(format!("unknown op {other}"))),
         }
     }
 }
 
-/// Times every op of [`OPS`] (median of 20 after a warm-up).
+/// Times every op of [`OPS`], and of [`FP8_OPS`] when `fp8` (median of 20 after a warm-up).
 pub fn kernel_times<T: Act>(
     ctx: &Arc<CudaContext>,
     k: &Kernels,
     cfg: &BloomConfig,
     seqs: usize,
     len: usize,
+    fp8: bool,
 ) -> Result<Vec<KernelTime>> {
     let mut bench = KernelBench::<T>::new(ctx, k, cfg, seqs, len)?;
+    if fp8 {
+        bench = bench.with_fp8()?;
+    }
     let s = bench.stream().clone();
-    let ops: Vec<&str> = OPS.iter().copied().filter(|op| bench.applies(op)).collect();
+    let ops: Vec<&str> = OPS
+        .iter()
+        .chain(FP8_OPS)
+        .copied()
+        .filter(|op| bench.applies(op))
+        .collect();
     ops.into_iter()
         .map(|op| {
             let ms = time_ms(&s, 20, || bench.launch(op))?;

@@ -15,7 +15,8 @@ pub enum GpuDtype {
     /// bfloat16: f32's range with fewer mantissa bits.
     Bf16,
     /// The four GEMMs of each block in E4M3 with per-channel weight and per-token activation
-    /// scales (docs/fp8.md). Not on the GPU yet: with `--device cpu` it runs the CPU emulation.
+    /// scales (docs/fp8.md): on a GPU (compute capability ≥ 8.9) with f16 activations, or as
+    /// the CPU emulation with `--device cpu`.
     Fp8,
 }
 

@@ -7,6 +7,11 @@
 //! for C[out, T] = op(A)·B with A = W stored [out, in] row-major = column-major [in, out], used
 //! transposed (transa), and B = x row-major [T, in] = column-major [in, T]. The bias has one
 //! entry per row of C, i.e. per output feature.
+//!
+//! The FP8 product ([`Gemm::fp8_product`], `--dtype fp8`, docs/fp8.md) is the same call with E4M3
+//! A and B — the "TN" layout cuBLASLt's FP8 kernels require is exactly this one — f32 C/D,
+//! f32 compute with fast accumulation off, and no scales (cuBLASLt's scalar scales left at their
+//! default of 1): the per-row scales are applied afterwards by `kernels/fp8_epilogue.cu`.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -50,7 +55,8 @@ fn err(what: &str, e: impl std::fmt::Debug) -> Error {
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Shape {
-    dtype: u32,
+    /// Type of A and B; C and D are the same type, except f32 for E4M3 inputs.
+    dtype: sys::cudaDataType,
     tokens: usize,
     n_in: usize,
     n_out: usize,
@@ -95,20 +101,26 @@ impl Gemm {
         self.plans.len()
     }
 
-    fn plan<T: GemmElem>(&mut self, shape: Shape) -> Result<&Plan> {
+    fn plan(&mut self, shape: Shape) -> Result<&Plan> {
         if !self.plans.contains_key(&shape) {
             // Token counts vary batch to batch: keep the cache bounded (re-planning is cheap).
             if self.plans.len() >= MAX_PLANS {
                 self.clear();
             }
-            let p = self.make_plan::<T>(shape)?;
+            let p = self.make_plan(shape)?;
             self.plans.insert(shape, p);
         }
         Ok(&self.plans[&shape])
     }
 
-    fn make_plan<T: GemmElem>(&self, s: Shape) -> Result<Plan> {
+    fn make_plan(&self, s: Shape) -> Result<Plan> {
         let (m, n, k) = (s.n_out as u64, s.tokens as u64, s.n_in as u64);
+        let fp8 = s.dtype == sys::cudaDataType::CUDA_R_8F_E4M3;
+        let out_type = if fp8 {
+            sys::cudaDataType::CUDA_R_32F
+        } else {
+            s.dtype
+        };
         let desc = result::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType::CUDA_R_32F,
@@ -131,6 +143,16 @@ impl Gemm {
             (&no_trans as *const i32).cast(),
             size_of::<i32>(),
         )?;
+        if fp8 {
+            // Off: Hopper's fast FP8 accumulation keeps fewer bits than the f32 sum the CPU
+            // emulation computes (docs/fp8.md). The attribute is an int8_t.
+            let fast_accum = 0i8;
+            set(
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_FAST_ACCUM,
+                (&fast_accum as *const i8).cast(),
+                size_of::<i8>(),
+            )?;
+        }
         let epilogue = if s.bias {
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
         } else {
@@ -150,12 +172,12 @@ impl Gemm {
                 size_of::<u64>(),
             )?;
         }
-        let layout = |rows, cols, ld| {
-            result::create_matrix_layout(T::BLAS_TYPE, rows, cols, ld).map_err(|e| err("layout", e))
+        let layout = |ty, rows, cols, ld| {
+            result::create_matrix_layout(ty, rows, cols, ld).map_err(|e| err("layout", e))
         };
-        let a = layout(k, m, k as i64)?; // W: column-major [in, out]
-        let b = layout(k, n, k as i64)?; // x: column-major [in, T]
-        let c = layout(m, n, m as i64)?; // y: column-major [out, T]
+        let a = layout(s.dtype, k, m, k as i64)?; // W: column-major [in, out]
+        let b = layout(s.dtype, k, n, k as i64)?; // x: column-major [in, T]
+        let c = layout(out_type, m, n, m as i64)?; // y: column-major [out, T]
         let pref = result::create_matmul_pref().map_err(|e| err("preference", e))?;
         let ws = WORKSPACE_BYTES;
         // SAFETY: pointer to a live usize, as the attribute expects.
@@ -214,7 +236,7 @@ impl Gemm {
             )));
         }
         let shape = Shape {
-            dtype: T::BLAS_TYPE as u32,
+            dtype: T::BLAS_TYPE,
             tokens,
             n_in,
             n_out,
@@ -222,7 +244,7 @@ impl Gemm {
         };
         let (handle, ws_len) = (self.handle, WORKSPACE_BYTES);
         let stream = self.stream.clone();
-        let plan = self.plan::<T>(shape)?;
+        let plan = self.plan(shape)?;
         let (desc, la, lb, lc, algo) = (plan.desc, plan.a, plan.b, plan.c, plan.algo);
         if let Some(b) = bias {
             let (p, _g) = b.device_ptr(&stream);
@@ -269,6 +291,69 @@ impl Gemm {
 }
 
 impl Gemm {
+    /// The FP8 product: acc[T, out] = Σ_k qx[t, k]·qw[o, k] in f32, over E4M3 codes qx [T, in]
+    /// (`kernels/fp8_quantize.cu`) and qw [out, in] row-major — the sums before any scale, which
+    /// reach K·448² (≈ 3.3e9 at K = 16384: f32, not f16). cuBLASLt's FP8 kernels need
+    /// compute capability ≥ 8.9 and 16-byte aligned operands with leading dimensions that are
+    /// multiples of 16: here n_in and n_out multiples of 16 (checked), and whole allocations
+    /// (cudaMalloc aligns them to 256 bytes). Buffers may be longer than the shapes need.
+    pub fn fp8_product(
+        &mut self,
+        xq: &CudaSlice<u8>,
+        wq: &CudaSlice<u8>,
+        acc: &mut CudaSlice<f32>,
+        tokens: usize,
+        n_in: usize,
+        n_out: usize,
+    ) -> Result<()> {
+        check_fp8_shape(tokens, n_in, n_out)?;
+        if xq.len() < tokens * n_in || wq.len() < n_in * n_out || acc.len() < tokens * n_out {
+            return Err(Error::Cuda(format!(
+                "fp8 gemm: buffer sizes do not fit [{tokens}×{n_in}]·[{n_out}×{n_in}]ᵀ"
+            )));
+        }
+        let shape = Shape {
+            dtype: sys::cudaDataType::CUDA_R_8F_E4M3,
+            tokens,
+            n_in,
+            n_out,
+            bias: false,
+        };
+        let (handle, ws_len) = (self.handle, WORKSPACE_BYTES);
+        let stream = self.stream.clone();
+        let plan = self.plan(shape)?;
+        let (desc, la, lb, lc, algo) = (plan.desc, plan.a, plan.b, plan.c, plan.algo);
+        let (alpha, beta) = (1f32, 0f32);
+        let (wp, _g1) = wq.device_ptr(&stream);
+        let (xp, _g2) = xq.device_ptr(&stream);
+        let (ap, _g3) = acc.device_ptr_mut(&stream);
+        let (wsp, _g4) = self.workspace.device_ptr_mut(&stream);
+        // SAFETY: sizes checked above match the layouts of this plan (E4M3 A and B, f32 C and
+        // D); all pointers are live device allocations on `stream`'s context; C and D are the
+        // same buffer (beta = 0); no scale pointers are set, so cuBLASLt reads none.
+        unsafe {
+            result::matmul(
+                handle,
+                desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                wp as *const c_void,
+                la,
+                xp as *const c_void,
+                lb,
+                ap as *const c_void,
+                lc,
+                ap as *mut c_void,
+                lc,
+                &algo,
+                wsp as *mut c_void,
+                ws_len,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| err("fp8 matmul", e))
+    }
+
     /// Destroys every plan (their descriptors are no longer in use: calls are stream-ordered and
     /// cuBLASLt reads descriptors at enqueue time).
     fn clear(&mut self) {
@@ -289,5 +374,37 @@ impl Drop for Gemm {
         self.clear();
         // SAFETY: created in `new`, destroyed once.
         let _ = unsafe { result::destroy_handle(self.handle) };
+    }
+}
+
+/// The shapes cuBLASLt's FP8 GEMM takes here: at least one token, and n_in and n_out positive
+/// multiples of 16 (its leading dimensions must be; docs/fp8.md). Every BLOOM width is.
+pub fn check_fp8_shape(tokens: usize, n_in: usize, n_out: usize) -> Result<()> {
+    if tokens == 0
+        || n_in == 0
+        || n_out == 0
+        || !n_in.is_multiple_of(16)
+        || !n_out.is_multiple_of(16)
+    {
+        return Err(Error::Unsupported(format!(
+            "the FP8 GEMM needs input and output widths that are multiples of 16, got \
+             [{tokens}×{n_in}]·[{n_out}×{n_in}]ᵀ"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fp8_shapes_are_multiples_of_16() {
+        use super::check_fp8_shape as c;
+        assert!(c(12, 4096, 12288).is_ok() && c(1, 16384, 4096).is_ok() && c(7, 64, 192).is_ok());
+        assert!(c(0, 64, 64).is_err() && c(3, 72, 64).is_err() && c(3, 64, 40).is_err());
+        let e = c(3, 64, 8).unwrap_err().to_string();
+        assert!(
+            e.contains("multiples of 16") && e.contains("[3×64]·[8×64]ᵀ"),
+            "{e}"
+        );
     }
 }

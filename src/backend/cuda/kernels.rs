@@ -100,6 +100,20 @@ pub const KERNELS: &[KernelSource] = &[
         ],
     },
     KernelSource {
+        file: "fp8_quantize.cu",
+        source: include_str!("../../../kernels/fp8_quantize.cu"),
+        functions: &[
+            "fp8_quantize_rows_f32",
+            "fp8_quantize_rows_f16",
+            "fp8_quantize_rows_bf16",
+        ],
+    },
+    KernelSource {
+        file: "fp8_epilogue.cu",
+        source: include_str!("../../../kernels/fp8_epilogue.cu"),
+        functions: &["fp8_epilogue_f16", "fp8_epilogue_bf16"],
+    },
+    KernelSource {
         file: "convert.cu",
         source: include_str!("../../../kernels/convert.cu"),
         functions: &[

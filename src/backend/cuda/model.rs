@@ -1,5 +1,7 @@
 //! The BLOOM forward on the GPU, over one packed batch, top to bottom — the same steps as
 //! `src/backend/cpu/model.rs`, with the residual stream in f32 and everything else in T (f16/bf16).
+//! With `--dtype fp8` ([`WeightFormat::Fp8`], docs/fp8.md) the four linear layers of each block
+//! hold E4M3 weights and run FP8 GEMMs; activations stay in T (f16).
 //!
 //! Glossary: T tokens in the packed batch, S sequences, H hidden, n heads, d head dim, L blocks,
 //! V embedding rows, F = 4H. All activation buffers are sized once for `max_tokens`; nothing is
@@ -15,7 +17,7 @@ use cudarc::driver::{
 };
 
 use crate::backend::batch::PackedBatch;
-use crate::backend::cuda::gemm::Gemm;
+use crate::backend::cuda::gemm::{check_fp8_shape, Gemm};
 use crate::backend::cuda::ops::{
     attention_mma2_tiles, skinny_fits, Act, Kernels, Mma2Tiles, ATTENTION_MMA2_DIMS,
     ATTENTION_MMA_DIMS, SKINNY_MAX_ROWS,
@@ -34,7 +36,10 @@ fn err(what: &str, e: impl std::fmt::Debug) -> Error {
 pub struct LoadReport {
     pub device: String,
     pub arch: String,
+    /// Bytes read from the checkpoint.
     pub bytes: u64,
+    /// Bytes the weights take on the device, as held (= [`device_weight_bytes`]).
+    pub weight_bytes: u64,
     pub upload_seconds: f64,
     pub compile_seconds: f64,
     pub kernels_from_cache: usize,
@@ -156,22 +161,120 @@ struct Norm {
     b: CudaSlice<f32>,
 }
 
+/// How the four linear layers of each block hold their weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// In the activation type T (`--dtype f16|bf16`).
+    Half,
+    /// E4M3 with one f32 scale per output row, quantized on the device at load; the GEMM input
+    /// quantized per token before each GEMM (`--dtype fp8`, docs/fp8.md). Activations in T.
+    Fp8,
+}
+
+/// One linear layer, y[T, out] = x·Wᵀ (+ b), W [out, in] row-major.
+enum Linear<T> {
+    /// W and b in T: cuBLASLt with the bias in its epilogue, or the skinny GEMM.
+    Half {
+        w: CudaSlice<T>,
+        b: Option<CudaSlice<T>>,
+    },
+    /// W as E4M3 codes with per-row scales `sw` [out], b in f32: x quantized per token, the
+    /// FP8 product in f32, then y = acc·sx·sw + b rounded to T (the CPU emulation's order).
+    Fp8 {
+        w: CudaSlice<u8>,
+        sw: CudaSlice<f32>,
+        b: Option<CudaSlice<f32>>,
+    },
+}
+
+impl<T> Linear<T> {
+    /// Device bytes held.
+    fn bytes(&self) -> u64 {
+        let n = |len: usize, size: usize| (len * size) as u64;
+        match self {
+            Linear::Half { w, b } => {
+                let t = std::mem::size_of::<T>();
+                n(w.len(), t) + b.as_ref().map_or(0, |b| n(b.len(), t))
+            }
+            Linear::Fp8 { w, sw, b } => {
+                n(w.len(), 1) + n(sw.len(), 4) + b.as_ref().map_or(0, |b| n(b.len(), 4))
+            }
+        }
+    }
+}
+
 struct Block<T> {
     ln1: Norm,
-    qkv_w: CudaSlice<T>, // [3H, H], rows interleaved per head
-    qkv_b: CudaSlice<T>,
-    dense_w: CudaSlice<T>, // [H, H]
-    dense_b: CudaSlice<T>,
+    qkv: Linear<T>,   // [3H, H], rows interleaved per head
+    dense: Linear<T>, // [H, H]
     ln2: Norm,
-    fc1_w: CudaSlice<T>,   // [F, H]
-    fc1_b: CudaSlice<f32>, // added in bias_gelu
-    fc2_w: CudaSlice<T>,   // [H, F]
-    fc2_b: CudaSlice<T>,
+    fc1: Linear<T>,        // [F, H], no bias: it is added in bias_gelu
+    fc1_b: CudaSlice<f32>, // [F]
+    fc2: Linear<T>,        // [H, F]
+}
+
+/// Bytes the weights of `cfg` take on the device with activations of `act_size` bytes: the
+/// embedding table and the biases of the 16-bit linear layers in T, layernorms and fc1's bias
+/// in f32, and the four linear layers in T or, with FP8, 1 byte per weight plus an f32 scale
+/// per output row and their biases in f32. What [`LoadReport::weight_bytes`] counts from the
+/// buffers themselves (tests/gpu.rs checks the two agree).
+pub fn device_weight_bytes(cfg: &BloomConfig, format: WeightFormat, act_size: usize) -> u64 {
+    let (h, v, l) = (cfg.hidden as u64, cfg.vocab as u64, cfg.layers as u64);
+    let a = act_size as u64;
+    // A layernorm's weight and bias are f32. qkv, dense and fc2 carry a bias in the GEMM
+    // (3H + H + H); fc1's is f32, added in bias_gelu.
+    let norms = 2 * h * 4;
+    let (weights, biases) = (12 * h * h, 5 * h);
+    let linear = match format {
+        WeightFormat::Half => (weights + biases) * a,
+        WeightFormat::Fp8 => weights + (9 * h) * 4 + biases * 4, // scales for 3H + H + 4H + H rows
+    };
+    let block = 2 * norms + linear + 4 * h * 4;
+    v * h * a + 2 * norms + l * block
+}
+
+/// Why `--dtype fp8` cannot run on a device of compute capability `cc` with these kernel
+/// choices and hidden size, or None: cuBLASLt's FP8 GEMMs need compute capability 8.9 (Ada,
+/// Hopper) and widths that are multiples of 16; the skinny GEMM has no FP8 version.
+pub fn fp8_refusal(cc: (i32, i32), choices: KernelChoices, hidden: usize) -> Option<String> {
+    if cc < (8, 9) {
+        return Some(format!(
+            "FP8 needs compute capability 8.9 or newer (Ada, Hopper); this device is sm_{}{}",
+            cc.0, cc.1
+        ));
+    }
+    if choices.gemm == GemmKernel::Skinny {
+        return Some(
+            "--gemm skinny has no FP8 version: with --dtype fp8 every GEMM runs in cuBLASLt \
+             (drop --gemm skinny)"
+                .into(),
+        );
+    }
+    check_fp8_shape(1, hidden, 4 * hidden).err().map(|_| {
+        format!("FP8 needs a hidden size that is a multiple of 16; this model's is {hidden}")
+    })
+}
+
+/// The FP8 path's scratch, sized once for the largest GEMM of a batch of `max_tokens`.
+struct Fp8Scratch {
+    xq: CudaSlice<u8>,   // [T, F] the GEMM input's E4M3 codes
+    sx: CudaSlice<f32>,  // [T] its per-token scales
+    acc: CudaSlice<f32>, // [T, F] the unscaled f32 sums (F = 4H ≥ 3H, the widest output)
+}
+
+/// The GEMMs' mutable state: cuBLASLt's plans, and the scratch of the skinny and FP8 paths.
+struct Gemms {
+    cublaslt: Gemm,
+    /// The skinny GEMM's split-K partial sums, sized once for the largest of the block's four
+    /// GEMMs (≤ 16 rows × n_out × splits f32); only with `--gemm skinny` and a split plan.
+    skinny_ws: Option<CudaSlice<f32>>,
+    /// Only with `--dtype fp8`.
+    fp8: Option<Fp8Scratch>,
 }
 
 /// Activation buffers and the GEMM plans: the mutable state of a forward.
 struct State<T> {
-    gemm: Gemm,
+    gemms: Gemms,
     ids: CudaSlice<u32>,   // [T]
     cu: CudaSlice<i32>,    // [S+1]
     x: CudaSlice<f32>,     // [T, H] residual stream
@@ -182,9 +285,6 @@ struct State<T> {
     m: CudaSlice<T>,       // [T, F]
     stats: CudaSlice<f32>, // [T, 2] final layernorm statistics
     out: CudaSlice<f32>,   // [S, H]
-    /// The skinny GEMM's split-K partial sums, sized once for the largest of the block's four
-    /// GEMMs (≤ 16 rows × n_out × splits f32); only with `--gemm skinny` and a split plan.
-    skinny_ws: Option<CudaSlice<f32>>,
     /// Attention version 4's tile map [4 × blocks ≤ 4T] and the plan it was built with (for
     /// this batch, uploaded with cu_seqlens); only with `--attention mma2`.
     mma2: Option<(CudaSlice<i32>, Mma2Tiles)>,
@@ -229,6 +329,8 @@ pub struct CudaModel<T: Act> {
     /// Attention kernel, GEMM path, CUDA graphs: the engine options (`--attention`, `--gemm`,
     /// `--cuda-graphs`).
     choices: KernelChoices,
+    /// The linear layers' weights: T, or FP8 (`--dtype`).
+    format: WeightFormat,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     kernels: Kernels,
@@ -242,17 +344,28 @@ pub struct CudaModel<T: Act> {
 }
 
 impl<T: Act> CudaModel<T> {
-    /// Compiles the kernels, uploads every weight (checking shapes against `cfg`) and sizes
-    /// the activation buffers for batches of up to `max_tokens` tokens.
+    /// Compiles the kernels, uploads every weight (checking shapes against `cfg`; the linear
+    /// layers' in `format`) and sizes the activation buffers for batches of up to `max_tokens`
+    /// tokens. FP8 on a device that cannot run it is an [`Error::Unsupported`] naming why
+    /// ([`fp8_refusal`]), before anything is uploaded.
     pub fn load(
         ctx: Arc<CudaContext>,
         ckpt: &Checkpoint,
         cfg: &BloomConfig,
         max_tokens: usize,
         choices: KernelChoices,
+        format: WeightFormat,
         progress: crate::backend::LoadProgress,
     ) -> Result<Self> {
         crate::model::schema::check(ckpt, cfg)?;
+        if format == WeightFormat::Fp8 {
+            let cc = ctx
+                .compute_capability()
+                .map_err(|e| err("compute capability", e))?;
+            if let Some(why) = fp8_refusal(cc, choices, cfg.hidden) {
+                return Err(Error::Unsupported(why));
+            }
+        }
         // Graphs cannot be captured on the legacy default stream: they need a stream of our own,
         // and cudarc's per-launch event tracking (for several streams) off — the model uses
         // exactly one stream.
@@ -280,36 +393,63 @@ impl<T: Act> CudaModel<T> {
                 b: up.upload(&ckpt.get_shaped(&format!("{p}.bias"), &[h])?, "f32")?,
             })
         };
-        let mat = |up: &mut Uploader, name: String, shape: &[usize]| -> Result<CudaSlice<T>> {
-            up.upload(&ckpt.get_shaped(&name, shape)?, dt)
-        };
-        let emb = mat(&mut up, "word_embeddings.weight".into(), &[cfg.vocab, h])?;
+        let emb = up.upload(
+            &ckpt.get_shaped("word_embeddings.weight", &[cfg.vocab, h])?,
+            dt,
+        )?;
         let emb_ln = norm(&mut up, "word_embeddings_layernorm")?;
+        // The linear layer `{p}.weight` [n_out, n_in] (and `{p}.bias` when `bias`) in `format`.
+        let linear = |up: &mut Uploader,
+                      p: String,
+                      n_out: usize,
+                      n_in: usize,
+                      bias: bool|
+         -> Result<Linear<T>> {
+            let w = ckpt.get_shaped(&format!("{p}.weight"), &[n_out, n_in])?;
+            let b = bias
+                .then(|| ckpt.get_shaped(&format!("{p}.bias"), &[n_out]))
+                .transpose()?;
+            Ok(match format {
+                WeightFormat::Half => Linear::Half {
+                    w: up.upload(&w, dt)?,
+                    b: b.map(|b| up.upload(&b, dt)).transpose()?,
+                },
+                WeightFormat::Fp8 => {
+                    // f32 on the device (exact from f16/bf16), then rounded per row; the f32
+                    // copy is freed (stream-ordered) once the quantize kernel has read it.
+                    let w32 = up.upload::<f32>(&w, "f32")?;
+                    let alloc = |e| err(&format!("{p}.weight (fp8)"), e);
+                    let mut codes = stream.alloc_zeros::<u8>(n_out * n_in).map_err(alloc)?;
+                    let mut sw = stream.alloc_zeros::<f32>(n_out).map_err(alloc)?;
+                    kernels.fp8_quantize_rows(&stream, &w32, &mut codes, &mut sw, n_out, n_in)?;
+                    Linear::Fp8 {
+                        w: codes,
+                        sw,
+                        b: b.map(|b| up.upload(&b, "f32")).transpose()?,
+                    }
+                }
+            })
+        };
         let mut blocks = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let p = format!("h.{i}");
             blocks.push(Block {
                 ln1: norm(&mut up, &format!("{p}.input_layernorm"))?,
-                qkv_w: mat(
+                qkv: linear(
                     &mut up,
-                    format!("{p}.self_attention.query_key_value.weight"),
-                    &[3 * h, h],
+                    format!("{p}.self_attention.query_key_value"),
+                    3 * h,
+                    h,
+                    true,
                 )?,
-                qkv_b: mat(
-                    &mut up,
-                    format!("{p}.self_attention.query_key_value.bias"),
-                    &[3 * h],
-                )?,
-                dense_w: mat(&mut up, format!("{p}.self_attention.dense.weight"), &[h, h])?,
-                dense_b: mat(&mut up, format!("{p}.self_attention.dense.bias"), &[h])?,
+                dense: linear(&mut up, format!("{p}.self_attention.dense"), h, h, true)?,
                 ln2: norm(&mut up, &format!("{p}.post_attention_layernorm"))?,
-                fc1_w: mat(&mut up, format!("{p}.mlp.dense_h_to_4h.weight"), &[f, h])?,
+                fc1: linear(&mut up, format!("{p}.mlp.dense_h_to_4h"), f, h, false)?,
                 fc1_b: up.upload(
                     &ckpt.get_shaped(&format!("{p}.mlp.dense_h_to_4h.bias"), &[f])?,
                     "f32",
                 )?,
-                fc2_w: mat(&mut up, format!("{p}.mlp.dense_4h_to_h.weight"), &[h, f])?,
-                fc2_b: mat(&mut up, format!("{p}.mlp.dense_4h_to_h.bias"), &[h])?,
+                fc2: linear(&mut up, format!("{p}.mlp.dense_4h_to_h"), h, f, true)?,
             });
             progress(i + 1, cfg.layers);
         }
@@ -318,6 +458,22 @@ impl<T: Act> CudaModel<T> {
         let bytes = up.bytes;
         drop(up);
         let upload_seconds = t1.elapsed().as_secs_f64();
+        let norm_bytes = |n: &Norm| ((n.w.len() + n.b.len()) * 4) as u64;
+        let weight_bytes = (emb.len() * std::mem::size_of::<T>()) as u64
+            + norm_bytes(&emb_ln)
+            + norm_bytes(&ln_f)
+            + blocks
+                .iter()
+                .map(|b| {
+                    norm_bytes(&b.ln1)
+                        + norm_bytes(&b.ln2)
+                        + [&b.qkv, &b.dense, &b.fc1, &b.fc2]
+                            .iter()
+                            .map(|l| l.bytes())
+                            .sum::<u64>()
+                        + (b.fc1_b.len() * 4) as u64
+                })
+                .sum::<u64>();
 
         let tmax = max_tokens.max(1);
         let z = |n: usize| {
@@ -332,7 +488,7 @@ impl<T: Act> CudaModel<T> {
         };
         // The skinny GEMM's workspace: the most any of the four GEMMs needs under this
         // device's split rule, at the most rows it takes.
-        let skinny_ws = if choices.gemm == GemmKernel::Skinny {
+        let skinny_ws = if choices.gemm == GemmKernel::Skinny && format == WeightFormat::Half {
             let rows = SKINNY_MAX_ROWS.min(tmax);
             let len = [(h, 3 * h), (h, h), (h, f), (f, h)]
                 .into_iter()
@@ -344,8 +500,22 @@ impl<T: Act> CudaModel<T> {
         } else {
             None
         };
+        let fp8 = match format {
+            WeightFormat::Half => None,
+            WeightFormat::Fp8 => Some(Fp8Scratch {
+                xq: stream
+                    .alloc_zeros::<u8>(tmax * f)
+                    .map_err(|e| err("fp8 input buffer", e))?,
+                sx: z32(tmax)?,
+                acc: z32(tmax * f)?,
+            }),
+        };
         let state = State {
-            gemm: Gemm::new(stream.clone())?,
+            gemms: Gemms {
+                cublaslt: Gemm::new(stream.clone())?,
+                skinny_ws,
+                fp8,
+            },
             ids: stream
                 .alloc_zeros::<u32>(tmax)
                 .map_err(|e| err("ids buffer", e))?,
@@ -360,7 +530,6 @@ impl<T: Act> CudaModel<T> {
             m: z(tmax * f)?,
             stats: z32(tmax * 2)?,
             out: z32(tmax * h)?,
-            skinny_ws,
             // blocks ≤ tokens (attention_mma2_blocks), 4 i32 each
             mma2: match choices.attention {
                 AttentionKernel::Mma2 => Some((
@@ -382,12 +551,14 @@ impl<T: Act> CudaModel<T> {
                 device,
                 arch: kernels.arch.clone(),
                 bytes,
+                weight_bytes,
                 upload_seconds,
                 compile_seconds,
                 kernels_from_cache: kernels.cached,
             },
             max_tokens: tmax,
             choices,
+            format,
             ctx,
             stream,
             kernels,
@@ -495,27 +666,41 @@ impl<T: Act> CudaModel<T> {
         Ok(host)
     }
 
-    /// y[T, out] = x·Wᵀ (+ b): the skinny kernel for ≤ 16 tokens when enabled (its split-K
-    /// partial sums in `ws`, the state's `skinny_ws`), else cuBLASLt.
+    /// y[T, out] = x·Wᵀ (+ b) for one linear layer. 16-bit weights: the skinny kernel for ≤ 16
+    /// tokens when enabled (its split-K partial sums in `g.skinny_ws`), else cuBLASLt. FP8
+    /// weights: x quantized per token, the E4M3 product in f32 (cuBLASLt), then the scales and
+    /// the bias (docs/fp8.md).
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
-        gemm: &mut Gemm,
-        ws: Option<&mut CudaSlice<f32>>,
+        g: &mut Gemms,
         x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
-        b: Option<&CudaSlice<T>>,
+        lin: &Linear<T>,
         y: &mut CudaSlice<T>,
         t: usize,
         n_in: usize,
         n_out: usize,
     ) -> Result<()> {
-        if self.choices.gemm == GemmKernel::Skinny && skinny_fits(t, n_in, n_out) {
-            return self
-                .kernels
-                .skinny_gemm(&self.stream, x, w, b, y, ws, t, n_in, n_out);
+        let (k, s) = (&self.kernels, &self.stream);
+        match lin {
+            Linear::Half { w, b } => {
+                if self.choices.gemm == GemmKernel::Skinny && skinny_fits(t, n_in, n_out) {
+                    let ws = g.skinny_ws.as_mut();
+                    return k.skinny_gemm(s, x, w, b.as_ref(), y, ws, t, n_in, n_out);
+                }
+                g.cublaslt.linear(x, w, b.as_ref(), y, t, n_in, n_out)
+            }
+            Linear::Fp8 { w, sw, b } => {
+                let f = g
+                    .fp8
+                    .as_mut()
+                    .ok_or_else(|| Error::Cuda("fp8 linear layer without its scratch".into()))?;
+                k.fp8_quantize_rows(s, x, &mut f.xq, &mut f.sx, t, n_in)?; // xq, sx
+                g.cublaslt
+                    .fp8_product(&f.xq, w, &mut f.acc, t, n_in, n_out)?; // acc = xq·wᵀ
+                k.fp8_epilogue(s, &f.acc, &f.sx, sw, b.as_ref(), y, t, n_out) // y = acc·sx·sw + b
+            }
         }
-        gemm.linear(x, w, b, y, t, n_in, n_out)
     }
 
     /// Enqueues the whole forward on the stream (no host synchronization, no host copies, so it
@@ -564,17 +749,7 @@ impl<T: Act> CudaModel<T> {
         let first = &self.blocks[0].ln1;
         k.add_layernorm::<T>(s, &mut st.x, None, &first.w, &first.b, &mut st.a, t, h, eps)?; // a = LN1(x)
         for (l, blk) in self.blocks.iter().enumerate() {
-            self.linear(
-                &mut st.gemm,
-                st.skinny_ws.as_mut(),
-                &st.a,
-                &blk.qkv_w,
-                Some(&blk.qkv_b),
-                &mut st.qkv,
-                t,
-                h,
-                3 * h,
-            )?; // [T, 3H]
+            self.linear(&mut st.gemms, &st.a, &blk.qkv, &mut st.qkv, t, h, 3 * h)?; // [T, 3H]
             let (qkv, cu, ctx) = (&st.qkv, &st.cu, &mut st.ctx);
             let mma2 = st.mma2.as_ref();
             match pick_attention(self.choices.attention, max_len, d) {
@@ -590,17 +765,7 @@ impl<T: Act> CudaModel<T> {
                 }
                 _ => k.alibi_attention(s, qkv, cu, s_count, ctx, t, n, d)?,
             } // ctx [T, H]
-            self.linear(
-                &mut st.gemm,
-                st.skinny_ws.as_mut(),
-                &st.ctx,
-                &blk.dense_w,
-                Some(&blk.dense_b),
-                &mut st.y,
-                t,
-                h,
-                h,
-            )?; // [T, H]
+            self.linear(&mut st.gemms, &st.ctx, &blk.dense, &mut st.y, t, h, h)?; // [T, H]
             k.add_layernorm(
                 s,
                 &mut st.x,
@@ -612,29 +777,9 @@ impl<T: Act> CudaModel<T> {
                 h,
                 eps,
             )?; // x += y; a = LN2(x)
-            self.linear(
-                &mut st.gemm,
-                st.skinny_ws.as_mut(),
-                &st.a,
-                &blk.fc1_w,
-                None,
-                &mut st.m,
-                t,
-                h,
-                f,
-            )?; // [T, F]
+            self.linear(&mut st.gemms, &st.a, &blk.fc1, &mut st.m, t, h, f)?; // [T, F]
             k.bias_gelu(s, &mut st.m, &blk.fc1_b, t)?; // m = gelu(m + b1)
-            self.linear(
-                &mut st.gemm,
-                st.skinny_ws.as_mut(),
-                &st.m,
-                &blk.fc2_w,
-                Some(&blk.fc2_b),
-                &mut st.y,
-                t,
-                f,
-                h,
-            )?; // [T, H]
+            self.linear(&mut st.gemms, &st.m, &blk.fc2, &mut st.y, t, f, h)?; // [T, H]
             if let Some(next) = self.blocks.get(l + 1) {
                 k.add_layernorm(
                     s,
@@ -681,7 +826,10 @@ impl<T: Act> crate::backend::Backend for CudaModel<T> {
         crate::backend::BackendInfo {
             kind: "cuda",
             device: format!("{} ({})", self.report.device, self.report.arch),
-            dtype: T::SUFFIX,
+            dtype: match self.format {
+                WeightFormat::Half => T::SUFFIX,
+                WeightFormat::Fp8 => "fp8",
+            },
             threads: None,
             kernels: Some(self.choices),
             replicas: None,
@@ -693,12 +841,13 @@ impl<T: Act> crate::backend::Backend for CudaModel<T> {
     fn load_summary(&self) -> Option<String> {
         let r = &self.report;
         Some(format!(
-            "loaded {:.2} GB onto {} in {:.2} s ({:.1} GB/s); kernels ready in {:.2} s \
-             ({} from the cache)",
+            "loaded {:.2} GB onto {} in {:.2} s ({:.1} GB/s; the weights take {:.2} GB there); \
+             kernels ready in {:.2} s ({} from the cache)",
             r.bytes as f64 / 1e9,
             r.device,
             r.upload_seconds,
             r.gb_per_s(),
+            r.weight_bytes as f64 / 1e9,
             r.compile_seconds,
             r.kernels_from_cache
         ))
@@ -707,8 +856,52 @@ impl<T: Act> crate::backend::Backend for CudaModel<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::pick_attention;
+    use super::{device_weight_bytes, fp8_refusal, pick_attention, WeightFormat};
     use crate::backend::AttentionKernel::{Auto, Mma, Mma2, Tc, V1};
+    use crate::backend::{GemmKernel, KernelChoices};
+
+    #[test]
+    fn fp8_is_refused_where_it_cannot_run() {
+        let k = KernelChoices::default();
+        // Ada (8.9) and Hopper (9.0) run it; Ampere (8.0, 8.6) does not.
+        assert_eq!(fp8_refusal((9, 0), k, 4096), None);
+        assert_eq!(fp8_refusal((8, 9), k, 64), None);
+        assert_eq!(fp8_refusal((10, 0), k, 1024), None);
+        assert_eq!(
+            fp8_refusal((8, 6), k, 4096).as_deref(),
+            Some("FP8 needs compute capability 8.9 or newer (Ada, Hopper); this device is sm_86")
+        );
+        assert!(fp8_refusal((8, 0), k, 4096).unwrap().ends_with("sm_80"));
+        let skinny = KernelChoices {
+            gemm: GemmKernel::Skinny,
+            ..k
+        };
+        assert!(fp8_refusal((9, 0), skinny, 4096)
+            .unwrap()
+            .contains("--gemm skinny has no FP8 version"));
+        assert!(fp8_refusal((9, 0), k, 72)
+            .unwrap()
+            .contains("multiple of 16; this model's is 72"));
+    }
+
+    /// What the weights take on the device at bloom-7b1 (docs/fp8.md quotes these numbers).
+    #[test]
+    fn weight_bytes_at_bloom_7b1() {
+        let cfg = crate::bench::shape("bloom-7b1").unwrap();
+        let f16 = device_weight_bytes(&cfg, WeightFormat::Half, 2);
+        let fp8 = device_weight_bytes(&cfg, WeightFormat::Fp8, 2);
+        let emb = 250_880 * 4096 * 2;
+        assert_eq!(emb, 2_055_208_960);
+        // Per block: 12·H² weights + 9H scales + 5H biases (f32) + fc1's 4H bias + 2 layernorms.
+        let (h, l) = (4096u64, 30u64);
+        let block = 12 * h * h + 9 * h * 4 + 5 * h * 4 + 4 * h * 4 + 4 * h * 4;
+        assert_eq!(fp8, emb + 2 * 2 * h * 4 + l * block);
+        assert_eq!(fp8, 8_105_885_696);
+        assert_eq!(f16, 14_140_030_976);
+        // Without the embedding table, FP8 halves them (the f32 scales and biases are ~0.2%).
+        let ratio = (fp8 - emb) as f64 / (f16 - emb) as f64;
+        assert!((0.5..0.502).contains(&ratio), "{ratio}");
+    }
 
     #[test]
     fn attention_kernel_by_length_and_head_dim() {

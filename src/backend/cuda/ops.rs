@@ -17,7 +17,7 @@ use crate::backend::cuda::nvrtc;
 use crate::error::{Error, Result};
 
 /// Activation element types: the kernels' `T`.
-pub trait Act: crate::backend::cuda::gemm::GemmElem {
+pub trait Act: crate::backend::cuda::gemm::GemmElem + Fp8Source {
     /// Suffix of the kernel names (`_f16`, `_bf16`).
     const SUFFIX: &'static str;
     /// Host-side conversions (tests, small host uploads).
@@ -43,6 +43,31 @@ impl Act for half::bf16 {
     fn to_f32(self) -> f32 {
         half::bf16::to_f32(self)
     }
+}
+
+/// Element types `kernels/fp8_quantize.cu` reads: f32 (weights, at load) and the activation
+/// types (GEMM inputs); the suffix of its kernel names.
+pub trait Fp8Source: cudarc::driver::DeviceRepr {
+    /// The kernel that reads this type.
+    const QUANTIZE_KERNEL: &'static str;
+}
+
+impl Fp8Source for f32 {
+    const QUANTIZE_KERNEL: &'static str = "fp8_quantize_rows_f32";
+}
+
+impl Fp8Source for half::f16 {
+    const QUANTIZE_KERNEL: &'static str = "fp8_quantize_rows_f16";
+}
+
+impl Fp8Source for half::bf16 {
+    const QUANTIZE_KERNEL: &'static str = "fp8_quantize_rows_bf16";
+}
+
+/// Whether the device address of `b` is a multiple of `bytes`.
+fn aligned<T>(s: &Arc<CudaStream>, b: &CudaSlice<T>, bytes: u64) -> bool {
+    let (p, _g) = b.device_ptr(s);
+    p % bytes == 0
 }
 
 /// Threads per block of the row kernels (a multiple of 32; block_sum relies on it).
@@ -922,6 +947,110 @@ impl Kernels {
         }
         .map(drop)
         .map_err(|e| err("final_pool", e))
+    }
+
+    /// `fp8_quantize_rows_<S>(const S* x, unsigned char* q, float* s, int n)` — each row r of
+    /// x [rows, n] rounded to E4M3 codes q [rows, n] with its own scale s[r] = max(amax / 448,
+    /// FLT_MIN): `fp8::quantize(x, n, ActScale::PerToken)` of the CPU emulation, bit for bit.
+    pub fn fp8_quantize_rows<S: Fp8Source>(
+        &self,
+        s: &Arc<CudaStream>,
+        x: &CudaSlice<S>,
+        q: &mut CudaSlice<u8>,
+        scales: &mut CudaSlice<f32>,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        check(rows > 0 && n > 0, || {
+            format!("fp8_quantize_rows: empty input ({rows} rows of {n})")
+        })?;
+        check(
+            x.len() >= rows * n && q.len() >= rows * n && scales.len() >= rows,
+            || format!("fp8_quantize_rows: buffers too small for {rows} rows of {n}"),
+        )?;
+        check(rows <= i32::MAX as usize && n <= i32::MAX as usize, || {
+            format!("fp8_quantize_rows: {rows} rows of {n} is too large")
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0, // static: block_max's scratch
+        };
+        let ni = n as i32;
+        let f = self.get(S::QUANTIZE_KERNEL)?;
+        // SAFETY: sizes checked above; order as in the signature.
+        unsafe {
+            s.launch_builder(f)
+                .arg(x)
+                .arg(q)
+                .arg(scales)
+                .arg(&ni)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(|e| err("fp8_quantize_rows", e))
+    }
+
+    /// `fp8_epilogue_<T>(const float* acc, const float* sx, const float* sw, const float* b,
+    ///  T* y, int rows, int N)` — y[t, o] = acc[t, o]·(sx[t]·sw[o]) + b[o] in f32, rounded to T:
+    /// the scales and bias of an FP8 GEMM whose unscaled sums `acc` [rows, N] cuBLASLt wrote
+    /// (`Gemm::fp8_product`). N must be a multiple of 4; acc, sw, b 16-byte and y 8-byte
+    /// aligned (whole allocations are).
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_epilogue<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        acc: &CudaSlice<f32>,
+        sx: &CudaSlice<f32>,
+        sw: &CudaSlice<f32>,
+        b: Option<&CudaSlice<f32>>,
+        y: &mut CudaSlice<T>,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        check(rows > 0 && n > 0 && n.is_multiple_of(4), || {
+            format!("fp8_epilogue: {rows} rows of {n} (a positive multiple of 4)")
+        })?;
+        check(
+            acc.len() >= rows * n
+                && sx.len() >= rows
+                && sw.len() == n
+                && b.is_none_or(|b| b.len() == n)
+                && y.len() >= rows * n,
+            || format!("fp8_epilogue: buffer sizes do not fit {rows} rows of {n}"),
+        )?;
+        check(n <= i32::MAX as usize && rows <= i32::MAX as usize, || {
+            format!("fp8_epilogue: {rows} rows of {n} is too large")
+        })?;
+        check(
+            aligned(s, acc, 16)
+                && aligned(s, sw, 16)
+                && b.is_none_or(|b| aligned(s, b, 16))
+                && aligned(s, y, 8),
+            || "fp8_epilogue: misaligned buffer (acc, sw, b need 16 bytes, y 8)".into(),
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (n / 4).div_ceil(ROW_THREADS as usize) as u32,
+                rows.min(65535) as u32,
+                1,
+            ),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ri, ni) = (rows as i32, n as i32);
+        let null: u64 = 0;
+        let f = self.get(&format!("fp8_epilogue_{}", T::SUFFIX))?;
+        let mut lb = s.launch_builder(f);
+        lb.arg(acc).arg(sx).arg(sw);
+        match b {
+            Some(b) => lb.arg(b),
+            None => lb.arg(&null), // a null `const float*`: no bias
+        };
+        // SAFETY: sizes and alignment checked above; order as in the signature.
+        unsafe { lb.arg(y).arg(&ri).arg(&ni).launch(cfg) }
+            .map(drop)
+            .map_err(|e| err("fp8_epilogue", e))
     }
 
     /// `convert_<src>_<dst>(const S* src, D* dst, long n)` — element type conversion of `n`
