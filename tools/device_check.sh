@@ -147,44 +147,28 @@ if want kernels && fits 20 45 "sgpt bench kernels"; then
     sed 's/^/    /' "$LOGS/kernels-$1x$2.txt" | grep -v "random bloom-7b1 weights" >> "$report"
   done
 fi
-if want tc && fits 40 80 "bench with CUDA graphs"; then
-  step "bench graphs"
-  echo -e "\n## The same with CUDA graphs for small batches (--cuda-graphs, on trial)" >> "$report"
-  timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda --cuda-graphs $ids $base \
-    --json "$LOGS/bench-7b1-tc.json" > "$LOGS/bench-tc.txt" 2>&1 || status=1
-  grep -E "throughput|latency|MFU|floor|baseline|rror" "$LOGS/bench-tc.txt" | sed 's/^/    /' >> "$report"
-fi
-if want tc && fits 40 80 "bench with attention version 3"; then
-  step "bench mma"
-  echo -e "\n## The same with attention version 3 (--attention mma, on trial)" >> "$report"
-  timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda --attention mma $ids $base \
-    --json "$LOGS/bench-7b1-mma.json" > "$LOGS/bench-mma.txt" 2>&1 || status=1
-  grep -E "throughput|latency|MFU|floor|baseline|rror" "$LOGS/bench-mma.txt" | sed 's/^/    /' >> "$report"
-fi
-if want tc && fits 40 80 "bench with attention version 4"; then
-  step "bench mma2"
-  echo -e "\n## The same with attention version 4 (--attention mma2, on trial)" >> "$report"
-  timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda --attention mma2 $ids $base \
-    --json "$LOGS/bench-7b1-mma2.json" > "$LOGS/bench-mma2.txt" 2>&1 || status=1
-  grep -E "throughput|latency|MFU|floor|baseline|rror" "$LOGS/bench-mma2.txt" | sed 's/^/    /' >> "$report"
-fi
-if want tc && fits 40 80 "bench with the skinny GEMM"; then
-  step "bench skinny"
-  echo -e "\n## The same with the skinny GEMM for ≤ 16 tokens and CUDA graphs (--gemm skinny --cuda-graphs, on trial)" >> "$report"
-  timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda --gemm skinny --cuda-graphs $ids $base \
-    --json "$LOGS/bench-7b1-skinny.json" > "$LOGS/bench-skinny.txt" 2>&1 || status=1
-  grep -E "throughput|latency|MFU|floor|baseline|rror" "$LOGS/bench-skinny.txt" | sed 's/^/    /' >> "$report"
-fi
-# FP8 (issue 15; never run on a GPU before): E4M3 GEMMs with f16 activations, the same ids and
-# baseline. Targets: ≥ 1.5× the f16 run's throughput and ≥ 2× PyTorch's; one 12-token query
-# p50 ≤ 0.65× f16's; the load line's weights ≈ 8.1 GB against f16's 14.1 GB.
-if want tc && fits 40 80 "bench with --dtype fp8"; then
-  step "bench fp8"
-  echo -e "\n## The same with FP8 GEMMs (--dtype fp8, issue 15, on trial)" >> "$report"
-  timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda --dtype fp8 $ids $base \
-    --json "$LOGS/bench-7b1-fp8.json" > "$LOGS/bench-fp8.txt" 2>&1 || status=1
-  grep -E "loaded|throughput|latency|ceilings|MFU|floor|baseline|device memory|rror" "$LOGS/bench-fp8.txt" \
-    | sed 's/^/    /' >> "$report"
+# One bench of a choice on trial, on the f16 run's ids and baseline:
+#   trial_bench TAG "what it runs" FLAGS...   (its JSON: bench-7b1-TAG.json)
+trial_bench() {
+  local tag=$1 title=$2; shift 2
+  want tc && fits 40 80 "bench with $title" || return 0
+  step "bench $tag"
+  echo -e "\n## The same with $title (on trial)" >> "$report"
+  timeout "$LIM" .device/sgpt bench --shape bloom-7b1 --device cuda "$@" $ids $base \
+    --json "$LOGS/bench-7b1-$tag.json" > "$LOGS/bench-$tag.txt" 2>&1 || status=1
+  grep -E "loaded|throughput|latency|ceilings|MFU|floor|baseline|device memory|rror" \
+    "$LOGS/bench-$tag.txt" | sed 's/^/    /' >> "$report"
+}
+trial_bench tc "CUDA graphs for small batches (--cuda-graphs)" --cuda-graphs
+trial_bench mma "attention version 3 (--attention mma)" --attention mma
+trial_bench mma2 "attention version 4 (--attention mma2)" --attention mma2
+trial_bench skinny "the skinny GEMM for ≤ 16 tokens and CUDA graphs (--gemm skinny --cuda-graphs)" \
+  --gemm skinny --cuda-graphs
+# FP8 (issue 15; never run on a GPU before): E4M3 GEMMs with f16 activations. Targets: ≥ 1.5×
+# the f16 run's throughput and ≥ 2× PyTorch's; one 12-token query p50 ≤ 0.65× f16's; the load
+# line's weights ≈ 8.1 GB against f16's 14.1 GB.
+trial_bench fp8 "FP8 GEMMs (--dtype fp8, issue 15)" --dtype fp8
+if [ -s "$LOGS/bench-7b1-fp8.json" ]; then
   python3 - "$LOGS/bench-7b1.json" "$LOGS/bench-7b1-fp8.json" >> "$report" 2>/dev/null <<'PY' || true
 import json, sys
 f16, fp8 = (json.load(open(p)) for p in sys.argv[1:3])

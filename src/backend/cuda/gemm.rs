@@ -63,6 +63,7 @@ struct Shape {
     bias: bool,
 }
 
+#[derive(Clone, Copy)]
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     a: sys::cublasLtMatrixLayout_t,
@@ -244,14 +245,13 @@ impl Gemm {
         };
         let (handle, ws_len) = (self.handle, WORKSPACE_BYTES);
         let stream = self.stream.clone();
-        let plan = self.plan(shape)?;
-        let (desc, la, lb, lc, algo) = (plan.desc, plan.a, plan.b, plan.c, plan.algo);
+        let plan = *self.plan(shape)?;
         if let Some(b) = bias {
             let (p, _g) = b.device_ptr(&stream);
             // SAFETY: a live device pointer of n_out elements, as the epilogue reads.
             unsafe {
                 result::set_matmul_desc_attribute(
-                    desc,
+                    plan.desc,
                     sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     (&p as *const u64).cast(),
                     size_of::<u64>(),
@@ -259,34 +259,51 @@ impl Gemm {
             }
             .map_err(|e| err("bias pointer", e))?;
         }
-        let (alpha, beta) = (1f32, 0f32);
         let (wp, _g1) = w.device_ptr(&stream);
         let (xp, _g2) = x.device_ptr(&stream);
         let (yp, _g3) = y.device_ptr_mut(&stream);
         let (wsp, _g4) = self.workspace.device_ptr_mut(&stream);
         // SAFETY: sizes checked above match the layouts of this plan; all pointers are live
-        // device allocations on `stream`'s context; C and D are the same buffer (beta = 0).
-        unsafe {
-            result::matmul(
-                handle,
-                desc,
-                (&alpha as *const f32).cast(),
-                (&beta as *const f32).cast(),
-                wp as *const c_void,
-                la,
-                xp as *const c_void,
-                lb,
-                yp as *const c_void,
-                lc,
-                yp as *mut c_void,
-                lc,
-                &algo,
-                wsp as *mut c_void,
-                ws_len,
-                stream.cu_stream() as sys::cudaStream_t,
-            )
-        }
-        .map_err(|e| err("matmul", e))
+        // device allocations on `stream`'s context.
+        unsafe { run(handle, &plan, [wp, xp, yp, wsp], ws_len, &stream) }
+            .map_err(|e| err("matmul", e))
+    }
+}
+
+/// cublasLtMatmul of `plan`: D = A·B with alpha 1 and beta 0, C and D the same buffer;
+/// `[a, b, d, ws]` are the device pointers of A, B, D and the workspace, on `stream`.
+///
+/// # Safety
+/// The pointers are live device allocations on `stream`'s context at least as large as the
+/// plan's layouts say, the workspace one of `ws_len` bytes.
+unsafe fn run(
+    handle: sys::cublasLtHandle_t,
+    plan: &Plan,
+    [a, b, d, ws]: [u64; 4],
+    ws_len: usize,
+    stream: &CudaStream,
+) -> std::result::Result<(), cudarc::cublaslt::result::CublasError> {
+    let (alpha, beta) = (1f32, 0f32);
+    // SAFETY: as the caller promises; alpha and beta are f32, the plans' scale type.
+    unsafe {
+        result::matmul(
+            handle,
+            plan.desc,
+            (&alpha as *const f32).cast(),
+            (&beta as *const f32).cast(),
+            a as *const c_void,
+            plan.a,
+            b as *const c_void,
+            plan.b,
+            d as *const c_void,
+            plan.c,
+            d as *mut c_void,
+            plan.c,
+            &plan.algo,
+            ws as *mut c_void,
+            ws_len,
+            stream.cu_stream() as sys::cudaStream_t,
+        )
     }
 }
 
@@ -321,37 +338,16 @@ impl Gemm {
         };
         let (handle, ws_len) = (self.handle, WORKSPACE_BYTES);
         let stream = self.stream.clone();
-        let plan = self.plan(shape)?;
-        let (desc, la, lb, lc, algo) = (plan.desc, plan.a, plan.b, plan.c, plan.algo);
-        let (alpha, beta) = (1f32, 0f32);
+        let plan = *self.plan(shape)?;
         let (wp, _g1) = wq.device_ptr(&stream);
         let (xp, _g2) = xq.device_ptr(&stream);
         let (ap, _g3) = acc.device_ptr_mut(&stream);
         let (wsp, _g4) = self.workspace.device_ptr_mut(&stream);
         // SAFETY: sizes checked above match the layouts of this plan (E4M3 A and B, f32 C and
-        // D); all pointers are live device allocations on `stream`'s context; C and D are the
-        // same buffer (beta = 0); no scale pointers are set, so cuBLASLt reads none.
-        unsafe {
-            result::matmul(
-                handle,
-                desc,
-                (&alpha as *const f32).cast(),
-                (&beta as *const f32).cast(),
-                wp as *const c_void,
-                la,
-                xp as *const c_void,
-                lb,
-                ap as *const c_void,
-                lc,
-                ap as *mut c_void,
-                lc,
-                &algo,
-                wsp as *mut c_void,
-                ws_len,
-                stream.cu_stream() as sys::cudaStream_t,
-            )
-        }
-        .map_err(|e| err("fp8 matmul", e))
+        // D); all pointers are live device allocations on `stream`'s context; no scale pointers
+        // are set, so cuBLASLt reads none.
+        unsafe { run(handle, &plan, [wp, xp, ap, wsp], ws_len, &stream) }
+            .map_err(|e| err("fp8 matmul", e))
     }
 
     /// Destroys every plan (their descriptors are no longer in use: calls are stream-ordered and
