@@ -10,8 +10,8 @@
 //!
 //! The FP8 product ([`Gemm::fp8_product`], `--dtype fp8`, docs/fp8.md) is the same call with E4M3
 //! A and B — the "TN" layout cuBLASLt's FP8 kernels require is exactly this one — f32 C/D,
-//! f32 compute with fast accumulation off, and no scales (cuBLASLt's scalar scales left at their
-//! default of 1): the per-row scales are applied afterwards by `kernels/fp8_epilogue.cu`.
+//! f32 compute with fast accumulation off, and scalar scales of 1: the per-row scales are applied
+//! afterwards by `kernels/fp8_epilogue.cu`.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -76,6 +76,8 @@ pub struct Gemm {
     handle: sys::cublasLtHandle_t,
     stream: Arc<CudaStream>,
     workspace: CudaSlice<u8>,
+    /// A device f32 of 1.0: the A and B scales of the FP8 plans (see `make_plan`).
+    one: CudaSlice<f32>,
     plans: HashMap<Shape, Plan>,
 }
 
@@ -89,10 +91,12 @@ impl Gemm {
         // SAFETY: a plain device allocation; cuBLASLt only uses it as scratch.
         let workspace =
             unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.map_err(|e| err("workspace", e))?;
+        let one = stream.clone_htod(&[1f32]).map_err(|e| err("scale", e))?;
         Ok(Gemm {
             handle,
             stream,
             workspace,
+            one,
             plans: HashMap::new(),
         })
     }
@@ -153,6 +157,15 @@ impl Gemm {
                 (&fast_accum as *const i8).cast(),
                 size_of::<i8>(),
             )?;
+            // Scales of 1 given explicitly: cuBLASLt documents a null scale pointer as 1, but
+            // PyTorch's FP8 GEMMs always set them, the better-trodden path on every version.
+            let (one, _g) = self.one.device_ptr(&self.stream);
+            for attr in [
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+            ] {
+                set(attr, (&one as *const u64).cast(), size_of::<u64>())?;
+            }
         }
         let epilogue = if s.bias {
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
@@ -344,8 +357,8 @@ impl Gemm {
         let (ap, _g3) = acc.device_ptr_mut(&stream);
         let (wsp, _g4) = self.workspace.device_ptr_mut(&stream);
         // SAFETY: sizes checked above match the layouts of this plan (E4M3 A and B, f32 C and
-        // D); all pointers are live device allocations on `stream`'s context; no scale pointers
-        // are set, so cuBLASLt reads none.
+        // D); all pointers are live device allocations on `stream`'s context (the plan's scale
+        // pointers too: `self.one`).
         unsafe { run(handle, &plan, [wp, xp, ap, wsp], ws_len, &stream) }
             .map_err(|e| err("fp8 matmul", e))
     }
