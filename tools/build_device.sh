@@ -2,8 +2,7 @@
 # Builds everything the device script needs into .device/ (git-ignored), here, so nothing but
 # the kernels is compiled on the GPU machine: the release `sgpt` binary and the GPU-side test
 # binaries, stripped, plus the commit they were built from. Then, with the device tool:
-#   run(command="SGPT_DEVICE_BUDGET=420 bash tools/device_check.sh", carry=[".device"], timeout_s=450)
-#   (docs/device-runs/README.md: a second call with SGPT_STEPS=tc,kernels for what did not fit)
+#   run(command="SGPT_DEVICE_BUDGET=540 bash tools/device_check.sh", carry=[".device"], timeout_s=570)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .device && mkdir -p .device/tests

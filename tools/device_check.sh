@@ -82,7 +82,8 @@ if want tests; then
   if [ -n "$pipnv" ] && ls "$pipnv"/libnvrtc.so.* > /dev/null 2>&1; then
     LD_LIBRARY_PATH="$pipnv:$LD_LIBRARY_PATH" run_tests nvrtc-pip-wheel .device/tests/nvrtc 30
   fi
-  run_tests gpu .device/tests/gpu 180  # 150 before the FP8 tests (≈ 30 s more, estimated)
+  # 150 s before the FP8 tests, attention version 4 and the per-layer view (estimated: + 60 s)
+  run_tests gpu .device/tests/gpu 240
   # The forward test prints one worst cosine per (model, dtype, kernel choices): the 6 lowest,
   # then the kernels' register counts.
   grep -h "worst cosine" "$LOGS/test-gpu.txt" 2>/dev/null | grep -v "fp8" | awk '{print $NF, $0}' | sort -g \
