@@ -131,6 +131,12 @@ impl Gemm {
             sys::cudaDataType::CUDA_R_32F,
         )
         .map_err(|e| err("matmul desc", e))?;
+        // Whatever is created from here on is destroyed if a later step fails (a shape with no
+        // algorithm is retried by every batch of that shape: nothing may leak per try).
+        let mut made = Unfinished {
+            desc: Some(desc),
+            layouts: Vec::new(),
+        };
         let set = |attr, ptr: *const c_void, size| {
             // SAFETY: `ptr` points at a live value of `size` bytes of the attribute's type.
             unsafe { result::set_matmul_desc_attribute(desc, attr, ptr, size) }
@@ -186,38 +192,44 @@ impl Gemm {
                 size_of::<u64>(),
             )?;
         }
-        let layout = |ty, rows, cols, ld| {
-            result::create_matrix_layout(ty, rows, cols, ld).map_err(|e| err("layout", e))
+        let mut layout = |ty, rows, cols, ld| {
+            let l =
+                result::create_matrix_layout(ty, rows, cols, ld).map_err(|e| err("layout", e))?;
+            made.layouts.push(l);
+            Ok::<_, Error>(l)
         };
         let a = layout(s.dtype, k, m, k as i64)?; // W: column-major [in, out]
         let b = layout(s.dtype, k, n, k as i64)?; // x: column-major [in, T]
         let c = layout(out_type, m, n, m as i64)?; // y: column-major [out, T]
         let pref = result::create_matmul_pref().map_err(|e| err("preference", e))?;
         let ws = WORKSPACE_BYTES;
-        // SAFETY: pointer to a live usize, as the attribute expects.
-        unsafe {
+        // SAFETY: pointer to a live usize, as the attribute expects; then all descriptors were
+        // created above and are alive.
+        let heuristic = unsafe {
             result::set_matmul_pref_attribute(
                 pref,
                 sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 (&ws as *const usize).cast(),
                 size_of::<usize>(),
             )
-        }
-        .map_err(|e| err("preference attribute", e))?;
-        // SAFETY: all descriptors were created above and are alive.
-        let heuristic =
-            unsafe { result::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref) };
-        // SAFETY: created above, no longer needed.
+            .map_err(|e| err("preference attribute", e))
+            .and_then(|()| {
+                result::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref).map_err(
+                    |e| {
+                        let what = format!(
+                            "no algorithm for {:?} [{}×{}]·[{}×{}]ᵀ",
+                            s.dtype, s.tokens, s.n_in, s.n_out, s.n_in
+                        );
+                        err(&what, e)
+                    },
+                )
+            })
+        };
+        // SAFETY: created above, no longer needed (whether or not the calls above failed).
         let _ = unsafe { result::destroy_matmul_pref(pref) };
-        let heuristic = heuristic.map_err(|e| {
-            err(
-                &format!(
-                    "no algorithm for [{}×{}]·[{}×{}]ᵀ",
-                    s.tokens, s.n_in, s.n_out, s.n_in
-                ),
-                e,
-            )
-        })?;
+        let heuristic = heuristic?;
+        made.desc = None; // the plan owns them now
+        made.layouts.clear();
         Ok(Plan {
             desc,
             a,
@@ -373,6 +385,26 @@ impl Gemm {
                 let _ = result::destroy_matrix_layout(p.b);
                 let _ = result::destroy_matrix_layout(p.c);
                 let _ = result::destroy_matmul_desc(p.desc);
+            }
+        }
+    }
+}
+
+/// The descriptor and layouts of a plan being made: destroyed on drop unless taken.
+struct Unfinished {
+    desc: Option<sys::cublasLtMatmulDesc_t>,
+    layouts: Vec<sys::cublasLtMatrixLayout_t>,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        // SAFETY: created by `make_plan`, not handed to a plan, destroyed once.
+        unsafe {
+            for l in self.layouts.drain(..) {
+                let _ = result::destroy_matrix_layout(l);
+            }
+            if let Some(d) = self.desc.take() {
+                let _ = result::destroy_matmul_desc(d);
             }
         }
     }
