@@ -1,5 +1,5 @@
-// alibi_attention_mma2.cu — version 4 of alibi_attention: version 3 with its measured-on-paper
-// limiters removed (the desk review of version 3, docs/perf-notes.md "v8")
+// alibi_attention_mma2.cu — version 4 of alibi_attention: version 3 without the limiters a desk
+// review of it found (docs/perf-notes.md "v8")
 //
 // Math: as alibi_attention.cu (docs/semantics.md): for query i and key j <= i of one sequence,
 //   s_ij = (q_i · k_j) / sqrt(d) + slope_h · j;  p = softmax_j(s) in f32;  ctx_i = Σ_j p_ij v_j.
