@@ -67,6 +67,16 @@ fn down<T: Act>(g: &Gpu, d: &CudaSlice<T>) -> Vec<f32> {
         .collect()
 }
 
+/// The end of a test that records each failure and goes on (so one device run reports them all).
+fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 /// Poisoned output buffer: NaN everywhere, so an element the kernel forgot shows up.
 fn poison<T: Act>(g: &Gpu, n: usize) -> CudaSlice<T> {
     up::<T>(g, &vec![f32::NAN; n])
@@ -592,12 +602,7 @@ fn forward_matches_cpu_and_reference() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failure(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// The per-layer view: the GPU forward's residual stream after the embedding and after each
@@ -667,7 +672,7 @@ fn layers_match_cpu() {
             }
         }
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_no_failures(&failures);
 }
 
 #[test]
@@ -830,12 +835,7 @@ fn repeated_batches_are_identical() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failure(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// `--device cuda:0,0`: two replicas on one GPU give one engine's vectors bit for bit (same
@@ -1186,12 +1186,7 @@ fn fp8_linear_case(g: &Gpu) {
     if gm.fp8_product(&xq, &wq, &mut acc, 1, 64, 8).is_ok() {
         failures.push("fp8_product took n_out = 8".into());
     }
-    assert!(
-        failures.is_empty(),
-        "{} failure(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 #[test]
@@ -1367,12 +1362,7 @@ fn fp8_forward_matches_the_emulation() {
         }
     }
     println!("device compute capability {cc:?}");
-    assert!(
-        failures.is_empty(),
-        "{} failure(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// Through the engine: `--device cuda --dtype fp8` opens (no longer refused), reports dtype
