@@ -8,6 +8,12 @@
 // Launch: grid (T), block 256, dynamic shared memory H·4 bytes.
 // Numerics: the sum x + y in f32, statistics in f32 over the shared-memory row (two passes).
 // Caller: src/backend/cuda/ops.rs `add_layernorm`.
+//
+// add_layernorm_vec<C>_<T> (`--row-kernels vec`, on trial: never run on a GPU): the same math
+// with y required, H % 8 == 0, the row in registers (common.cuh "Register-resident rows"):
+// grid (T), block NT = 32·⌈H/(8·C·32)⌉ ≤ 256 threads of C chunks of 8, no dynamic shared
+// memory; x, y, w, b read and x, a written once each in 16-byte pieces (v1 reads scalars and
+// passes over a shared-memory copy three times). Same statistics, summed in another order.
 #include "common.cuh"
 
 template <typename T>
@@ -39,3 +45,52 @@ extern "C" __global__ void add_layernorm_bf16(float* x, const __nv_bfloat16* y, 
                                               const float* b, __nv_bfloat16* a, int H, float eps) {
     add_layernorm(x, y, w, b, a, H, eps);
 }
+
+template <typename T, int C>
+__device__ void add_layernorm_vec(float* __restrict__ x, const T* __restrict__ y,
+                                  const float* __restrict__ w, const float* __restrict__ b,
+                                  T* __restrict__ a, int H, float eps) {
+    __shared__ float scratch[32];
+    const long base = (long)blockIdx.x * H;
+    float v[C][8], r[C][8];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {  // every load issued before any is used
+        const int i = chunk_start(c);
+        if (i < H) {
+            load8(x + base + i, v[c]);
+            load8(y + base + i, r[c]);
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = chunk_start(c);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[c][j] = i < H ? v[c][j] + r[c][j] : 0.f;
+        if (i < H) store8(x + base + i, v[c]);
+    }
+    float mean, rstd;
+    reg_row_stats<C>(v, H, eps, scratch, mean, rstd);
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = chunk_start(c);
+        if (i < H) {
+            float o[8];
+            normalize8(v[c], mean, rstd, w, b, i, o);
+            store8(a + base + i, o);
+        }
+    }
+}
+
+#define ADD_LAYERNORM_VEC(C, SUFFIX, T)                                                          \
+    extern "C" __global__ void add_layernorm_vec##C##_##SUFFIX(float* x, const T* y, const float* w, \
+                                                             const float* b, T* a, int H, float eps) { \
+        add_layernorm_vec<T, C>(x, y, w, b, a, H, eps);                                          \
+    }
+ADD_LAYERNORM_VEC(1, f16, __half)
+ADD_LAYERNORM_VEC(2, f16, __half)
+ADD_LAYERNORM_VEC(4, f16, __half)
+ADD_LAYERNORM_VEC(8, f16, __half)
+ADD_LAYERNORM_VEC(1, bf16, __nv_bfloat16)
+ADD_LAYERNORM_VEC(2, bf16, __nv_bfloat16)
+ADD_LAYERNORM_VEC(4, bf16, __nv_bfloat16)
+ADD_LAYERNORM_VEC(8, bf16, __nv_bfloat16)

@@ -139,3 +139,72 @@ __device__ __forceinline__ float exp2_fast(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
+
+// ---- Register-resident rows (the `vec` row kernels, on trial) ---------------------------------
+// One row of H values (H % 8 == 0, rows 16-byte aligned) per block, in chunks of 8 consecutive
+// values: thread i owns chunks i, i + NT, …, i + (C-1)·NT (NT = blockDim.x) of the H/8, so every
+// load and store instruction of a warp covers consecutive 16-byte pieces, and the row is read
+// from memory once and kept in registers (C is a template parameter so it can be).
+
+// The first element of this thread's chunk c (inside the row when < H).
+__device__ __forceinline__ int chunk_start(int c) { return (c * (int)blockDim.x + (int)threadIdx.x) * 8; }
+
+// 8 consecutive values widened to f32: one 16-byte load (two for f32).
+__device__ __forceinline__ void load8(const float* p, float* v) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+template <typename T> __device__ __forceinline__ void load8(const T* p, float* v) {
+    union {
+        uint4 raw;
+        T e[8];
+    } u;
+    u.raw = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = to_f32(u.e[j]);
+}
+
+// 8 f32 values rounded to the destination type: one 16-byte store (two for f32).
+__device__ __forceinline__ void store8(float* p, const float* v) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+template <typename T> __device__ __forceinline__ void store8(T* p, const float* v) {
+    uint4 raw;
+    raw.x = pack2<T>(v[0], v[1]), raw.y = pack2<T>(v[2], v[3]);
+    raw.z = pack2<T>(v[4], v[5]), raw.w = pack2<T>(v[6], v[7]);
+    *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// LayerNorm statistics of a register-resident row (chunks outside the row must hold zeros):
+// mean and 1/sqrt(var + eps), biased variance, two passes in f32 as row_stats. Block-wide.
+template <int C>
+__device__ __forceinline__ void reg_row_stats(const float (&v)[C][8], int H, float eps, float* scratch,
+                                              float& mean, float& rstd) {
+    float s = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s += v[c][j];
+    mean = block_sum(s, scratch) / H;
+    float q = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+        if (chunk_start(c) < H)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float d = v[c][j] - mean;
+                q += d * d;
+            }
+    rstd = rsqrtf(block_sum(q, scratch) / H + eps);
+}
+
+// o = (v - mean)·rstd·w + b for one chunk starting at element i.
+__device__ __forceinline__ void normalize8(const float* v, float mean, float rstd, const float* w,
+                                           const float* b, int i, float* o) {
+    float wv[8], bv[8];
+    load8(w + i, wv);
+    load8(b + i, bv);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = (v[j] - mean) * rstd * wv[j] + bv[j];
+}

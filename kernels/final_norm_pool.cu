@@ -16,6 +16,15 @@
 //   The first version ran one block per sequence over all its tokens: 16 blocks for a batch of
 //   16 sequences, 3.4 ms at bloom-7b1 shape on an H200 (docs/device-runs/).
 // Numerics: f32 throughout; the weighted sum accumulates in f32 (≤ 300 rows of O(1) values).
+//
+// The `vec` pair (`--row-kernels vec`, on trial: never run on a GPU), H % 8 == 0, 16-byte loads:
+//   final_norm_stats_vec<C>_<T>: the row in registers (common.cuh "Register-resident rows"),
+//     grid (T), block NT = 32·⌈H/(8·C·32)⌉ ≤ 256, no dynamic shared memory;
+//   final_pool_vec_<T>: grid (S, ⌈H/256⌉), block (32, 8): thread (tx, ty) owns the 8 columns
+//     from (blockIdx.y·32 + tx)·8 and the tokens j ≡ ty (mod 8) of its sequence, so each step
+//     has three 16-byte loads in flight per thread where v1 had one 4- and one 2-byte load; the
+//     8 partial sums of a column are added in the order ty = 0..7 through shared memory (fixed
+//     order, no atomics: deterministic, but not v1's order).
 #include "common.cuh"
 
 template <typename T>
@@ -69,3 +78,93 @@ __device__ void final_pool(const float* __restrict__ x, const T* __restrict__ y,
     }
 FINAL_NORM_POOL(f16, __half)
 FINAL_NORM_POOL(bf16, __nv_bfloat16)
+
+template <typename T, int C>
+__device__ void final_norm_stats_vec(const float* __restrict__ x, const T* __restrict__ y,
+                                     float* __restrict__ stats, int H, float eps) {
+    __shared__ float scratch[32];
+    const long base = (long)blockIdx.x * H;
+    float v[C][8], r[C][8];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = chunk_start(c);
+        if (i < H) {
+            load8(x + base + i, v[c]);
+            if (y != nullptr) load8(y + base + i, r[c]);
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            v[c][j] = chunk_start(c) < H ? v[c][j] + (y != nullptr ? r[c][j] : 0.f) : 0.f;
+    float mean, rstd;
+    reg_row_stats<C>(v, H, eps, scratch, mean, rstd);
+    if (threadIdx.x == 0) {
+        stats[2 * blockIdx.x] = mean;
+        stats[2 * blockIdx.x + 1] = rstd;
+    }
+}
+
+template <typename T>
+__device__ void final_pool_vec(const float* __restrict__ x, const T* __restrict__ y,
+                               const float* __restrict__ w, const float* __restrict__ b,
+                               const int* __restrict__ cu_seqlens, const float* __restrict__ stats,
+                               float* __restrict__ out, int H) {
+    __shared__ float part[8][8][32];  // [ty][column within the chunk][tx]: conflict-free
+    const int s = blockIdx.x, tx = threadIdx.x, ty = threadIdx.y;
+    const int c0 = (blockIdx.y * 32 + tx) * 8;
+    const int start = cu_seqlens[s], n = cu_seqlens[s + 1] - start;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (c0 < H) {
+#pragma unroll 2
+        for (int j = ty; j < n; j += 8) {
+            const long t = start + j, k = t * H + c0;
+            float v[8], r[8];
+            load8(x + k, v);
+            if (y != nullptr) {
+                load8(y + k, r);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) v[q] += r[q];
+            }
+            const float mu = stats[2 * t], rs = stats[2 * t + 1], wj = (float)(j + 1);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) acc[q] += wj * ((v[q] - mu) * rs);
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) part[ty][q][tx] = acc[q];
+    __syncthreads();
+    // Thread f of 256 finishes column blockIdx.y·256 + f: chunk f / 8 (a tx), entry f % 8.
+    const int f = ty * 32 + tx, i = blockIdx.y * 256 + f;
+    if (i >= H) return;
+    float sum = 0.f;
+#pragma unroll
+    for (int l = 0; l < 8; ++l) sum += part[l][f % 8][f / 8];
+    const float total = 0.5f * (float)n * (float)(n + 1);
+    out[(long)s * H + i] = sum / total * w[i] + b[i];
+}
+
+#define FINAL_NORM_STATS_VEC(C, SUFFIX, T)                                                       \
+    extern "C" __global__ void final_norm_stats_vec##C##_##SUFFIX(const float* x, const T* y,    \
+                                                                 float* stats, int H, float eps) { \
+        final_norm_stats_vec<T, C>(x, y, stats, H, eps);                                         \
+    }
+FINAL_NORM_STATS_VEC(1, f16, __half)
+FINAL_NORM_STATS_VEC(2, f16, __half)
+FINAL_NORM_STATS_VEC(4, f16, __half)
+FINAL_NORM_STATS_VEC(8, f16, __half)
+FINAL_NORM_STATS_VEC(1, bf16, __nv_bfloat16)
+FINAL_NORM_STATS_VEC(2, bf16, __nv_bfloat16)
+FINAL_NORM_STATS_VEC(4, bf16, __nv_bfloat16)
+FINAL_NORM_STATS_VEC(8, bf16, __nv_bfloat16)
+extern "C" __global__ void final_pool_vec_f16(const float* x, const __half* y, const float* w,
+                                              const float* b, const int* cu_seqlens,
+                                              const float* stats, float* out, int H) {
+    final_pool_vec(x, y, w, b, cu_seqlens, stats, out, H);
+}
+extern "C" __global__ void final_pool_vec_bf16(const float* x, const __nv_bfloat16* y, const float* w,
+                                               const float* b, const int* cu_seqlens,
+                                               const float* stats, float* out, int H) {
+    final_pool_vec(x, y, w, b, cu_seqlens, stats, out, H);
+}

@@ -43,22 +43,6 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
-// Eight consecutive elements as f32, from a 16-byte aligned address.
-__device__ __forceinline__ void load8(const float* p, float* v) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-template <typename T> __device__ __forceinline__ void load8(const T* p, float* v) {
-    union {
-        uint4 raw;
-        T e[8];
-    } u;
-    u.raw = *reinterpret_cast<const uint4*>(p);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = to_f32(u.e[j]);
-}
-
 template <typename S>
 __device__ void fp8_quantize_rows(const S* __restrict__ x, unsigned char* __restrict__ q,
                                   float* __restrict__ scales, int n) {

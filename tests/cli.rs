@@ -545,11 +545,15 @@ fn kernel_choices_are_typed_flags() {
     );
     let o = sgpt(&["embed", "-m", &model, "--gemm", "cutlass", "x"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = sgpt(&["embed", "-m", &model, "--row-kernels", "wide", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("v1, vec"), "{}", stderr(&o));
     for flags in [
         &["--attention", "mma"][..],
         &["--attention", "mma2"][..],
         &["--gemm", "skinny"][..],
         &["--cuda-graphs"][..],
+        &["--row-kernels", "vec"][..],
     ] {
         let mut args = vec!["embed", "-m", &model, "--device", "cpu"];
         args.extend_from_slice(flags);
@@ -569,7 +573,13 @@ fn kernel_choices_are_typed_flags() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let help = String::from_utf8_lossy(&sgpt(&["embed", "--help"]).stdout).into_owned();
-    for flag in ["--attention", "--gemm", "--cuda-graphs", "--dtype"] {
+    for flag in [
+        "--attention",
+        "--gemm",
+        "--cuda-graphs",
+        "--row-kernels",
+        "--dtype",
+    ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }
@@ -619,7 +629,7 @@ fn bad_texts_and_flags() {
         o.status.success()
             && stderr(&o).contains(
                 "; ignoring the GPU-only --dtype bf16 and the GPU kernel choices (attention auto, \
-                 gemm cublaslt, cuda graphs on)"
+                 gemm cublaslt, cuda graphs on, rows v1)"
             ),
         "{}",
         stderr(&o)

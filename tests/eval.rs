@@ -663,7 +663,9 @@ fn search_speed() {
 /// another identity: the cache sees only what the backend says it is.
 #[test]
 fn the_cache_misses_whenever_the_engine_or_model_changes() {
-    use sgpt::backend::{AttentionKernel, Backend, BackendInfo, GemmKernel, KernelChoices};
+    use sgpt::backend::{
+        AttentionKernel, Backend, BackendInfo, GemmKernel, KernelChoices, RowKernel,
+    };
     use sgpt::eval::{evaluate, EvalOptions};
 
     struct Relabeled {
@@ -755,6 +757,16 @@ fn the_cache_misses_whenever_the_engine_or_model_changes() {
                 "f16",
                 KernelChoices {
                     cuda_graphs: true,
+                    ..k
+                },
+            ),
+        ),
+        (
+            "vec row kernels",
+            gpu(
+                "f16",
+                KernelChoices {
+                    rows: RowKernel::Vec,
                     ..k
                 },
             ),

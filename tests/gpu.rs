@@ -206,6 +206,117 @@ fn layernorms_match_cpu() {
     layernorm_kernels::<half::bf16>(&g);
 }
 
+/// Hidden sizes for the `vec` row kernels (multiples of 8): one chunk per thread with a
+/// partial warp (8, 264), 1, 2, 4 and 8 chunks per thread with whole and partial blocks
+/// (1024 and 4096 at 128/256 threads; 2056: 2 chunks, 160 threads; 8200: 8 chunks, 160
+/// threads; 16384: 8 chunks, 256 threads — the largest `vec_rows` takes).
+const VEC_HIDDEN: [usize; 7] = [8, 264, 1024, 2056, 4096, 8200, 16384];
+
+/// The `vec` layernorms (on trial) against the CPU: add_layernorm_vec, and the embedding
+/// layernorm with the first block's input layernorm fused in. Same bars as version 1: x in f32
+/// (only the summation order of the statistics differs), a rounded to T once.
+fn layernorm_vec_kernels<T: Act>(g: &Gpu) {
+    let eps = 1e-5;
+    for (i, &h) in VEC_HIDDEN.iter().enumerate() {
+        let rows = [3usize, 37, 5, 9, 17, 2, 3][i];
+        let label = format!("{} rows {rows} H {h}", T::SUFFIX);
+        let x = rand(rows * h, 21 + h as u64, 3.0);
+        let y = round::<T>(&rand(rows * h, 22 + h as u64, 1.0));
+        let norm = |seed| -> (Vec<f32>, Vec<f32>) {
+            let w = rand(h, seed, 1.0).iter().map(|v| 1.0 + 0.3 * v).collect();
+            (w, rand(h, seed + 1, 0.2))
+        };
+        let ((w, b), (w1, b1)) = (norm(23), norm(25));
+        let mut dx = up32(g, &x);
+        let mut da = poison::<T>(g, rows * h);
+        let (dw, db) = (up32(g, &w), up32(g, &b));
+        g.k.add_layernorm_vec(
+            &g.s,
+            &mut dx,
+            &up::<T>(g, &y),
+            &dw,
+            &db,
+            &mut da,
+            rows,
+            h,
+            eps,
+        )
+        .unwrap();
+        let xy: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+        let mut want = vec![0f32; rows * h];
+        cpu::layernorm::layernorm(&xy, &w, &b, eps, &mut want);
+        let got_x = g.s.clone_dtoh(&dx).unwrap();
+        assert_close(
+            &format!("add_layernorm_vec x {label}"),
+            &got_x,
+            &xy,
+            1e-6,
+            1e-6,
+        );
+        let (got, t) = (down(g, &da), tol::<T>());
+        assert_close(&format!("add_layernorm_vec a {label}"), &got, &want, t, t);
+
+        let vocab = 50;
+        let emb = round::<T>(&rand(vocab * h, 27, 2.0));
+        let ids: Vec<u32> = (0..rows as u32)
+            .map(|i| (i * 7 + 3) % vocab as u32)
+            .collect();
+        let mut dx = up32(g, &vec![f32::NAN; rows * h]);
+        let mut da = poison::<T>(g, rows * h);
+        let (dw1, db1) = (up32(g, &w1), up32(g, &b1));
+        g.k.embedding_layernorm_vec(
+            &g.s,
+            &g.s.clone_htod(&ids).unwrap(),
+            &up::<T>(g, &emb),
+            (&dw, &db),
+            (&dw1, &db1),
+            &mut dx,
+            &mut da,
+            rows,
+            h,
+            eps,
+        )
+        .unwrap();
+        let gathered: Vec<f32> = ids
+            .iter()
+            .flat_map(|&i| emb[i as usize * h..(i as usize + 1) * h].to_vec())
+            .collect();
+        let mut want_x = vec![0f32; rows * h];
+        cpu::layernorm::layernorm(&gathered, &w, &b, eps, &mut want_x);
+        let got_x = g.s.clone_dtoh(&dx).unwrap();
+        let what = format!("embedding_layernorm_vec x {label}");
+        assert_close(&what, &got_x, &want_x, 1e-4, 1e-4);
+        // LN1 of the device's own x, so only this layernorm's error is measured.
+        cpu::layernorm::layernorm(&got_x, &w1, &b1, eps, &mut want);
+        let what = format!("embedding_layernorm_vec a {label}");
+        assert_close(&what, &down(g, &da), &want, t, t);
+    }
+    // Hidden sizes the vec kernels do not take are refused with an error, never launched.
+    let mut dx = up32(g, &[0.0; 33]);
+    let mut da = poison::<T>(g, 33);
+    let e =
+        g.k.add_layernorm_vec(
+            &g.s,
+            &mut dx,
+            &up::<T>(g, &[0.0; 33]),
+            &up32(g, &[1.0; 33]),
+            &up32(g, &[0.0; 33]),
+            &mut da,
+            1,
+            33,
+            eps,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("not a multiple of 8"), "{e}");
+}
+
+#[test]
+fn vec_layernorms_match_cpu() {
+    let Some(g) = gpu() else { return };
+    layernorm_vec_kernels::<half::f16>(&g);
+    layernorm_vec_kernels::<half::bf16>(&g);
+}
+
 fn attention<T: Act>(g: &Gpu) {
     // ragged batches with sequences of length 1 and across warp/tile edges
     // and more than 32 sequences (version 4 finds its tile 32 sequences at a time)
@@ -349,6 +460,80 @@ fn gelu_and_pooling_match_cpu() {
     let Some(g) = gpu() else { return };
     gelu_and_pool::<half::f16>(&g);
     gelu_and_pool::<half::bf16>(&g);
+}
+
+/// bias_gelu_vec and final_norm_pool_vec (on trial) against the CPU, with version 1's bars:
+/// GELU rounded to T once (its exp2 form is ≲ 3e-6 relative from tanh's, far below T's step),
+/// pooling all f32 (only the summation order differs).
+fn gelu_and_pool_vec<T: Act>(g: &Gpu) {
+    // F = 8 (one chunk), 4·264 (a partial block: 132 chunks), 4·4096 (8 blocks of 256 chunks);
+    // values up to ±12 so both tails (−0 and x) are reached.
+    for (t, f) in [(3, 8), (33, 4 * 264), (9, 4 * 4096)] {
+        let m = round::<T>(&rand(t * f, 31, 12.0));
+        let b = rand(f, 32, 0.5);
+        let mut dm = up::<T>(g, &m);
+        g.k.bias_gelu_vec(&g.s, &mut dm, &up32(g, &b), t).unwrap();
+        let want: Vec<f32> = m
+            .iter()
+            .enumerate()
+            .map(|(i, v)| cpu::gelu::gelu(v + b[i % f]))
+            .collect();
+        let (got, tl) = (down(g, &dm), tol::<T>());
+        assert_close(
+            &format!("bias_gelu_vec {} F {f}", T::SUFFIX),
+            &got,
+            &want,
+            tl,
+            tl,
+        );
+    }
+    for h in [8usize, 264, 1024, 4096] {
+        // ragged: lengths 1, 33, 2, 300 and 9 (a token lane with none, lanes with one)
+        let cu = [0usize, 1, 34, 36, 336, 345];
+        let (seqs, t) = (cu.len() - 1, cu[cu.len() - 1]);
+        let x = rand(t * h, 33, 3.0);
+        let y = round::<T>(&rand(t * h, 34, 1.0));
+        let w: Vec<f32> = rand(h, 35, 1.0).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let b = rand(h, 36, 0.2);
+        let xy: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+        let mut normed = vec![0f32; t * h];
+        cpu::layernorm::layernorm(&xy, &w, &b, 1e-5, &mut normed);
+        let mut want = vec![0f32; seqs * h];
+        cpu::pooling::weighted_mean_pool(&normed, &cu, &mut want);
+        let cu32: Vec<i32> = cu.iter().map(|&c| c as i32).collect();
+        let mut out = up32(g, &vec![f32::NAN; seqs * h]);
+        let mut stats = up32(g, &vec![f32::NAN; 2 * t]);
+        let (dw, db) = (up32(g, &w), up32(g, &b));
+        g.k.final_norm_pool_vec(
+            &g.s,
+            &up32(g, &x),
+            &up::<T>(g, &y),
+            (&dw, &db),
+            &g.s.clone_htod(&cu32).unwrap(),
+            seqs,
+            t,
+            &mut stats,
+            &mut out,
+            h,
+            1e-5,
+        )
+        .unwrap();
+        let got = g.s.clone_dtoh(&out).unwrap();
+        assert_close(
+            &format!("final_norm_pool_vec {} H {h}", T::SUFFIX),
+            &got,
+            &want,
+            1e-4,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn vec_gelu_and_pooling_match_cpu() {
+    let Some(g) = gpu() else { return };
+    gelu_and_pool_vec::<half::f16>(&g);
+    gelu_and_pool_vec::<half::bf16>(&g);
 }
 
 #[test]
@@ -612,7 +797,7 @@ fn forward_matches_cpu_and_reference() {
 #[test]
 fn layers_match_cpu() {
     use sgpt::backend::cuda::model::{CudaModel, WeightFormat};
-    use sgpt::backend::AttentionKernel;
+    use sgpt::backend::{AttentionKernel, RowKernel};
     let Some(_g) = gpu() else { return };
     let mut failures: Vec<String> = Vec::new();
     for name in ["sgpt-tiny", "tiny-b"] {
@@ -626,13 +811,15 @@ fn layers_match_cpu() {
             .forward(&batch, &mut |_, x| want.push(x.to_vec()))
             .unwrap();
         let h = m.config.hidden;
-        for attention in [
-            AttentionKernel::Auto,
-            AttentionKernel::Mma,
-            AttentionKernel::Mma2,
+        for (attention, rows) in [
+            (AttentionKernel::Auto, RowKernel::V1),
+            (AttentionKernel::Mma, RowKernel::V1),
+            (AttentionKernel::Mma2, RowKernel::V1),
+            (AttentionKernel::Auto, RowKernel::Vec),
         ] {
             let kernels = KernelChoices {
                 attention,
+                rows,
                 ..Default::default()
             };
             let label = format!("{name} f16 [{kernels}]");

@@ -6,8 +6,8 @@
 #   2. NVRTC compiles every kernel for this card's architecture and sm_80/sm_90, no spills
 #   3. GPU tests: each kernel vs its CPU twin, GEMMs, GPU forward vs CPU and fixtures, batch
 #      invariance (tests/gpu.rs, SGPT_REQUIRE_GPU=1 so nothing skips); the forward again with
-#      every kernel choice (--attention auto|v1|tc|mma|mma2 × --gemm cublaslt|skinny × --cuda-graphs)
-#      inside tests/gpu.rs itself
+#      every kernel choice (--attention auto|v1|tc|mma|mma2 × --gemm cublaslt|skinny × --cuda-graphs
+#      × --row-kernels v1|vec) inside tests/gpu.rs itself
 #   4. the CPU path against the fixtures on this machine too (tests/golden.rs)
 #   5. parity against PyTorch/transformers on this GPU at bloom-560m and bloom-7b1 shapes with
 #      random weights, f16 and bf16 (tools/parity_torch.py)
@@ -185,6 +185,9 @@ if want tc && fits 20 45 "sgpt bench kernels --dtype fp8"; then
     --json "$LOGS/kernels-7b1-fp8.json" > "$LOGS/kernels-fp8.txt" 2>&1 || status=1
   grep -E "ceilings|gemm_|fp8_|rror" "$LOGS/kernels-fp8.txt" | sed 's/^/    /' >> "$report"
 fi
+# Last of the trials: the vec row kernels (issue 17 item 3): their own rows are in "sgpt bench kernels" (*_vec,
+# target ≥ 80% of copy bandwidth at 16 × 300); this is their effect on the whole forward.
+trial_bench vec "the vec row kernels (--row-kernels vec)" --row-kernels vec
 rm -f "$LOGS/ids.jsonl"  # large and reproducible (seeded)
 
 if want golden; then

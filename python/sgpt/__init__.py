@@ -142,9 +142,10 @@ class Model:
         threads: CPU threads of a pool owned by this model, for the forward (default: rayon's
             global pool, all cores; tokenization uses the global pool either way). 1 to 4 × the
             cores.
-        attention, gemm, cuda_graphs: the GPU kernel choices, as the CLI's ``--attention``
-            (auto, v1, tc, mma, mma2), ``--gemm`` (cublaslt, skinny) and ``--cuda-graphs``; anything
-            but the defaults with device="cpu" is a ValueError.
+        attention, gemm, cuda_graphs, row_kernels: the GPU kernel choices, as the CLI's
+            ``--attention`` (auto, v1, tc, mma, mma2), ``--gemm`` (cublaslt, skinny),
+            ``--cuda-graphs`` and ``--row-kernels`` (v1, vec); anything but the defaults with
+            device="cpu" is a ValueError.
 
     Raises:
         FileNotFoundError: the directory or one of its files is missing.
@@ -162,6 +163,7 @@ class Model:
         attention: str = "auto",
         gemm: str = "cublaslt",
         cuda_graphs: bool = False,
+        row_kernels: str = "v1",
     ) -> None:
         for name, value in (("max_batch_tokens", max_batch_tokens), ("threads", threads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -170,7 +172,8 @@ class Model:
         _check_not_forked()
         _engine_pid = os.getpid()
         self._engine = _Engine(
-            path, device, dtype, max_batch_tokens, threads, attention, gemm, cuda_graphs
+            path, device, dtype, max_batch_tokens, threads, attention, gemm, cuda_graphs,
+            row_kernels,
         )
         self.path = str(path)
         self.device = device

@@ -21,6 +21,7 @@ class Engine:
         attention: str = "auto",
         gemm: str = "cublaslt",
         cuda_graphs: bool = False,
+        row_kernels: str = "v1",
     ) -> Engine: ...
     @property
     def hidden_size(self) -> int: ...

@@ -113,7 +113,7 @@ fn engine_options(
     device: &str,
     dtype: Option<&str>,
     max_batch_tokens: Option<usize>,
-    (attention, gemm, cuda_graphs): (&str, &str, bool),
+    (attention, gemm, cuda_graphs, rows): (&str, &str, bool, &str),
 ) -> PyResult<EngineOptions> {
     let device = Device::from_str(device).map_err(PyValueError::new_err)?;
     let dtype = match dtype {
@@ -131,6 +131,7 @@ fn engine_options(
         attention: attention.parse().map_err(PyValueError::new_err)?,
         gemm: gemm.parse().map_err(PyValueError::new_err)?,
         cuda_graphs,
+        rows: rows.parse().map_err(PyValueError::new_err)?,
     };
     let opts = EngineOptions {
         device,
@@ -203,7 +204,7 @@ impl Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (path, device="auto", dtype=None, max_batch_tokens=None, threads=None, attention="auto", gemm="cublaslt", cuda_graphs=false))]
+    #[pyo3(signature = (path, device="auto", dtype=None, max_batch_tokens=None, threads=None, attention="auto", gemm="cublaslt", cuda_graphs=false, row_kernels="v1"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -215,12 +216,13 @@ impl Engine {
         attention: &str,
         gemm: &str,
         cuda_graphs: bool,
+        row_kernels: &str,
     ) -> PyResult<Self> {
         let opts = engine_options(
             device,
             dtype,
             max_batch_tokens,
-            (attention, gemm, cuda_graphs),
+            (attention, gemm, cuda_graphs, row_kernels),
         )?;
         if let Some(n) = threads {
             sgpt::engine::options::check_threads(n).map_err(to_py)?;

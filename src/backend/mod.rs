@@ -132,6 +132,28 @@ pub enum AttentionKernel {
     Mma2,
 }
 
+/// The row kernels of the CUDA backend: the embedding and block layernorms, bias + GELU, and
+/// the final layernorm with pooling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RowKernel {
+    /// Version 1, as measured on an H200: a shared-memory row per block, scalar loads.
+    #[default]
+    V1,
+    /// Rows held in registers, 16-byte loads and stores, the first block's input layernorm
+    /// fused into the embedding's, GELU through one exp2 instead of tanh, pooling with eight
+    /// tokens in flight per column. On trial: never run on a GPU yet; hidden sizes that are not
+    /// a multiple of 8 fall back to v1.
+    Vec,
+}
+
+impl RowKernel {
+    /// Written and compile-checked but never run on a GPU: opt-in only, tested last.
+    pub fn on_trial(self) -> bool {
+        self == RowKernel::Vec
+    }
+}
+
 impl AttentionKernel {
     /// Written and compile-checked but never run on a GPU: opt-in only, tested last.
     pub fn on_trial(self) -> bool {
@@ -184,6 +206,13 @@ impl std::str::FromStr for GemmKernel {
     }
 }
 
+impl std::str::FromStr for RowKernel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        parse_choice(s, "row kernel")
+    }
+}
+
 /// The kernel choices of the CUDA backend: typed engine options with CLI flags, never
 /// environment variables. The defaults are the measured ones; anything on trial is opt-in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
@@ -192,27 +221,39 @@ pub struct KernelChoices {
     pub gemm: GemmKernel,
     /// Capture and replay CUDA graphs for batches of up to 128 tokens (the latency path).
     pub cuda_graphs: bool,
+    pub rows: RowKernel,
 }
 
 impl KernelChoices {
-    /// Every selectable configuration, the defaults first and those on trial (mma attention,
-    /// the skinny GEMM) last: what the GPU tests run, in that order.
+    /// Every selectable configuration, the defaults first and those with more choices on
+    /// trial (mma attention, the skinny GEMM, the vec row kernels) later: what the GPU tests
+    /// run, in that order.
     pub fn all() -> Vec<KernelChoices> {
         use clap::ValueEnum;
         let mut v = Vec::new();
         for &attention in AttentionKernel::value_variants() {
             for &gemm in GemmKernel::value_variants() {
                 for cuda_graphs in [false, true] {
-                    v.push(KernelChoices {
-                        attention,
-                        gemm,
-                        cuda_graphs,
-                    });
+                    for &rows in RowKernel::value_variants() {
+                        v.push(KernelChoices {
+                            attention,
+                            gemm,
+                            cuda_graphs,
+                            rows,
+                        });
+                    }
                 }
             }
         }
-        v.sort_by_key(|k| u8::from(k.attention.on_trial()) + u8::from(k.gemm.on_trial()));
+        v.sort_by_key(|k| k.trials());
         v
+    }
+
+    /// How many of the choices are on trial.
+    pub fn trials(&self) -> u8 {
+        u8::from(self.attention.on_trial())
+            + u8::from(self.gemm.on_trial())
+            + u8::from(self.rows.on_trial())
     }
 }
 
@@ -224,10 +265,11 @@ impl std::fmt::Display for KernelChoices {
         };
         write!(
             f,
-            "attention {}, gemm {}, cuda graphs {}",
+            "attention {}, gemm {}, cuda graphs {}, rows {}",
             name(self.attention.to_possible_value()),
             name(self.gemm.to_possible_value()),
-            if self.cuda_graphs { "on" } else { "off" }
+            if self.cuda_graphs { "on" } else { "off" },
+            name(self.rows.to_possible_value())
         )
     }
 }
@@ -239,7 +281,7 @@ mod tests {
     #[test]
     fn every_configuration_once_defaults_first() {
         let all = KernelChoices::all();
-        assert_eq!(all.len(), 5 * 2 * 2);
+        assert_eq!(all.len(), 5 * 2 * 2 * 2);
         assert_eq!(all[0], KernelChoices::default());
         let unique: std::collections::HashSet<_> = all.iter().collect();
         assert_eq!(unique.len(), all.len());
@@ -247,15 +289,24 @@ mod tests {
         let trial = |k: &KernelChoices| {
             matches!(k.attention, AttentionKernel::Mma | AttentionKernel::Mma2)
                 || k.gemm == GemmKernel::Skinny
+                || k.rows == RowKernel::Vec
         };
         let first_trial = all.iter().position(trial).unwrap();
         assert!(all[first_trial..].iter().all(trial), "{all:?}");
+        // and one trial at a time before two (a failure then names its culprit).
+        assert!(all.windows(2).all(|w| w[0].trials() <= w[1].trials()));
     }
 
     #[test]
     fn choices_parse_by_their_flag_values() {
         assert_eq!("mma".parse::<AttentionKernel>(), Ok(AttentionKernel::Mma));
         assert_eq!("skinny".parse::<GemmKernel>(), Ok(GemmKernel::Skinny));
+        assert_eq!("vec".parse::<RowKernel>(), Ok(RowKernel::Vec));
+        let e = "v2".parse::<RowKernel>().unwrap_err();
+        assert!(
+            e.contains("unknown row kernel \"v2\": expected one of v1, vec"),
+            "{e}"
+        );
         let e = "v9".parse::<AttentionKernel>().unwrap_err();
         assert!(e.contains("expected one of auto, v1, tc, mma, mma2"), "{e}");
     }
@@ -300,6 +351,13 @@ mod tests {
                 "f16",
                 KernelChoices {
                     cuda_graphs: true,
+                    ..Default::default()
+                },
+            ),
+            gpu(
+                "f16",
+                KernelChoices {
+                    rows: RowKernel::Vec,
                     ..Default::default()
                 },
             ),

@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use sgpt::backend::cuda::device::GpuDtype;
-use sgpt::backend::{AttentionKernel, GemmKernel, KernelChoices};
+use sgpt::backend::{AttentionKernel, GemmKernel, KernelChoices, RowKernel};
 use sgpt::engine::{Device, Embedder, EngineOptions};
 use sgpt::model::tokenize::Kind;
 
@@ -82,6 +82,10 @@ pub(crate) struct EngineArgs {
     /// Capture and replay CUDA graphs for batches of up to 128 tokens (on trial).
     #[arg(long)]
     cuda_graphs: bool,
+    /// GPU row kernels (layernorms, bias + GELU, final norm and pooling): v1, or vec
+    /// (registers and 16-byte accesses, on trial: never run on a GPU yet).
+    #[arg(long, value_enum, default_value = "v1")]
+    row_kernels: RowKernel,
 }
 
 impl EngineArgs {
@@ -100,6 +104,7 @@ impl EngineArgs {
                 attention: self.attention,
                 gemm: self.gemm,
                 cuda_graphs: self.cuda_graphs,
+                rows: self.row_kernels,
             },
         };
         // All checks first, so a bad flag fails before anything (a thread pool) is set up.

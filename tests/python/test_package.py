@@ -277,6 +277,10 @@ def test_bad_options_are_value_errors():
         sgpt.Model(MODEL, device="cpu", attention="v9")
     with pytest.raises(ValueError, match="expected one of cublaslt, skinny"):
         sgpt.Model(MODEL, device="cpu", gemm="cutlass")
+    with pytest.raises(ValueError, match="GPU kernel choices"):
+        sgpt.Model(MODEL, device="cpu", row_kernels="vec")
+    with pytest.raises(ValueError, match="unknown row kernel .wide.: expected one of v1, vec"):
+        sgpt.Model(MODEL, device="cpu", row_kernels="wide")
 
 
 def test_unusable_gpu_is_runtime_error():

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 use crate::backend::cuda::gemm::Gemm;
 use crate::backend::cuda::ops::{
-    attention_mma2_tiles, Act, Kernels, Mma2Tiles, SkinnyPlan, SKINNY_MAX_ROWS,
+    attention_mma2_tiles, vec_rows, Act, Kernels, Mma2Tiles, SkinnyPlan, SKINNY_MAX_ROWS,
 };
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
@@ -116,6 +116,10 @@ pub const OPS: &[&str] = &[
     "alibi_attention_mma2_r128",
     "bias_gelu",
     "final_norm_pool",
+    "embedding_layernorm_vec",
+    "add_layernorm_vec",
+    "bias_gelu_vec",
+    "final_norm_pool_vec",
     "gemm_qkv",
     "gemm_dense",
     "gemm_fc1",
@@ -331,14 +335,17 @@ impl<'k, T: Act> KernelBench<'k, T> {
         };
         match op {
             "embedding_layernorm" => (t * h * (a + 4.0), 0.0),
-            "add_layernorm" => (t * h * (4.0 + a + 4.0 + a), 0.0),
+            // + the first block's input layernorm: a written (v1: a separate add_layernorm)
+            "embedding_layernorm_vec" => (t * h * (a + 4.0 + a), 0.0),
+            "add_layernorm" | "add_layernorm_vec" => (t * h * (4.0 + a + 4.0 + a), 0.0),
             "alibi_attention"
             | "alibi_attention_tc"
             | "alibi_attention_mma"
             | "alibi_attention_mma2_r64"
             | "alibi_attention_mma2_r128" => (t * h * 4.0 * a, 4.0 * h * pairs),
-            "bias_gelu" => (t * 4.0 * h * 2.0 * a, 0.0),
-            "final_norm_pool" => (2.0 * t * h * (4.0 + a), 0.0), // two passes over x + y
+            "bias_gelu" | "bias_gelu_vec" => (t * 4.0 * h * 2.0 * a, 0.0),
+            // two passes over x + y
+            "final_norm_pool" | "final_norm_pool_vec" => (2.0 * t * h * (4.0 + a), 0.0),
             "gemm_qkv" | "skinny_qkv" => gemm(h, 3.0 * h),
             "gemm_dense" | "skinny_dense" | "skinny_dense_s1" | "skinny_dense_s2" => gemm(h, h),
             "gemm_fc1" | "skinny_fc1" => gemm(h, 4.0 * h),
@@ -369,6 +376,7 @@ impl<'k, T: Act> KernelBench<'k, T> {
     pub fn applies(&self, op: &str) -> bool {
         (!op.starts_with("skinny_") || self.seqs * self.len <= SKINNY_MAX_ROWS)
             && (!op.starts_with("fp8_") || !self.fp8.is_empty())
+            && (!op.ends_with("_vec") || vec_rows(self.cfg.hidden).is_some())
     }
 
     /// Enqueues one run of `op` (one of [`OPS`]).
@@ -436,6 +444,21 @@ impl<'k, T: Act> KernelBench<'k, T> {
                 k.alibi_attention_mma2(s, q, map, plan, sl, &mut self.ctx, t, n, d)
             }
             "bias_gelu" => k.bias_gelu(s, &mut self.m, &self.b_f, t),
+            "embedding_layernorm_vec" => {
+                let ln = (&self.w, &self.b); // as the first block's layernorm too
+                let (x, a) = (&mut self.x, &mut self.act);
+                k.embedding_layernorm_vec(s, &self.ids, &self.emb, ln, ln, x, a, t, h, eps)
+            }
+            "add_layernorm_vec" => {
+                let (w, b, a) = (&self.w, &self.b, &mut self.act);
+                k.add_layernorm_vec(s, &mut self.x, &self.y, w, b, a, t, h, eps)
+            }
+            "bias_gelu_vec" => k.bias_gelu_vec(s, &mut self.m, &self.b_f, t),
+            "final_norm_pool_vec" => {
+                let (ln, cu, seqs) = ((&self.w, &self.b), &self.cu, self.seqs);
+                let (st, out) = (&mut self.stats, &mut self.out);
+                k.final_norm_pool_vec(s, &self.x, &self.y, ln, cu, seqs, t, st, out, h, eps)
+            }
             "final_norm_pool" => k.final_norm_pool(
                 s,
                 &self.x,

@@ -19,10 +19,10 @@ use cudarc::driver::{
 use crate::backend::batch::PackedBatch;
 use crate::backend::cuda::gemm::{check_fp8_shape, Gemm};
 use crate::backend::cuda::ops::{
-    attention_mma2_tiles, skinny_fits, Act, Kernels, Mma2Tiles, ATTENTION_MMA2_DIMS,
+    attention_mma2_tiles, skinny_fits, vec_rows, Act, Kernels, Mma2Tiles, ATTENTION_MMA2_DIMS,
     ATTENTION_MMA_DIMS, SKINNY_MAX_ROWS,
 };
-use crate::backend::{AttentionKernel, GemmKernel, KernelChoices};
+use crate::backend::{AttentionKernel, GemmKernel, KernelChoices, RowKernel};
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
 use crate::model::weights::{Checkpoint, DType, TensorRef};
@@ -723,17 +723,27 @@ impl<T: Act> CudaModel<T> {
             self.cfg.eps,
         );
         let (k, s) = (&self.kernels, &self.stream);
-        k.embedding_layernorm(
-            s,
-            &st.ids,
-            &self.emb,
-            &self.emb_ln.w,
-            &self.emb_ln.b,
-            &mut st.x,
-            t,
-            h,
-            eps,
-        )?; // x [T, H]
+        // `--row-kernels vec` where its kernels apply (h a multiple of 8), else version 1.
+        let vec = self.choices.rows == RowKernel::Vec && vec_rows(h).is_some();
+        let first = &self.blocks[0].ln1;
+        if vec {
+            let (emb_ln, ln1) = ((&self.emb_ln.w, &self.emb_ln.b), (&first.w, &first.b));
+            let (x, a) = (&mut st.x, &mut st.a);
+            k.embedding_layernorm_vec(s, &st.ids, &self.emb, emb_ln, ln1, x, a, t, h, eps)?;
+            // x [T, H], a = LN1(x)
+        } else {
+            k.embedding_layernorm(
+                s,
+                &st.ids,
+                &self.emb,
+                &self.emb_ln.w,
+                &self.emb_ln.b,
+                &mut st.x,
+                t,
+                h,
+                eps,
+            )?; // x [T, H]
+        }
         let mut look = |i: usize, x: &CudaSlice<f32>| -> Result<()> {
             if let Some(f) = observe.as_mut() {
                 let mut host = vec![0f32; t * h];
@@ -746,8 +756,17 @@ impl<T: Act> CudaModel<T> {
             Ok(())
         };
         look(0, &st.x)?;
-        let first = &self.blocks[0].ln1;
-        k.add_layernorm::<T>(s, &mut st.x, None, &first.w, &first.b, &mut st.a, t, h, eps)?; // a = LN1(x)
+        let add_layernorm = |x: &mut CudaSlice<f32>, y: &CudaSlice<T>, ln: &Norm, a: &mut _| {
+            if vec {
+                k.add_layernorm_vec(s, x, y, &ln.w, &ln.b, a, t, h, eps)
+            } else {
+                k.add_layernorm(s, x, Some(y), &ln.w, &ln.b, a, t, h, eps)
+            }
+        };
+        if !vec {
+            k.add_layernorm::<T>(s, &mut st.x, None, &first.w, &first.b, &mut st.a, t, h, eps)?;
+            // a = LN1(x)
+        }
         for (l, blk) in self.blocks.iter().enumerate() {
             self.linear(&mut st.gemms, &st.a, &blk.qkv, &mut st.qkv, t, h, 3 * h)?; // [T, 3H]
             let (qkv, cu, ctx) = (&st.qkv, &st.cu, &mut st.ctx);
@@ -766,50 +785,41 @@ impl<T: Act> CudaModel<T> {
                 _ => k.alibi_attention(s, qkv, cu, s_count, ctx, t, n, d)?,
             } // ctx [T, H]
             self.linear(&mut st.gemms, &st.ctx, &blk.dense, &mut st.y, t, h, h)?; // [T, H]
-            k.add_layernorm(
-                s,
-                &mut st.x,
-                Some(&st.y),
-                &blk.ln2.w,
-                &blk.ln2.b,
-                &mut st.a,
-                t,
-                h,
-                eps,
-            )?; // x += y; a = LN2(x)
+            add_layernorm(&mut st.x, &st.y, &blk.ln2, &mut st.a)?; // x += y; a = LN2(x)
             self.linear(&mut st.gemms, &st.a, &blk.fc1, &mut st.m, t, h, f)?; // [T, F]
-            k.bias_gelu(s, &mut st.m, &blk.fc1_b, t)?; // m = gelu(m + b1)
+            if vec {
+                k.bias_gelu_vec(s, &mut st.m, &blk.fc1_b, t)?; // m = gelu(m + b1)
+            } else {
+                k.bias_gelu(s, &mut st.m, &blk.fc1_b, t)?;
+            }
             self.linear(&mut st.gemms, &st.m, &blk.fc2, &mut st.y, t, f, h)?; // [T, H]
             if let Some(next) = self.blocks.get(l + 1) {
-                k.add_layernorm(
-                    s,
-                    &mut st.x,
-                    Some(&st.y),
-                    &next.ln1.w,
-                    &next.ln1.b,
-                    &mut st.a,
-                    t,
-                    h,
-                    eps,
-                )?; // x += y; a = LN1'(x)
+                add_layernorm(&mut st.x, &st.y, &next.ln1, &mut st.a)?; // x += y; a = LN1'(x)
                 look(l + 1, &st.x)?;
             }
         }
-        // x + y of the last block, LN_f, weighted mean: [S, H]
-        k.final_norm_pool(
-            s,
-            &st.x,
-            Some(&st.y), // the last block's MLP output (the config guarantees L ≥ 1)
-            &self.ln_f.w,
-            &self.ln_f.b,
-            &st.cu,
-            s_count,
-            t,
-            &mut st.stats,
-            &mut st.out,
-            h,
-            eps,
-        )?;
+        // x + y of the last block (the config guarantees L ≥ 1), LN_f, weighted mean: [S, H]
+        let ln_f = (&self.ln_f.w, &self.ln_f.b);
+        let (cu, stats, out) = (&st.cu, &mut st.stats, &mut st.out);
+        if vec {
+            k.final_norm_pool_vec(s, &st.x, &st.y, ln_f, cu, s_count, t, stats, out, h, eps)?;
+        } else {
+            let (w, b) = ln_f;
+            k.final_norm_pool(
+                s,
+                &st.x,
+                Some(&st.y),
+                w,
+                b,
+                cu,
+                s_count,
+                t,
+                stats,
+                out,
+                h,
+                eps,
+            )?;
+        }
         Ok(())
     }
 

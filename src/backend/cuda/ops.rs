@@ -90,6 +90,54 @@ fn grid_stride(n: usize) -> LaunchConfig {
     }
 }
 
+/// The shape of a `vec` row kernel's block for rows of `h` values, or None where the `vec`
+/// kernels do not apply (h not a multiple of 8, or over 8 chunks of 8 per thread of 256):
+/// (C, threads) with C the fewest chunks of 8 per thread out of 1, 2, 4, 8 that lets ≤ 256
+/// threads cover the row, and threads the next multiple of 32 (block_sum needs whole warps).
+pub fn vec_rows(h: usize) -> Option<(usize, u32)> {
+    if h == 0 || !h.is_multiple_of(8) {
+        return None;
+    }
+    let chunks = h / 8;
+    let c = [1usize, 2, 4, 8]
+        .into_iter()
+        .find(|c| chunks.div_ceil(*c) <= ROW_THREADS as usize)?;
+    Some((c, (chunks.div_ceil(c).next_multiple_of(32)) as u32))
+}
+
+/// One block of [`vec_rows`] threads per row; (config, C).
+fn vec_row_launch(rows: usize, h: usize, what: &str) -> Result<(LaunchConfig, usize)> {
+    let (c, threads) = vec_rows(h).ok_or_else(|| {
+        Error::Cuda(format!(
+            "{what}: hidden size {h} is not a multiple of 8 of at most {}",
+            8 * 8 * ROW_THREADS
+        ))
+    })?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_x(rows, what)?, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((cfg, c))
+}
+
+/// A grid's x dimension: at least 1 (checked by the caller) and at most 2^31 − 1 blocks.
+fn grid_x(n: usize, what: &str) -> Result<u32> {
+    check(n > 0 && n < 1 << 31, || format!("{what}: {n} blocks"))?;
+    Ok(n as u32)
+}
+
+/// The `vec` kernels' 16-byte accesses need 16-byte-aligned buffers (cudaMalloc gives 256).
+fn check_aligned16<T, U>(
+    s: &Arc<CudaStream>,
+    what: &str,
+    act: &[&CudaSlice<T>],
+    f32s: &[&CudaSlice<U>],
+) -> Result<()> {
+    let ok = act.iter().all(|b| aligned(s, b, 16)) && f32s.iter().all(|b| aligned(s, b, 16));
+    check(ok, || format!("{what}: a buffer is not 16-byte aligned"))
+}
+
 fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond {
         Ok(())
@@ -949,6 +997,214 @@ impl Kernels {
         .map_err(|e| err("final_pool", e))
     }
 
+    // ---- `--row-kernels vec` (on trial: never run on a GPU) -----------------------------------
+
+    /// `embedding_layernorm_vec<C>_<T>(const u32* ids, const T* emb, const float* we,
+    ///  const float* be, const float* w1, const float* b1, float* x, T* a, int H, float eps)` —
+    /// x[T, H] = LN_emb(emb[ids]) and a[T, H] = LN_1(x): the embedding layernorm with the first
+    /// block's input layernorm fused in. H must suit [`vec_rows`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding_layernorm_vec<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        ids: &CudaSlice<u32>,
+        emb: &CudaSlice<T>,
+        (we, be): (&CudaSlice<f32>, &CudaSlice<f32>),
+        (w1, b1): (&CudaSlice<f32>, &CudaSlice<f32>),
+        x: &mut CudaSlice<f32>,
+        a: &mut CudaSlice<T>,
+        tokens: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let (cfg, c) = vec_row_launch(tokens, h, "embedding_layernorm_vec")?;
+        check(
+            ids.len() >= tokens && x.len() >= tokens * h && a.len() >= tokens * h,
+            || "embedding_layernorm_vec: buffers too small".into(),
+        )?;
+        check(
+            [we, be, w1, b1].iter().all(|v| v.len() == h) && emb.len().is_multiple_of(h),
+            || "embedding_layernorm_vec: bad weight sizes".into(),
+        )?;
+        check_aligned16(
+            s,
+            "embedding_layernorm_vec",
+            &[emb, &*a],
+            &[we, be, w1, b1, &*x],
+        )?;
+        let name = format!("embedding_layernorm_vec{c}_{}", T::SUFFIX);
+        let (hi, f) = (h as i32, self.get(&name)?);
+        // SAFETY: sizes and alignment checked above (ids < V by PackedBatch::validate);
+        // arguments in the order of the signature.
+        unsafe {
+            s.launch_builder(f)
+                .arg(ids)
+                .arg(emb)
+                .arg(we)
+                .arg(be)
+                .arg(w1)
+                .arg(b1)
+                .arg(x)
+                .arg(a)
+                .arg(&hi)
+                .arg(&eps)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(|e| err("embedding_layernorm_vec", e))
+    }
+
+    /// `add_layernorm_vec<C>_<T>(float* x, const T* y, const float* w, const float* b, T* a,
+    ///  int H, float eps)` — x += y, a = LN(x); rows = tokens. H must suit [`vec_rows`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_layernorm_vec<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        x: &mut CudaSlice<f32>,
+        y: &CudaSlice<T>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        a: &mut CudaSlice<T>,
+        tokens: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let (cfg, c) = vec_row_launch(tokens, h, "add_layernorm_vec")?;
+        let n = tokens * h;
+        check(x.len() >= n && a.len() >= n && y.len() >= n, || {
+            "add_layernorm_vec: buffers too small".into()
+        })?;
+        check(w.len() == h && b.len() == h, || {
+            "add_layernorm_vec: bad weight sizes".into()
+        })?;
+        check_aligned16(s, "add_layernorm_vec", &[y, &*a], &[w, b, &*x])?;
+        let (hi, f) = (
+            h as i32,
+            self.get(&format!("add_layernorm_vec{c}_{}", T::SUFFIX))?,
+        );
+        // SAFETY: sizes and alignment checked above; argument order as in the signature.
+        unsafe {
+            s.launch_builder(f)
+                .arg(x)
+                .arg(y)
+                .arg(w)
+                .arg(b)
+                .arg(a)
+                .arg(&hi)
+                .arg(&eps)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(|e| err("add_layernorm_vec", e))
+    }
+
+    /// `bias_gelu_vec_<T>(T* m, const float* b, int F)` — m = gelu(m + b) in place, m [T, F],
+    /// F = b.len() a multiple of 8.
+    pub fn bias_gelu_vec<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        m: &mut CudaSlice<T>,
+        b: &CudaSlice<f32>,
+        tokens: usize,
+    ) -> Result<()> {
+        let f_dim = b.len();
+        check(
+            tokens > 0 && f_dim.is_multiple_of(8) && m.len() >= tokens * f_dim,
+            || format!("bias_gelu_vec: {tokens} rows of {f_dim} (a multiple of 8) do not fit"),
+        )?;
+        check_aligned16(s, "bias_gelu_vec", &[&*m], &[b])?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid_x(tokens, "bias_gelu_vec")?,
+                (f_dim / 8).div_ceil(ROW_THREADS as usize) as u32,
+                1,
+            ),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (fi, f) = (
+            f_dim as i32,
+            self.get(&format!("bias_gelu_vec_{}", T::SUFFIX))?,
+        );
+        // SAFETY: tokens·F elements of m exist, b has F; order as in the signature.
+        unsafe { s.launch_builder(f).arg(m).arg(b).arg(&fi).launch(cfg) }
+            .map(drop)
+            .map_err(|e| err("bias_gelu_vec", e))
+    }
+
+    /// `final_norm_stats_vec<C>_<T>(const float* x, const T* y, float* stats, int H,
+    ///  float eps)` then `final_pool_vec_<T>(const float* x, const T* y, const float* w,
+    ///  const float* b, const int* cu_seqlens, const float* stats, float* out, int H)` — out[S,
+    /// H], the weighted mean of LN_f(x + y) per sequence; `stats` [T, 2] is scratch. H must suit
+    /// [`vec_rows`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn final_norm_pool_vec<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        x: &CudaSlice<f32>,
+        y: &CudaSlice<T>,
+        (w, b): (&CudaSlice<f32>, &CudaSlice<f32>),
+        cu_seqlens: &CudaSlice<i32>,
+        seqs: usize,
+        tokens: usize,
+        stats: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let (stats_cfg, c) = vec_row_launch(tokens, h, "final_norm_pool_vec")?;
+        check(
+            seqs > 0 && cu_seqlens.len() > seqs && out.len() >= seqs * h,
+            || "final_norm_pool_vec: buffers too small".into(),
+        )?;
+        check(
+            x.len() >= tokens * h && y.len() >= tokens * h && stats.len() >= 2 * tokens,
+            || "final_norm_pool_vec: inputs too small".into(),
+        )?;
+        check(w.len() == h && b.len() == h, || {
+            "final_norm_pool_vec: bad weight sizes".into()
+        })?;
+        check_aligned16(s, "final_norm_pool_vec", &[y], &[x])?;
+        let hi = h as i32;
+        let f = self.get(&format!("final_norm_stats_vec{c}_{}", T::SUFFIX))?;
+        // SAFETY: sizes and alignment checked; order as in the signature.
+        unsafe {
+            s.launch_builder(f)
+                .arg(x)
+                .arg(y)
+                .arg(&mut *stats)
+                .arg(&hi)
+                .arg(&eps)
+                .launch(stats_cfg)
+        }
+        .map_err(|e| err("final_norm_stats_vec", e))?;
+        let pool_cfg = LaunchConfig {
+            grid_dim: (
+                grid_x(seqs, "final_pool_vec")?,
+                h.div_ceil(256) as u32, // 32 threads × 8 columns per block
+                1,
+            ),
+            block_dim: (32, 8, 1), // the kernel's header: 8 token lanes of 32 column chunks
+            shared_mem_bytes: 0,
+        };
+        let f = self.get(&format!("final_pool_vec_{}", T::SUFFIX))?;
+        // SAFETY: sizes checked; order as in the signature.
+        unsafe {
+            s.launch_builder(f)
+                .arg(x)
+                .arg(y)
+                .arg(w)
+                .arg(b)
+                .arg(cu_seqlens)
+                .arg(&*stats)
+                .arg(out)
+                .arg(&hi)
+                .launch(pool_cfg)
+        }
+        .map(drop)
+        .map_err(|e| err("final_pool_vec", e))
+    }
+
     /// `fp8_quantize_rows_<S>(const S* x, unsigned char* q, float* s, int n)` — each row r of
     /// x [rows, n] rounded to E4M3 codes q [rows, n] with its own scale s[r] = max(amax / 448,
     /// FLT_MIN): `fp8::quantize(x, n, ActScale::PerToken)` of the CPU emulation, bit for bit.
@@ -1098,6 +1354,39 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vec row kernels' blocks: every chunk of 8 owned by exactly one (thread, step), whole
+    /// warps, ≤ 256 threads, the fewest steps; sizes they cannot take are None.
+    #[test]
+    fn vec_rows_cover_each_chunk_once() {
+        for h in (8..=16384).step_by(8) {
+            let (c, threads) = vec_rows(h).unwrap();
+            let (chunks, nt) = (h / 8, threads as usize);
+            assert!(
+                nt.is_multiple_of(32) && nt <= 256 && [1, 2, 4, 8].contains(&c),
+                "{h}"
+            );
+            assert!(
+                c == 1 || chunks.div_ceil(c / 2) > 256,
+                "H {h}: fewer steps would do"
+            );
+            // thread i, step k owns chunk k·NT + i: the kernels' chunk_start / 8
+            let mut owned = vec![0u8; chunks];
+            for k in 0..c {
+                for i in 0..nt {
+                    if let Some(o) = owned.get_mut(k * nt + i) {
+                        *o += 1;
+                    }
+                }
+            }
+            assert!(owned.iter().all(|&o| o == 1), "H {h}: C {c}, {nt} threads");
+        }
+        for h in [0, 4, 33, 1025, 16392, 1 << 20] {
+            assert_eq!(vec_rows(h), None, "{h}");
+        }
+        assert_eq!(vec_rows(4096), Some((2, 256))); // bloom-7b1
+        assert_eq!(vec_rows(1024), Some((1, 128))); // bloom-560m
+    }
 
     /// Version 4's grid bounds its true tile count for every batch (a block too few would leave
     /// a tile of queries unwritten), and is exact for a batch of equal lengths.
