@@ -88,8 +88,6 @@ __device__ void embedding_layernorm_vec(const u32* __restrict__ ids, const T* __
 EMBEDDING_LAYERNORM_VEC(1, f16, __half)
 EMBEDDING_LAYERNORM_VEC(2, f16, __half)
 EMBEDDING_LAYERNORM_VEC(4, f16, __half)
-EMBEDDING_LAYERNORM_VEC(8, f16, __half)
 EMBEDDING_LAYERNORM_VEC(1, bf16, __nv_bfloat16)
 EMBEDDING_LAYERNORM_VEC(2, bf16, __nv_bfloat16)
 EMBEDDING_LAYERNORM_VEC(4, bf16, __nv_bfloat16)
-EMBEDDING_LAYERNORM_VEC(8, bf16, __nv_bfloat16)

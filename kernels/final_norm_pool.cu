@@ -17,7 +17,8 @@
 //   16 sequences, 3.4 ms at bloom-7b1 shape on an H200 (docs/device-runs/).
 // Numerics: f32 throughout; the weighted sum accumulates in f32 (≤ 300 rows of O(1) values).
 //
-// The `vec` pair (`--row-kernels vec`, on trial: never run on a GPU), H % 8 == 0, 16-byte loads:
+// The `vec` pair (`--row-kernels vec`, on trial: never run on a GPU), H % 8 == 0, y required
+// (the forward always has the last block's output), 16-byte loads:
 //   final_norm_stats_vec<C>_<T>: the row in registers (common.cuh "Register-resident rows"),
 //     grid (T), block NT = 32·⌈H/(8·C·32)⌉ ≤ 256, no dynamic shared memory;
 //   final_pool_vec_<T>: grid (S, ⌈H/256⌉), block (32, 8): thread (tx, ty) owns the 8 columns
@@ -84,20 +85,19 @@ __device__ void final_norm_stats_vec(const float* __restrict__ x, const T* __res
                                      float* __restrict__ stats, int H, float eps) {
     __shared__ float scratch[32];
     const long base = (long)blockIdx.x * H;
-    float v[C][8], r[C][8];
+    float v[C][8] = {}, r[C][8] = {};  // zeros outside the row: the statistics need them
 #pragma unroll
     for (int c = 0; c < C; ++c) {
         const int i = chunk_start(c);
         if (i < H) {
             load8(x + base + i, v[c]);
-            if (y != nullptr) load8(y + base + i, r[c]);
+            load8(y + base + i, r[c]);
         }
     }
 #pragma unroll
     for (int c = 0; c < C; ++c)
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
-            v[c][j] = chunk_start(c) < H ? v[c][j] + (y != nullptr ? r[c][j] : 0.f) : 0.f;
+        for (int j = 0; j < 8; ++j) v[c][j] += r[c][j];
     float mean, rstd;
     reg_row_stats<C>(v, H, eps, scratch, mean, rstd);
     if (threadIdx.x == 0) {
@@ -111,7 +111,7 @@ __device__ void final_pool_vec(const float* __restrict__ x, const T* __restrict_
                                const float* __restrict__ w, const float* __restrict__ b,
                                const int* __restrict__ cu_seqlens, const float* __restrict__ stats,
                                float* __restrict__ out, int H) {
-    __shared__ float part[8][8][32];  // [ty][column within the chunk][tx]: conflict-free
+    __shared__ float part[8][8][32];  // [ty][column within the chunk][tx]: conflict-free writes
     const int s = blockIdx.x, tx = threadIdx.x, ty = threadIdx.y;
     const int c0 = (blockIdx.y * 32 + tx) * 8;
     const int start = cu_seqlens[s], n = cu_seqlens[s + 1] - start;
@@ -122,11 +122,9 @@ __device__ void final_pool_vec(const float* __restrict__ x, const T* __restrict_
             const long t = start + j, k = t * H + c0;
             float v[8], r[8];
             load8(x + k, v);
-            if (y != nullptr) {
-                load8(y + k, r);
+            load8(y + k, r);
 #pragma unroll
-                for (int q = 0; q < 8; ++q) v[q] += r[q];
-            }
+            for (int q = 0; q < 8; ++q) v[q] += r[q];
             const float mu = stats[2 * t], rs = stats[2 * t + 1], wj = (float)(j + 1);
 #pragma unroll
             for (int q = 0; q < 8; ++q) acc[q] += wj * ((v[q] - mu) * rs);
@@ -153,11 +151,9 @@ __device__ void final_pool_vec(const float* __restrict__ x, const T* __restrict_
 FINAL_NORM_STATS_VEC(1, f16, __half)
 FINAL_NORM_STATS_VEC(2, f16, __half)
 FINAL_NORM_STATS_VEC(4, f16, __half)
-FINAL_NORM_STATS_VEC(8, f16, __half)
 FINAL_NORM_STATS_VEC(1, bf16, __nv_bfloat16)
 FINAL_NORM_STATS_VEC(2, bf16, __nv_bfloat16)
 FINAL_NORM_STATS_VEC(4, bf16, __nv_bfloat16)
-FINAL_NORM_STATS_VEC(8, bf16, __nv_bfloat16)
 extern "C" __global__ void final_pool_vec_f16(const float* x, const __half* y, const float* w,
                                               const float* b, const int* cu_seqlens,
                                               const float* stats, float* out, int H) {

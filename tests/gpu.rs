@@ -207,10 +207,10 @@ fn layernorms_match_cpu() {
 }
 
 /// Hidden sizes for the `vec` row kernels (multiples of 8): one chunk per thread with a
-/// partial warp (8, 264), 1, 2, 4 and 8 chunks per thread with whole and partial blocks
-/// (1024 and 4096 at 128/256 threads; 2056: 2 chunks, 160 threads; 8200: 8 chunks, 160
-/// threads; 16384: 8 chunks, 256 threads — the largest `vec_rows` takes).
-const VEC_HIDDEN: [usize; 7] = [8, 264, 1024, 2056, 4096, 8200, 16384];
+/// partial warp (8, 264), 1, 2 and 4 chunks per thread with whole and partial blocks (1024 and
+/// 4096 at 128/256 threads; 2056: 2 chunks, 160 threads; 6144: 4 chunks, 192 threads; 8192:
+/// 4 chunks, 256 threads — the largest `vec_rows` takes).
+const VEC_HIDDEN: [usize; 7] = [8, 264, 1024, 2056, 4096, 6144, 8192];
 
 /// The `vec` layernorms (on trial) against the CPU: add_layernorm_vec, and the embedding
 /// layernorm with the first block's input layernorm fused in. Same bars as version 1: x in f32
@@ -487,7 +487,8 @@ fn gelu_and_pool_vec<T: Act>(g: &Gpu) {
             tl,
         );
     }
-    for h in [8usize, 264, 1024, 4096] {
+    // every chunk count of the statistics kernel, whole and partial blocks (VEC_HIDDEN)
+    for h in [8usize, 264, 1024, 2056, 4096, 6144] {
         // ragged: lengths 1, 33, 2, 300 and 9 (a token lane with none, lanes with one)
         let cu = [0usize, 1, 34, 36, 336, 345];
         let (seqs, t) = (cu.len() - 1, cu[cu.len() - 1]);

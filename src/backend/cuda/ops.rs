@@ -91,15 +91,17 @@ fn grid_stride(n: usize) -> LaunchConfig {
 }
 
 /// The shape of a `vec` row kernel's block for rows of `h` values, or None where the `vec`
-/// kernels do not apply (h not a multiple of 8, or over 8 chunks of 8 per thread of 256):
-/// (C, threads) with C the fewest chunks of 8 per thread out of 1, 2, 4, 8 that lets ≤ 256
-/// threads cover the row, and threads the next multiple of 32 (block_sum needs whole warps).
+/// kernels do not apply (h not a multiple of 8, or over 4 chunks of 8 per thread of 256, i.e.
+/// h > 8192: 8 chunks took 156-172 registers and a third of the kernels' compile time for
+/// sizes no SGPT model has): (C, threads) with C the fewest chunks of 8 per thread out of 1,
+/// 2, 4 that lets ≤ 256 threads cover the row, and threads the next multiple of 32 (block_sum
+/// needs whole warps).
 pub fn vec_rows(h: usize) -> Option<(usize, u32)> {
     if h == 0 || !h.is_multiple_of(8) {
         return None;
     }
     let chunks = h / 8;
-    let c = [1usize, 2, 4, 8]
+    let c = [1usize, 2, 4]
         .into_iter()
         .find(|c| chunks.div_ceil(*c) <= ROW_THREADS as usize)?;
     Some((c, (chunks.div_ceil(c).next_multiple_of(32)) as u32))
@@ -110,7 +112,7 @@ fn vec_row_launch(rows: usize, h: usize, what: &str) -> Result<(LaunchConfig, us
     let (c, threads) = vec_rows(h).ok_or_else(|| {
         Error::Cuda(format!(
             "{what}: hidden size {h} is not a multiple of 8 of at most {}",
-            8 * 8 * ROW_THREADS
+            4 * 8 * ROW_THREADS
         ))
     })?;
     let cfg = LaunchConfig {
@@ -1359,11 +1361,11 @@ mod tests {
     /// warps, ≤ 256 threads, the fewest steps; sizes they cannot take are None.
     #[test]
     fn vec_rows_cover_each_chunk_once() {
-        for h in (8..=16384).step_by(8) {
+        for h in (8..=8192).step_by(8) {
             let (c, threads) = vec_rows(h).unwrap();
             let (chunks, nt) = (h / 8, threads as usize);
             assert!(
-                nt.is_multiple_of(32) && nt <= 256 && [1, 2, 4, 8].contains(&c),
+                nt.is_multiple_of(32) && nt <= 256 && [1, 2, 4].contains(&c),
                 "{h}"
             );
             assert!(
@@ -1381,7 +1383,7 @@ mod tests {
             }
             assert!(owned.iter().all(|&o| o == 1), "H {h}: C {c}, {nt} threads");
         }
-        for h in [0, 4, 33, 1025, 16392, 1 << 20] {
+        for h in [0, 4, 33, 1025, 8200, 16384, 1 << 20] {
             assert_eq!(vec_rows(h), None, "{h}");
         }
         assert_eq!(vec_rows(4096), Some((2, 256))); // bloom-7b1
