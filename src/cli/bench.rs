@@ -225,15 +225,15 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         Some(ctx) => {
             let s = ctx.default_stream();
             use sgpt::backend::cuda::bench as cb;
-            // The share of the blocks (all the same size) whose GEMMs run in FP8.
             let fp8_share = fp8_block_share(a.engine.gpu_dtype(), &st.cfg);
             let gemm = match a.engine.gpu_dtype() {
                 GpuDtype::F16 => cb::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
                 GpuDtype::Bf16 => cb::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
                 // The E4M3 product alone: the ceiling of the four GEMMs that run in FP8.
                 GpuDtype::Fp8 => cb::fp8_gemm_rate(&s, 16384, h, 4 * h)?,
-                // Half the blocks at each rate: the rate of that mix, where each FLOP takes
-                // 1/rate of its kind (the ceiling if each GEMM ran at its own ceiling).
+                // fp8_share of the FLOPs at the FP8 rate, the rest at f16's: the rate of that
+                // mix, each FLOP taking 1/rate of its kind (the ceiling if each GEMM ran at its
+                // own).
                 GpuDtype::Fp8Alternate => {
                     let fp8 = cb::fp8_gemm_rate(&s, 16384, h, 4 * h)?;
                     let f16 = cb::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?;
