@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use sgpt::backend::batch::PackedBatch;
+use sgpt::backend::cpu::fp8::Fp8Blocks::{All, Alternate};
 use sgpt::backend::cpu::fp8::{decode_codes, quantize, ActScale, Fp8Linear};
 use sgpt::backend::cpu::linear::{linear, LinearKernel};
 use sgpt::backend::cpu::model::Proj;
@@ -100,8 +101,17 @@ enum Variant {
     F32Ends,
     /// Per-token in the MLP only (FC1, FC2: 2/3 of the GEMM FLOPs); QKV and dense in f32.
     MlpOnly,
-    /// Per-token in every other block (odd ones), the rest f32.
-    HalfBlocks,
+    /// `--dtype fp8-alternate`: per-token in every other block (the odd ones, by the engine's
+    /// own rule, `Fp8Blocks::Alternate`), the rest f32. Also accepted as `half-blocks`, its
+    /// name in the study's first runs.
+    #[value(name = "fp8-alternate", alias = "half-blocks")]
+    Fp8Alternate,
+    /// `--dtype fp8` as the GPU path holds it: every GEMM input and output rounded to f16 (the
+    /// GPU's f16 activations), the residual stream f32. Also printed: its cosine to per-token.
+    PerTokenF16,
+    /// `--dtype fp8-alternate` likewise, its f32 blocks with f16 weights and biases (the f16
+    /// engine's GEMMs). Also printed: its cosine to fp8-alternate.
+    Fp8AlternateF16,
     /// Per-token, each bias corrected by the weights' rounding error times the mean GEMM input
     /// of the f32 forward over calibration texts (other texts than those measured).
     BiasCorrected,
@@ -170,6 +180,33 @@ fn bf16_round(v: &[f32]) -> Vec<f32> {
 impl LinearKernel for Bf16Both {
     fn forward(&self, x: &[f32], b: &[f32], out: &mut [f32], accumulate: bool) {
         linear(&bf16_round(x), &self.w, b, out, accumulate)
+    }
+}
+
+fn f16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+}
+
+/// A linear layer with f16 between the ops, as on the GPU: the input rounded to f16 before the
+/// product, the output (bias included) rounded after it, then added to the f32 residual when
+/// accumulating; the bias rounded to f16 too when `f16_bias` (16-bit layers hold it in f16).
+struct F16Io {
+    inner: Box<dyn LinearKernel>,
+    f16_bias: bool,
+}
+
+impl LinearKernel for F16Io {
+    fn forward(&self, x: &[f32], b: &[f32], out: &mut [f32], accumulate: bool) {
+        let b = if self.f16_bias {
+            f16_round(b)
+        } else {
+            b.to_vec()
+        };
+        let mut y = vec![0f32; out.len()];
+        self.inner.forward(&f16_round(x), &b, &mut y, false);
+        for (o, y) in out.iter_mut().zip(f16_round(&y)) {
+            *o = if accumulate { *o + y } else { y };
+        }
     }
 }
 
@@ -308,12 +345,34 @@ fn load(
         Variant::F32Fc2 => p == Proj::Fc2,
         Variant::F32Ends => l == 0 || l == last,
         Variant::MlpOnly => p == Proj::Qkv || p == Proj::Dense,
-        Variant::HalfBlocks => l.is_multiple_of(2),
         _ => false,
     };
     let r = match v {
-        Variant::PerToken => CpuModel::load_fp8(ckpt, cfg, ActScale::PerToken, &|_, _| {}),
-        Variant::PerTensor => CpuModel::load_fp8(ckpt, cfg, ActScale::PerTensor, &|_, _| {}),
+        Variant::PerToken => CpuModel::load_fp8(ckpt, cfg, ActScale::PerToken, All, &|_, _| {}),
+        Variant::PerTensor => CpuModel::load_fp8(ckpt, cfg, ActScale::PerTensor, All, &|_, _| {}),
+        // Exactly what the engine loads for `--device cpu --dtype fp8-alternate`.
+        Variant::Fp8Alternate => {
+            CpuModel::load_fp8(ckpt, cfg, ActScale::PerToken, Alternate, &|_, _| {})
+        }
+        Variant::PerTokenF16 | Variant::Fp8AlternateF16 => {
+            let blocks = if v == Variant::PerTokenF16 {
+                All
+            } else {
+                Alternate
+            };
+            load_with(ckpt, cfg, "f16 between ops", &move |l, _, w, n_out| {
+                let fp8 = blocks.covers(l);
+                let inner: Box<dyn LinearKernel> = if fp8 {
+                    Box::new(Fp8Linear::new(&w, n_out, ActScale::PerToken))
+                } else {
+                    Box::new(WeightsOnly { w: f16_round(&w) })
+                };
+                Box::new(F16Io {
+                    inner,
+                    f16_bias: !fp8,
+                })
+            })
+        }
         Variant::WeightsOnly => load_with(ckpt, cfg, "w8", &|_, _, w, n_out| {
             let (codes, s) = quantize(&w, w.len() / n_out, ActScale::PerToken);
             let mut w = decode_codes(&codes);
@@ -579,10 +638,34 @@ fn study(
     }
     println!("| variant | min cosine | mean cosine | worst text (ids) | min cosine, other channels | min cosine of the pooled states after blocks 1..L-1, then of the embeddings | s |");
     println!("|---|---|---|---|---|---|---|");
+    // Embeddings of the variants run so far, and the lines comparing an f16 variant with its
+    // counterpart (printed after the table).
+    let mut done: Vec<(Variant, Vec<f32>)> = Vec::new();
+    let mut versus = Vec::new();
     for &v in &a.variants {
         let model = load(v, ckpt, cfg, means.as_ref());
         let (got, secs) = run(&model, batch);
         drop(model);
+        let counterpart = match v {
+            Variant::PerTokenF16 => Some(Variant::PerToken),
+            Variant::Fp8AlternateF16 => Some(Variant::Fp8Alternate),
+            _ => None,
+        };
+        let name = |v: Variant| v.to_possible_value().unwrap().get_name().to_string();
+        if let Some((c, other)) = counterpart.and_then(|c| done.iter().find(|(d, _)| *d == c)) {
+            let last = got.last().unwrap();
+            let to_other = per_text(last, other, h, &[]);
+            let worst = |c: &[f64]| c.iter().map(|c| 1.0 - c).fold(0.0, f64::max);
+            let (mine, theirs) = (per_text(last, e, h, &[]), per_text(other, e, h, &[]));
+            versus.push(format!(
+                "| {} vs {} | {:.6} | {:.2} |",
+                name(v),
+                name(*c),
+                to_other.iter().copied().fold(f64::INFINITY, f64::min),
+                worst(&mine) / worst(&theirs)
+            ));
+        }
+        done.push((v, got.last().unwrap().clone()));
         let c = per_text(got.last().unwrap(), e, h, &[]);
         let min = c.iter().copied().fold(f64::INFINITY, f64::min);
         let mean = c.iter().sum::<f64>() / c.len() as f64;
@@ -604,9 +687,14 @@ fn study(
             .collect();
         println!(
             "| {} | {min:.6} | {mean:.6} | {worst_len} | {other} | {} | {secs:.1} |",
-            v.to_possible_value().unwrap().get_name(),
+            name(v),
             per_block.join(" ")
         );
+    }
+    if !versus.is_empty() {
+        println!("\n| f16 between ops vs without | min cosine between the two | worst 1 − cosine to f32, ratio |");
+        println!("|---|---|---|");
+        versus.iter().for_each(|l| println!("{l}"));
     }
 }
 

@@ -724,6 +724,8 @@ fn the_cache_misses_whenever_the_engine_or_model_changes() {
     let engines = [
         ("cuda f16", gpu("f16", k)),
         ("cuda bf16", gpu("bf16", k)),
+        ("cuda fp8", gpu("fp8", k)),
+        ("cuda fp8-alternate", gpu("fp8-alternate", k)),
         (
             "another GPU",
             BackendInfo {

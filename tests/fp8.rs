@@ -1,14 +1,14 @@
-//! The FP8 emulation (`--device cpu --dtype fp8`, docs/fp8.md): its forward against an
-//! independent reference, end to end through the binary, and the options around it.
+//! The FP8 emulation (`--device cpu --dtype fp8` and `fp8-alternate`, docs/fp8.md): its forward
+//! against an independent reference, end to end through the binary, and the options around it.
 //! The E4M3 rounding itself is tested in `src/backend/cpu/fp8.rs`.
 
 mod common;
 
 use std::process::{Command, Output};
 
-use common::{cosine, parse_jsonl, root, tiny_model};
+use common::{cosine, parse_jsonl, root, tiny_b_model, tiny_model};
 use sgpt::backend::batch::PackedBatch;
-use sgpt::backend::cpu::fp8::ActScale;
+use sgpt::backend::cpu::fp8::{ActScale, Fp8Blocks};
 use sgpt::backend::cpu::linear::LinearKernel;
 use sgpt::backend::cpu::CpuModel;
 use sgpt::backend::cuda::device::GpuDtype;
@@ -165,7 +165,7 @@ fn emulation_matches_an_independent_reference() {
     let (ckpt, cfg) = (&e.model.checkpoint, &e.model.config);
     let f32_model = CpuModel::load(ckpt, cfg).unwrap();
     let none = &|_, _| {};
-    let fp8 = CpuModel::load_fp8(ckpt, cfg, ActScale::PerToken, none).unwrap();
+    let fp8 = CpuModel::load_fp8(ckpt, cfg, ActScale::PerToken, Fp8Blocks::All, none).unwrap();
     let reference = CpuModel::load_with(
         ckpt,
         cfg,
@@ -174,7 +174,8 @@ fn emulation_matches_an_independent_reference() {
         none,
     )
     .unwrap();
-    let per_tensor = CpuModel::load_fp8(ckpt, cfg, ActScale::PerTensor, none).unwrap();
+    let per_tensor =
+        CpuModel::load_fp8(ckpt, cfg, ActScale::PerTensor, Fp8Blocks::All, none).unwrap();
     let (a, r, f, t) = (
         fp8.embed(&batch).unwrap(),
         reference.embed(&batch).unwrap(),
@@ -212,6 +213,88 @@ fn emulation_matches_an_independent_reference() {
     );
 }
 
+/// The largest |x − y| over the elements: (index, x, y).
+fn worst_element(x: &[f32], y: &[f32]) -> (usize, f32, f32) {
+    let i = (0..x.len())
+        .max_by(|&i, &j| (x[i] - y[i]).abs().total_cmp(&(x[j] - y[j]).abs()))
+        .unwrap_or(0);
+    (i, x[i], y[i])
+}
+
+/// `--dtype fp8-alternate` (FP8 in the blocks of odd index, f32 in the others) agrees with the
+/// same forward built here from the test's own statement of the rule: the reference FP8 linear
+/// above in blocks 1, 3, …, the plain f32 product in blocks 0, 2, …. On sgpt-tiny (2 blocks) and
+/// tiny-b (3 blocks: f32, FP8, f32, so FP8 in every block, in the last one only or in all but
+/// the first would each fail).
+#[test]
+fn alternate_emulation_matches_the_reference_in_odd_blocks() {
+    for model in [tiny_model(), tiny_b_model()] {
+        let e = Embedder::open(&model, Device::Cpu).unwrap();
+        let ids: Vec<Vec<u32>> = e
+            .encode(&texts())
+            .unwrap()
+            .into_iter()
+            .map(|s| s.ids)
+            .collect();
+        let batch = PackedBatch::from_seqs(&ids);
+        let (ckpt, cfg) = (&e.model.checkpoint, &e.model.config);
+        let none = &|_, _| {};
+        let alt =
+            CpuModel::load_fp8(ckpt, cfg, ActScale::PerToken, Fp8Blocks::Alternate, none).unwrap();
+        let reference = CpuModel::load_with(
+            ckpt,
+            cfg,
+            "reference",
+            &|l, _, w, n_out| -> Box<dyn LinearKernel> {
+                if l % 2 == 1 {
+                    Box::new(Reference::new(&w, n_out))
+                } else {
+                    Box::new(w)
+                }
+            },
+            none,
+        )
+        .unwrap();
+        let all = CpuModel::load_fp8(ckpt, cfg, ActScale::PerToken, Fp8Blocks::All, none).unwrap();
+        let f32_model = CpuModel::load(ckpt, cfg).unwrap();
+        let (a, r, f, q) = (
+            alt.embed(&batch).unwrap(),
+            reference.embed(&batch).unwrap(),
+            f32_model.embed(&batch).unwrap(),
+            all.embed(&batch).unwrap(),
+        );
+        let h = cfg.hidden;
+        let worst = |x: &[f32], y: &[f32]| -> f64 {
+            x.chunks(h)
+                .zip(y.chunks(h))
+                .map(|(p, q)| 1.0 - cosine(p, q))
+                .fold(0.0, f64::max)
+        };
+        let (vs_ref, vs_f32, vs_all) = (worst(&a, &r), worst(&a, &f), worst(&a, &q));
+        let (i, got, want) = worst_element(&a, &r);
+        let name = model.file_name().unwrap().to_string_lossy().into_owned();
+        let (layers, fp8) = (cfg.layers, Fp8Blocks::Alternate.count(cfg.layers));
+        println!(
+            "{name} ({fp8} of {layers} blocks in FP8), 1 − cosine, worst text: fp8-alternate vs \
+             reference {vs_ref:.2e} (worst element {i}: {got} vs {want}), vs f32 {vs_f32:.2e}, \
+             vs fp8 {vs_all:.2e}"
+        );
+        // The bars of the all-FP8 test above, for the same reason: the two sides differ only by
+        // f32 against f64 sums in the FP8 blocks, which can flip an E4M3 rounding and move one
+        // element by a whole E4M3 step (max |Δ| ≈ 1e-5), while any block in the wrong
+        // precision moves the vectors by FP8's own error (the last two numbers printed).
+        assert!(
+            vs_ref < 1e-9 && (got - want).abs() < 1e-3,
+            "{name}: 1 − cosine {vs_ref:e}; worst element {i}: {got} vs the reference's {want}"
+        );
+        // Not the f32 forward, not all-FP8.
+        assert!(
+            vs_f32 > 1e-4 && vs_all > 1e-4,
+            "{name}: {vs_f32:e} {vs_all:e}"
+        );
+    }
+}
+
 fn embed_jsonl(args: &[&str]) -> Vec<Vec<f32>> {
     let o = sgpt(args);
     assert!(o.status.success(), "{args:?}: {}", stderr(&o));
@@ -237,8 +320,58 @@ fn cli_fp8_on_the_cpu_is_close_to_f32() {
     }
 }
 
-/// What the engine reports is fp8, so the eval cache and /info tell the two apart; a rerun of
-/// the f32 eval's cache with fp8 embeds everything again.
+/// `--device cpu --dtype fp8-alternate` end to end: finite vectors close to f32's, neither f32's
+/// nor fp8's, and the library's alternate emulation's (the CLI picks that loader).
+#[test]
+fn cli_fp8_alternate_on_the_cpu() {
+    let model = tiny_model().display().to_string();
+    let mut args = vec!["embed", "-m", &model, "--device", "cpu"];
+    args.extend(TEXTS);
+    let f = embed_jsonl(&args);
+    args.splice(5..5, ["--dtype", "fp8"]);
+    let q = embed_jsonl(&args);
+    args[6] = "fp8-alternate";
+    let alt = embed_jsonl(&args);
+    // The same texts through the library's loader (queries, the CLI's default kind).
+    let e = Embedder::open(&tiny_model(), Device::Cpu).unwrap();
+    let pairs: Vec<(String, Kind)> = TEXTS.iter().map(|t| (t.to_string(), Kind::Query)).collect();
+    let ids: Vec<Vec<u32>> = e
+        .encode(&pairs)
+        .unwrap()
+        .into_iter()
+        .map(|s| s.ids)
+        .collect();
+    let (ckpt, cfg) = (&e.model.checkpoint, &e.model.config);
+    let lib = CpuModel::load_fp8(
+        ckpt,
+        cfg,
+        ActScale::PerToken,
+        Fp8Blocks::Alternate,
+        &|_, _| {},
+    )
+    .unwrap()
+    .embed(&PackedBatch::from_seqs(&ids))
+    .unwrap();
+    assert_eq!(alt.len(), TEXTS.len());
+    for (i, v) in alt.iter().enumerate() {
+        assert!(v.iter().all(|x| x.is_finite()), "text {i}");
+        let c = cosine(v, &f[i]);
+        // FP8 in one of the tiny model's two blocks: at least as close as fp8's bar above.
+        assert!(c >= 0.995, "text {i}: cosine {c} to f32");
+        assert_ne!(v, &f[i], "text {i}: fp8-alternate gave the f32 vector");
+        assert_ne!(v, &q[i], "text {i}: fp8-alternate gave the fp8 vector");
+        let h = cfg.hidden;
+        let c = cosine(v, &lib[i * h..(i + 1) * h]);
+        assert!(
+            c > 1.0 - 1e-9,
+            "text {i}: cosine {c} to the library's fp8-alternate"
+        );
+    }
+}
+
+/// What the engine reports is fp8 or fp8-alternate, so the eval cache and /info tell the three
+/// apart; a rerun of the f32 eval's cache with fp8 embeds everything again, and one with
+/// fp8-alternate after that again (while its own rerun hits).
 #[test]
 fn fp8_is_its_own_engine_identity() {
     let open = |dtype| {
@@ -253,12 +386,21 @@ fn fp8_is_its_own_engine_identity() {
         .unwrap()
     };
     let (f, q) = (open(None), open(Some(GpuDtype::Fp8)));
+    let alt = open(Some(GpuDtype::Fp8Alternate));
     assert_eq!(q.backend.info().dtype, "fp8");
+    assert_eq!(alt.backend.info().dtype, "fp8-alternate");
     assert_ne!(f.backend.info().identity(), q.backend.info().identity());
+    assert_ne!(f.backend.info().identity(), alt.backend.info().identity());
+    assert_ne!(q.backend.info().identity(), alt.backend.info().identity());
     assert!(
         q.backend.describe().starts_with("cpu (fp8, "),
         "{}",
         q.backend.describe()
+    );
+    assert!(
+        alt.backend.describe().starts_with("cpu (fp8-alternate, "),
+        "{}",
+        alt.backend.describe()
     );
 
     let tmp = tempfile::tempdir().unwrap();
@@ -289,11 +431,20 @@ fn fp8_is_its_own_engine_identity() {
     assert_eq!(m8["engine"]["dtype"], "fp8");
     assert_eq!(m8["embedding"]["documents"]["from_cache"], 0, "{m8}");
     assert_eq!(m8["embedding"]["documents"]["embedded"], 200, "{m8}");
+    let alt = ["--dtype", "fp8-alternate"];
+    let (ma, again) = (eval(&alt, "alt.json"), eval(&alt, "alt-again.json"));
+    assert_eq!(ma["engine"]["dtype"], "fp8-alternate");
+    assert_eq!(ma["embedding"]["documents"]["from_cache"], 0, "{ma}");
+    assert_eq!(ma["embedding"]["documents"]["embedded"], 200, "{ma}");
+    assert_eq!(
+        again["embedding"]["documents"]["from_cache"], 200,
+        "{again}"
+    );
 }
 
-/// fp8 with a GPU is no longer refused by the options: it loads on a GPU of compute capability
-/// ≥ 8.9 (tests/gpu.rs runs it) and says why not elsewhere — here, without a GPU, the device
-/// is unavailable, which is what the error says. f16/bf16 on the CPU stay refused; an unknown
+/// fp8 and fp8-alternate with a GPU are not refused by the options: they load on a GPU of
+/// compute capability ≥ 8.9 (tests/gpu.rs runs them) and say why not elsewhere — here, without
+/// a GPU, the device is unavailable, which is what the error says. f16/bf16 on the CPU stay refused; an unknown
 /// dtype names the accepted ones.
 #[test]
 fn fp8_requests_the_engine_cannot_serve_are_clear_errors() {
@@ -310,23 +461,28 @@ fn fp8_requests_the_engine_cannot_serve_are_clear_errors() {
     let no_gpu = sgpt::backend::cuda::device::unavailable_reason(0);
     if let Some(why) = &no_gpu {
         // The library opens the device and names it; nothing says FP8 is missing.
-        for dev in ["cuda", "cuda:0", "cuda:all", "cuda:0,1"] {
+        for (dev, dtype) in ["cuda", "cuda:0", "cuda:all", "cuda:0,1"]
+            .into_iter()
+            .flat_map(|d| [(d, GpuDtype::Fp8), (d, GpuDtype::Fp8Alternate)])
+        {
             let opts = EngineOptions {
                 device: dev.parse().unwrap(),
-                dtype: Some(GpuDtype::Fp8),
+                dtype: Some(dtype),
                 ..EngineOptions::default()
             };
             let e = Embedder::open_with(&tiny_model(), opts).err().unwrap();
             assert!(
                 matches!(e, sgpt::Error::DeviceUnavailable(_)) && e.to_string().contains(why),
-                "{dev}: {e}"
+                "{dev} {dtype:?}: {e}"
             );
             assert!(!e.to_string().contains("not implemented"), "{dev}: {e}");
         }
-        let args = [
-            "embed", "-m", &model, "--device", "cuda", "--dtype", "fp8", "x",
-        ];
-        expect(&args, 1, why);
+        for dt in ["fp8", "fp8-alternate"] {
+            let args = [
+                "embed", "-m", &model, "--device", "cuda", "--dtype", dt, "x",
+            ];
+            expect(&args, 1, why);
+        }
     }
     for dt in ["f16", "bf16"] {
         expect(
@@ -338,30 +494,40 @@ fn fp8_requests_the_engine_cannot_serve_are_clear_errors() {
     expect(
         &["embed", "-m", &model, "--dtype", "fp9", "x"],
         2,
-        "[possible values: f16, bf16, fp8]",
+        "[possible values: f16, bf16, fp8, fp8-alternate]",
     );
     assert_eq!("fp8".parse::<GpuDtype>(), Ok(GpuDtype::Fp8));
+    assert_eq!(
+        "fp8-alternate".parse::<GpuDtype>(),
+        Ok(GpuDtype::Fp8Alternate)
+    );
     let e = "e4m3".parse::<GpuDtype>().unwrap_err();
     assert!(
-        e.contains("unknown dtype \"e4m3\": expected one of f16, bf16, fp8"),
+        e.contains("unknown dtype \"e4m3\": expected one of f16, bf16, fp8, fp8-alternate"),
         "{e}"
     );
 
-    // --device auto: the emulation when there is no GPU (saying so); with one, the GPU's FP8
-    // path, or its reason when the device cannot run it (compute capability < 8.9).
-    let o = sgpt(&["embed", "-m", &model, "--dtype", "fp8", "x"]);
-    if no_gpu.is_some() {
-        assert!(o.status.success(), "{}", stderr(&o));
-        assert!(
-            stderr(&o).contains("fp8 runs as the CPU emulation"),
-            "{}",
-            stderr(&o)
-        );
-    } else if !o.status.success() {
-        assert!(
-            stderr(&o).contains("FP8 needs compute capability 8.9 or newer"),
-            "{}",
-            stderr(&o)
-        );
+    // --device auto: the emulation when there is no GPU (saying so, and the vectors of
+    // --device cpu); with one, the GPU's FP8 path, or its reason when the device cannot run it
+    // (compute capability < 8.9).
+    for dt in ["fp8", "fp8-alternate"] {
+        let o = sgpt(&["embed", "-m", &model, "--dtype", dt, "x"]);
+        if no_gpu.is_some() {
+            assert!(o.status.success(), "{}", stderr(&o));
+            assert!(
+                stderr(&o).contains(&format!("; {dt} runs as the CPU emulation")),
+                "{}",
+                stderr(&o)
+            );
+            let cpu = sgpt(&["embed", "-m", &model, "--device", "cpu", "--dtype", dt, "x"]);
+            assert!(cpu.status.success(), "{}", stderr(&cpu));
+            assert_eq!(o.stdout, cpu.stdout, "{dt}: auto vs cpu");
+        } else if !o.status.success() {
+            assert!(
+                stderr(&o).contains("FP8 needs compute capability 8.9 or newer"),
+                "{}",
+                stderr(&o)
+            );
+        }
     }
 }

@@ -134,7 +134,8 @@ class Model:
             "cuda", "cuda:N", or one replica per GPU: "cuda:all" or a list like "cuda:0,2".
         dtype: activation/weight type on the GPU, "f16" (the default) or "bf16"; or "fp8":
             E4M3 GEMMs, on a GPU of compute capability >= 8.9 with f16 activations (not yet
-            run on a GPU), or with device="cpu" the CPU emulation (docs/fp8.md).
+            run on a GPU), or with device="cpu" the CPU emulation (docs/fp8.md); or
+            "fp8-alternate": the same in every other block only.
             Otherwise the CPU computes in f32, so "f16"/"bf16" with device="cpu" is a
             ValueError.
         max_batch_tokens: most tokens in one packed batch (default 2048 on the CPU, 16384 on

@@ -116,17 +116,11 @@ fn engine_options(
     (attention, gemm, cuda_graphs, rows): (&str, &str, bool, &str),
 ) -> PyResult<EngineOptions> {
     let device = Device::from_str(device).map_err(PyValueError::new_err)?;
-    let dtype = match dtype {
-        None => None,
-        Some("f16") => Some(GpuDtype::F16),
-        Some("bf16") => Some(GpuDtype::Bf16),
-        Some("fp8") => Some(GpuDtype::Fp8),
-        Some(other) => {
-            return Err(PyValueError::new_err(format!(
-                "unknown dtype {other:?}: expected \"f16\", \"bf16\" or \"fp8\""
-            )))
-        }
-    };
+    // The CLI's names and message ("unknown dtype …: expected one of f16, bf16, fp8, …").
+    let dtype = dtype
+        .map(GpuDtype::from_str)
+        .transpose()
+        .map_err(PyValueError::new_err)?;
     let kernels = KernelChoices {
         attention: attention.parse().map_err(PyValueError::new_err)?,
         gemm: gemm.parse().map_err(PyValueError::new_err)?,

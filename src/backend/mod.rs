@@ -58,9 +58,9 @@ pub struct BackendInfo {
     pub kind: &'static str,
     /// "cpu", or the GPU's name and architecture (e.g. "NVIDIA H200 (sm_90)").
     pub device: String,
-    /// Activation type of the forward: "f32" or "fp8" (the FP8 emulation) on the CPU, "fp8"
-    /// (E4M3 GEMMs, f16 activations), "f16" or
-    /// "bf16" on the GPU.
+    /// Activation type of the forward: "f32", or "fp8" / "fp8-alternate" (the FP8 emulation in
+    /// every block / every other block) on the CPU; "f16", "bf16", or "fp8" / "fp8-alternate"
+    /// (E4M3 GEMMs in those blocks, f16 activations) on the GPU.
     pub dtype: &'static str,
     /// CPU threads (the CPU forward gives the same result for any count).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -333,6 +333,8 @@ mod tests {
         let base = gpu("f16", KernelChoices::default());
         for other in [
             gpu("bf16", KernelChoices::default()),
+            gpu("fp8", KernelChoices::default()),
+            gpu("fp8-alternate", KernelChoices::default()),
             gpu(
                 "f16",
                 KernelChoices {

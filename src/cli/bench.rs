@@ -130,6 +130,13 @@ fn percentile_ms(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize] * 1e3
 }
 
+/// The share of `cfg`'s blocks whose linear layers run in FP8 under `dtype` (the blocks are all
+/// the same size, so also the share of the GEMM FLOPs and of the linear layers' weights).
+fn fp8_block_share(dtype: GpuDtype, cfg: &BloomConfig) -> f64 {
+    let fp8 = dtype.fp8_blocks().map_or(0, |b| b.count(cfg.layers));
+    fp8 as f64 / cfg.layers.max(1) as f64
+}
+
 fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let seqs: Vec<Vec<u32>> = match &a.ids {
         Some(p) => read_ids(p)?,
@@ -217,22 +224,26 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
     let (copy_bw, gemm_rate, mem_used, weight_bytes_per_param) = match ctx {
         Some(ctx) => {
             let s = ctx.default_stream();
+            use sgpt::backend::cuda::bench as cb;
+            let fp8_share = fp8_block_share(a.engine.gpu_dtype(), &st.cfg);
             let gemm = match a.engine.gpu_dtype() {
-                GpuDtype::F16 => {
-                    sgpt::backend::cuda::bench::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?
-                }
-                GpuDtype::Bf16 => {
-                    sgpt::backend::cuda::bench::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?
-                }
+                GpuDtype::F16 => cb::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
+                GpuDtype::Bf16 => cb::gemm_rate::<half::bf16>(&s, 16384, h, 4 * h)?,
                 // The E4M3 product alone: the ceiling of the four GEMMs that run in FP8.
-                GpuDtype::Fp8 => sgpt::backend::cuda::bench::fp8_gemm_rate(&s, 16384, h, 4 * h)?,
+                GpuDtype::Fp8 => cb::fp8_gemm_rate(&s, 16384, h, 4 * h)?,
+                // fp8_share of the FLOPs at the FP8 rate, the rest at f16's: the rate of that
+                // mix, each FLOP taking 1/rate of its kind (the ceiling if each GEMM ran at its
+                // own).
+                GpuDtype::Fp8Alternate => {
+                    let fp8 = cb::fp8_gemm_rate(&s, 16384, h, 4 * h)?;
+                    let f16 = cb::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?;
+                    1.0 / (fp8_share / fp8 + (1.0 - fp8_share) / f16)
+                }
             };
-            // Bytes per weight of the four linear layers (the scales and biases of FP8's are
-            // < 0.3% more, left out of the floor).
-            let per_param = match a.engine.gpu_dtype() {
-                GpuDtype::Fp8 => 1.0,
-                _ => 2.0,
-            };
+            // Bytes per weight of the four linear layers, per block: 1 in an FP8 block, 2 in a
+            // 16-bit one (the scales and biases of FP8's are < 0.3% more, left out of the
+            // floor).
+            let per_param = fp8_share + 2.0 * (1.0 - fp8_share);
             (
                 sgpt::backend::cuda::bench::copy_bandwidth(&s)?,
                 gemm,
@@ -311,10 +322,10 @@ fn corpus(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
         "ceilings           copy {:.1} GB/s, GEMM {:.2} TFLOP/s{} (measured now)",
         copy_bw / 1e9,
         gemm_rate / 1e12,
-        if on_gpu && a.engine.gpu_dtype() == GpuDtype::Fp8 {
-            " in FP8"
-        } else {
-            ""
+        match a.engine.gpu_dtype() {
+            GpuDtype::Fp8 if on_gpu => " in FP8",
+            GpuDtype::Fp8Alternate if on_gpu => " for FP8 and f16 blocks alternating",
+            _ => "",
         }
     );
     report!(
@@ -398,7 +409,8 @@ fn kernels(a: &BenchArgs, st: &Setup, b: &BuiltBackend) -> Result<()> {
             None,
             cb::kernel_times::<half::bf16>(&ctx, &k, &st.cfg, seqs, len, false)?,
         ),
-        GpuDtype::Fp8 => (
+        // fp8-alternate runs the same ops (some blocks each way): the same table.
+        GpuDtype::Fp8 | GpuDtype::Fp8Alternate => (
             cb::gemm_rate::<half::f16>(&s, 16384, h, 4 * h)?,
             Some(cb::fp8_gemm_rate(&s, 16384, h, 4 * h)?),
             cb::kernel_times::<half::f16>(&ctx, &k, &st.cfg, seqs, len, true)?,
@@ -477,15 +489,17 @@ fn op_times(
     if a.engine.device != sgpt::engine::Device::Cpu {
         bail!("--op-times times the CPU forward: give --device cpu");
     }
-    // The model the engine runs: the f32 forward, or its FP8 emulation with --dtype fp8.
-    let cpu = match a.engine.dtype {
-        Some(GpuDtype::Fp8) => CpuModel::load_fp8(
+    // The model the engine runs: the f32 forward, or its FP8 emulation with --dtype fp8 or
+    // fp8-alternate.
+    let cpu = match a.engine.dtype.and_then(GpuDtype::fp8_blocks) {
+        Some(blocks) => CpuModel::load_fp8(
             &st.ckpt,
             &st.cfg,
             sgpt::backend::cpu::fp8::ActScale::PerToken,
+            blocks,
             &|_, _| {},
         )?,
-        _ => CpuModel::load(&st.ckpt, &st.cfg)?,
+        None => CpuModel::load(&st.ckpt, &st.cfg)?,
     };
     let mut corpus = OpTimes::default();
     for range in sgpt::backend::batch::plan_batches(lengths, max_batch_tokens) {

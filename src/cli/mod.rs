@@ -62,7 +62,8 @@ pub(crate) struct EngineArgs {
     /// Activation and weight type on the GPU [default: f16]; the CPU computes in f32, so f16
     /// or bf16 with --device cpu is an error. fp8: the four GEMMs of each block in E4M3 — on a
     /// GPU of compute capability 8.9 or newer with f16 activations (not yet run on a GPU), or
-    /// as the CPU emulation with --device cpu (docs/fp8.md).
+    /// as the CPU emulation with --device cpu (docs/fp8.md); fp8-alternate: the same in every
+    /// other block (1, 3, 5, …), the rest as without fp8.
     #[arg(long, value_enum)]
     dtype: Option<GpuDtype>,
     /// CPU threads (default: all cores).

@@ -151,9 +151,9 @@ impl Device {
 pub struct EngineOptions {
     pub device: Device,
     /// Activation/weight type on the GPU, f16 when None; fp8: the four linear layers of each
-    /// block in E4M3 with f16 activations (compute capability ≥ 8.9, docs/fp8.md). The CPU
-    /// computes in f32, or runs the FP8 emulation when asked for fp8; asking it for f16 or bf16
-    /// is an error.
+    /// block in E4M3 with f16 activations (compute capability ≥ 8.9, docs/fp8.md), fp8-alternate
+    /// the same in every other block. The CPU computes in f32, or runs the FP8 emulation when
+    /// asked for fp8 or fp8-alternate; asking it for f16 or bf16 is an error.
     pub dtype: Option<GpuDtype>,
     /// Most tokens in one packed batch; None: the backend's default.
     pub max_batch_tokens: Option<usize>,
@@ -263,11 +263,11 @@ pub fn build_backend(
             .then_some(0),
     };
     opts.check()?;
-    let fp8 = opts.dtype == Some(GpuDtype::Fp8);
+    let fp8 = opts.dtype.and_then(GpuDtype::fp8_blocks);
     // GPU-only options given with `auto` that fell back are named, not silently dropped (fp8
-    // is not one: the CPU emulates it).
+    // and fp8-alternate are not: the CPU emulates them).
     let mut ignored = Vec::new();
-    if let Some(d) = opts.dtype.filter(|_| !fp8) {
+    if let Some(d) = opts.dtype.filter(|_| fp8.is_none()) {
         ignored.push(format!("--dtype {}", d.name()));
     }
     if opts.kernels != KernelChoices::default() {
@@ -280,10 +280,9 @@ pub fn build_backend(
                     true => String::new(),
                     false => format!("; ignoring the GPU-only {}", ignored.join(" and ")),
                 };
-                let emulated = if fp8 {
-                    "; fp8 runs as the CPU emulation"
-                } else {
-                    ""
+                let emulated = match opts.dtype.filter(|_| fp8.is_some()) {
+                    Some(d) => format!("; {} runs as the CPU emulation", d.name()),
+                    None => String::new(),
                 };
                 format!("using the CPU: {why}{ignored}{emulated}")
             })
@@ -291,10 +290,9 @@ pub fn build_backend(
         _ => None,
     };
     let Some(ordinal) = gpu else {
-        let model = if fp8 {
-            CpuModel::load_fp8(ckpt, cfg, ActScale::PerToken, progress)?
-        } else {
-            CpuModel::load_reporting(ckpt, cfg, progress)?
+        let model = match fp8 {
+            Some(blocks) => CpuModel::load_fp8(ckpt, cfg, ActScale::PerToken, blocks, progress)?,
+            None => CpuModel::load_reporting(ckpt, cfg, progress)?,
         };
         return Ok(BuiltBackend {
             backend: Box::new(model),
@@ -327,14 +325,17 @@ pub fn build_backend(
     for (k, &o) in ordinals.iter().enumerate() {
         let ctx = crate::backend::cuda::device::open(o)?;
         let step = |done: usize, all: usize| progress(k * all + done, n * all);
-        let (kc, half) = (opts.kernels, WeightFormat::Half);
+        // The linear layers in T, or FP8 GEMMs (in every block or every other one) with f16
+        // activations: refused with the reason on a device that cannot run them (compute
+        // capability < 8.9), never emulated there.
+        let (kc, format) = (
+            opts.kernels,
+            fp8.map_or(WeightFormat::Half, WeightFormat::Fp8),
+        );
         let backend = match opts.dtype.unwrap_or(GpuDtype::F16) {
-            GpuDtype::F16 => load::<half::f16>(ctx, ckpt, cfg, budget, (kc, half), &step)?,
-            GpuDtype::Bf16 => load::<half::bf16>(ctx, ckpt, cfg, budget, (kc, half), &step)?,
-            // FP8 GEMMs with f16 activations; refused with the reason on a device that cannot
-            // run them (compute capability < 8.9), never emulated there.
-            GpuDtype::Fp8 => {
-                load::<half::f16>(ctx, ckpt, cfg, budget, (kc, WeightFormat::Fp8), &step)?
+            GpuDtype::Bf16 => load::<half::bf16>(ctx, ckpt, cfg, budget, (kc, format), &step)?,
+            GpuDtype::F16 | GpuDtype::Fp8 | GpuDtype::Fp8Alternate => {
+                load::<half::f16>(ctx, ckpt, cfg, budget, (kc, format), &step)?
             }
         };
         members.push((replica_label(&ordinals, k), backend));
@@ -364,13 +365,15 @@ mod tests {
         }
     }
 
-    /// `--dtype fp8` passes the option checks on every device: the CPU emulates it, a GPU runs
-    /// it (or says at load why it cannot: compute capability < 8.9). f16/bf16 with the CPU
-    /// stay refused.
+    /// `--dtype fp8` and `fp8-alternate` pass the option checks on every device: the CPU
+    /// emulates them, a GPU runs them (or says at load why it cannot: compute capability <
+    /// 8.9). f16/bf16 with the CPU stay refused.
     #[test]
     fn fp8_is_accepted_on_every_device() {
         for dev in ["auto", "cpu", "cuda", "cuda:1", "cuda:all", "cuda:0,1"] {
-            assert!(opts(dev, Some(GpuDtype::Fp8)).check().is_ok(), "{dev}");
+            for dt in [GpuDtype::Fp8, GpuDtype::Fp8Alternate] {
+                assert!(opts(dev, Some(dt)).check().is_ok(), "{dev} {dt:?}");
+            }
         }
         for dt in [GpuDtype::F16, GpuDtype::Bf16] {
             let e = opts("cpu", Some(dt)).check().unwrap_err().to_string();

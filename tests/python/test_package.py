@@ -454,16 +454,18 @@ def test_stubs_name_what_the_native_module_has():
     assert (Path(sgpt.__file__).parent / "py.typed").exists()
 
 
-def test_fp8_emulation_is_a_dtype_on_the_cpu():
-    """dtype="fp8" on the CPU is the FP8 emulation: the same vectors as `sgpt embed --dtype fp8`."""
-    model = sgpt.Model(MODEL, device="cpu", dtype="fp8")
-    assert model.info["dtype"].startswith("fp8"), model.info
+@pytest.mark.parametrize("dtype", ["fp8", "fp8-alternate"])
+def test_fp8_emulation_is_a_dtype_on_the_cpu(dtype):
+    """dtype="fp8" (or "fp8-alternate") on the CPU is the FP8 emulation: the same vectors as
+    `sgpt embed --dtype fp8` (or fp8-alternate)."""
+    model = sgpt.Model(MODEL, device="cpu", dtype=dtype)
+    assert model.info["dtype"] == dtype, model.info
     got = model.encode(TEXTS[:3], kind="query")
     out = subprocess.run(
-        [str(BIN), "embed", "-m", str(MODEL), "--device", "cpu", "--dtype", "fp8", "--quiet", "--", *TEXTS[:3]],
+        [str(BIN), "embed", "-m", str(MODEL), "--device", "cpu", "--dtype", dtype, "--quiet", "--", *TEXTS[:3]],
         capture_output=True, text=True, timeout=TIMEOUT, check=True,
     )
     want = np.array([json.loads(line)["embedding"] for line in out.stdout.splitlines()], dtype=np.float32)
     assert np.array_equal(got, want)
-    with pytest.raises(ValueError, match="fp8"):
+    with pytest.raises(ValueError, match='unknown dtype "f8": expected one of f16, bf16, fp8, fp8-alternate'):
         sgpt.Model(MODEL, device="cpu", dtype="f8")

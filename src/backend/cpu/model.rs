@@ -5,14 +5,14 @@
 //! memory map (or converted copies for f16/bf16 checkpoints).
 //!
 //! The four GEMMs of each block go through [`LinearKernel`]: the f32 weight here, or its E4M3
-//! form in the FP8 emulation ([`CpuModel::load_fp8`], docs/fp8.md), which is otherwise this
-//! same forward.
+//! form in the FP8 emulation ([`CpuModel::load_fp8`], docs/fp8.md: in every block, or in every
+//! other one), which is otherwise this same forward.
 
 use std::time::Instant;
 
 use crate::backend::batch::PackedBatch;
 use crate::backend::cpu::attention::{alibi_attention, alibi_slopes};
-use crate::backend::cpu::fp8::{ActScale, Fp8Linear};
+use crate::backend::cpu::fp8::{ActScale, Fp8Blocks, Fp8Linear};
 use crate::backend::cpu::gelu::gelu_inplace;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::backend::cpu::linear::LinearKernel;
@@ -67,7 +67,7 @@ struct Block {
 
 pub struct CpuModel {
     pub cfg: BloomConfig,
-    dtype: &'static str, // what `info()` reports: "f32", "fp8"
+    dtype: &'static str, // what `info()` reports: "f32", "fp8", "fp8-alternate"
     emb: TensorRef,      // [V, H], gathered row by row, never converted whole
     emb_ln: Norm,
     blocks: Vec<Block>,
@@ -91,19 +91,31 @@ impl CpuModel {
     }
 
     /// The FP8 emulation (docs/fp8.md): the same forward, with the weights of the four GEMMs of
-    /// every block rounded to E4M3 here, one scale per output channel, and their inputs rounded
-    /// to E4M3 just before each GEMM with scales chosen by `act`.
+    /// each block in `blocks` rounded to E4M3 here, one scale per output channel, and their
+    /// inputs rounded to E4M3 just before each GEMM with scales chosen by `act`; the other
+    /// blocks' GEMMs stay f32.
     pub fn load_fp8(
         ckpt: &Checkpoint,
         cfg: &BloomConfig,
         act: ActScale,
+        blocks: Fp8Blocks,
         progress: LoadProgress,
     ) -> Result<Self> {
-        let dtype = match act {
-            ActScale::PerToken => "fp8",
-            ActScale::PerTensor => "fp8 (per-tensor activation scales)",
+        let dtype = match (blocks, act) {
+            (Fp8Blocks::All, ActScale::PerToken) => "fp8",
+            (Fp8Blocks::All, ActScale::PerTensor) => "fp8 (per-tensor activation scales)",
+            (Fp8Blocks::Alternate, ActScale::PerToken) => "fp8-alternate",
+            (Fp8Blocks::Alternate, ActScale::PerTensor) => {
+                "fp8-alternate (per-tensor activation scales)"
+            }
         };
-        let make: MakeLinear = &|_, _, w, n_out| Box::new(Fp8Linear::new(&w, n_out, act));
+        let make: MakeLinear = &|l, _, w, n_out| -> Box<dyn LinearKernel> {
+            if blocks.covers(l) {
+                Box::new(Fp8Linear::new(&w, n_out, act))
+            } else {
+                Box::new(w)
+            }
+        };
         Self::load_with(ckpt, cfg, dtype, make, progress)
     }
 

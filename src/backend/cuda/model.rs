@@ -1,7 +1,8 @@
 //! The BLOOM forward on the GPU, over one packed batch, top to bottom — the same steps as
 //! `src/backend/cpu/model.rs`, with the residual stream in f32 and everything else in T (f16/bf16).
 //! With `--dtype fp8` ([`WeightFormat::Fp8`], docs/fp8.md) the four linear layers of each block
-//! hold E4M3 weights and run FP8 GEMMs; activations stay in T (f16).
+//! hold E4M3 weights and run FP8 GEMMs, with `fp8-alternate` those of every other block;
+//! activations stay in T (f16).
 //!
 //! Glossary: T tokens in the packed batch, S sequences, H hidden, n heads, d head dim, L blocks,
 //! V embedding rows, F = 4H. All activation buffers are sized once for `max_tokens`; nothing is
@@ -17,6 +18,7 @@ use cudarc::driver::{
 };
 
 use crate::backend::batch::PackedBatch;
+use crate::backend::cpu::fp8::Fp8Blocks;
 use crate::backend::cuda::gemm::{check_fp8_shape, Gemm};
 use crate::backend::cuda::ops::{
     attention_mma2_tiles, skinny_fits, vec_rows, Act, Kernels, Mma2Tiles, ATTENTION_MMA2_DIMS,
@@ -166,9 +168,21 @@ struct Norm {
 pub enum WeightFormat {
     /// In the activation type T (`--dtype f16|bf16`).
     Half,
-    /// E4M3 with one f32 scale per output row, quantized on the device at load; the GEMM input
-    /// quantized per token before each GEMM (`--dtype fp8`, docs/fp8.md). Activations in T.
-    Fp8,
+    /// In the blocks given (every block for `--dtype fp8`, the odd ones for `fp8-alternate`):
+    /// E4M3 with one f32 scale per output row, quantized on the device at load, the GEMM input
+    /// quantized per token before each GEMM (docs/fp8.md); in the other blocks as `Half`.
+    /// Activations in T.
+    Fp8(Fp8Blocks),
+}
+
+impl WeightFormat {
+    /// Whether block `l`'s linear layers are FP8 ([`Fp8Blocks::covers`]).
+    pub fn fp8_block(self, l: usize) -> bool {
+        match self {
+            WeightFormat::Half => false,
+            WeightFormat::Fp8(blocks) => blocks.covers(l),
+        }
+    }
 }
 
 /// One linear layer, y[T, out] = x·Wᵀ (+ b), W [out, in] row-major.
@@ -215,25 +229,29 @@ struct Block<T> {
 
 /// Bytes the weights of `cfg` take on the device with activations of `act_size` bytes: the
 /// embedding table and the biases of the 16-bit linear layers in T, layernorms and fc1's bias
-/// in f32, and the four linear layers in T or, with FP8, 1 byte per weight plus an f32 scale
-/// per output row and their biases in f32. What [`LoadReport::weight_bytes`] counts from the
-/// buffers themselves (tests/gpu.rs checks the two agree).
+/// in f32, and the four linear layers of each block in T or, in an FP8 block, 1 byte per weight
+/// plus an f32 scale per output row and their biases in f32. What [`LoadReport::weight_bytes`]
+/// counts from the buffers themselves (tests/gpu.rs checks the two agree).
 pub fn device_weight_bytes(cfg: &BloomConfig, format: WeightFormat, act_size: usize) -> u64 {
-    let (h, v, l) = (cfg.hidden as u64, cfg.vocab as u64, cfg.layers as u64);
+    let (h, v) = (cfg.hidden as u64, cfg.vocab as u64);
     let a = act_size as u64;
     // A layernorm's weight and bias are f32. qkv, dense and fc2 carry a bias in the GEMM
     // (3H + H + H); fc1's is f32, added in bias_gelu.
     let norms = 2 * h * 4;
     let (weights, biases) = (12 * h * h, 5 * h);
-    let linear = match format {
-        WeightFormat::Half => (weights + biases) * a,
-        WeightFormat::Fp8 => weights + (9 * h) * 4 + biases * 4, // scales for 3H + H + 4H + H rows
+    let block = |fp8: bool| {
+        let linear = if fp8 {
+            weights + (9 * h) * 4 + biases * 4 // scales for 3H + H + 4H + H rows
+        } else {
+            (weights + biases) * a
+        };
+        2 * norms + linear + 4 * h * 4
     };
-    let block = 2 * norms + linear + 4 * h * 4;
-    v * h * a + 2 * norms + l * block
+    let blocks: u64 = (0..cfg.layers).map(|l| block(format.fp8_block(l))).sum();
+    v * h * a + 2 * norms + blocks
 }
 
-/// Why `--dtype fp8` cannot run on a device of compute capability `cc` with these kernel
+/// Why `--dtype fp8` (or `fp8-alternate`) cannot run on a device of compute capability `cc` with these kernel
 /// choices and hidden size, or None: cuBLASLt's FP8 GEMMs need compute capability 8.9 (Ada,
 /// Hopper) and widths that are multiples of 16; the skinny GEMM has no FP8 version.
 pub fn fp8_refusal(cc: (i32, i32), choices: KernelChoices, hidden: usize) -> Option<String> {
@@ -268,7 +286,7 @@ struct Gemms {
     /// The skinny GEMM's split-K partial sums, sized once for the largest of the block's four
     /// GEMMs (≤ 16 rows × n_out × splits f32); only with `--gemm skinny` and a split plan.
     skinny_ws: Option<CudaSlice<f32>>,
-    /// Only with `--dtype fp8`.
+    /// Only with `--dtype fp8` or `fp8-alternate`.
     fp8: Option<Fp8Scratch>,
 }
 
@@ -329,7 +347,7 @@ pub struct CudaModel<T: Act> {
     /// Attention kernel, GEMM path, CUDA graphs: the engine options (`--attention`, `--gemm`,
     /// `--cuda-graphs`).
     choices: KernelChoices,
-    /// The linear layers' weights: T, or FP8 (`--dtype`).
+    /// The linear layers' weights: T, or FP8 in some or all blocks (`--dtype`).
     format: WeightFormat,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -358,7 +376,7 @@ impl<T: Act> CudaModel<T> {
         progress: crate::backend::LoadProgress,
     ) -> Result<Self> {
         crate::model::schema::check(ckpt, cfg)?;
-        if format == WeightFormat::Fp8 {
+        if let WeightFormat::Fp8(_) = format {
             let cc = ctx
                 .compute_capability()
                 .map_err(|e| err("compute capability", e))?;
@@ -398,58 +416,70 @@ impl<T: Act> CudaModel<T> {
             dt,
         )?;
         let emb_ln = norm(&mut up, "word_embeddings_layernorm")?;
-        // The linear layer `{p}.weight` [n_out, n_in] (and `{p}.bias` when `bias`) in `format`.
+        // The linear layer `{p}.weight` [n_out, n_in] (and `{p}.bias` when `bias`), in FP8 when
+        // `fp8` (its block's format), else in T.
         let linear = |up: &mut Uploader,
                       p: String,
-                      n_out: usize,
-                      n_in: usize,
-                      bias: bool|
+                      (n_out, n_in): (usize, usize),
+                      bias: bool,
+                      fp8: bool|
          -> Result<Linear<T>> {
             let w = ckpt.get_shaped(&format!("{p}.weight"), &[n_out, n_in])?;
             let b = bias
                 .then(|| ckpt.get_shaped(&format!("{p}.bias"), &[n_out]))
                 .transpose()?;
-            Ok(match format {
-                WeightFormat::Half => Linear::Half {
+            Ok(if fp8 {
+                // f32 on the device (exact from f16/bf16), then rounded per row; the f32
+                // copy is freed (stream-ordered) once the quantize kernel has read it.
+                let w32 = up.upload::<f32>(&w, "f32")?;
+                let alloc = |e| err(&format!("{p}.weight (fp8)"), e);
+                let mut codes = stream.alloc_zeros::<u8>(n_out * n_in).map_err(alloc)?;
+                let mut sw = stream.alloc_zeros::<f32>(n_out).map_err(alloc)?;
+                kernels.fp8_quantize_rows(&stream, &w32, &mut codes, &mut sw, n_out, n_in)?;
+                Linear::Fp8 {
+                    w: codes,
+                    sw,
+                    b: b.map(|b| up.upload(&b, "f32")).transpose()?,
+                }
+            } else {
+                Linear::Half {
                     w: up.upload(&w, dt)?,
                     b: b.map(|b| up.upload(&b, dt)).transpose()?,
-                },
-                WeightFormat::Fp8 => {
-                    // f32 on the device (exact from f16/bf16), then rounded per row; the f32
-                    // copy is freed (stream-ordered) once the quantize kernel has read it.
-                    let w32 = up.upload::<f32>(&w, "f32")?;
-                    let alloc = |e| err(&format!("{p}.weight (fp8)"), e);
-                    let mut codes = stream.alloc_zeros::<u8>(n_out * n_in).map_err(alloc)?;
-                    let mut sw = stream.alloc_zeros::<f32>(n_out).map_err(alloc)?;
-                    kernels.fp8_quantize_rows(&stream, &w32, &mut codes, &mut sw, n_out, n_in)?;
-                    Linear::Fp8 {
-                        w: codes,
-                        sw,
-                        b: b.map(|b| up.upload(&b, "f32")).transpose()?,
-                    }
                 }
             })
         };
         let mut blocks = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
-            let p = format!("h.{i}");
+            let (p, fp8) = (format!("h.{i}"), format.fp8_block(i));
             blocks.push(Block {
                 ln1: norm(&mut up, &format!("{p}.input_layernorm"))?,
                 qkv: linear(
                     &mut up,
                     format!("{p}.self_attention.query_key_value"),
-                    3 * h,
-                    h,
+                    (3 * h, h),
                     true,
+                    fp8,
                 )?,
-                dense: linear(&mut up, format!("{p}.self_attention.dense"), h, h, true)?,
+                dense: linear(
+                    &mut up,
+                    format!("{p}.self_attention.dense"),
+                    (h, h),
+                    true,
+                    fp8,
+                )?,
                 ln2: norm(&mut up, &format!("{p}.post_attention_layernorm"))?,
-                fc1: linear(&mut up, format!("{p}.mlp.dense_h_to_4h"), f, h, false)?,
+                fc1: linear(
+                    &mut up,
+                    format!("{p}.mlp.dense_h_to_4h"),
+                    (f, h),
+                    false,
+                    fp8,
+                )?,
                 fc1_b: up.upload(
                     &ckpt.get_shaped(&format!("{p}.mlp.dense_h_to_4h.bias"), &[f])?,
                     "f32",
                 )?,
-                fc2: linear(&mut up, format!("{p}.mlp.dense_4h_to_h"), h, f, true)?,
+                fc2: linear(&mut up, format!("{p}.mlp.dense_4h_to_h"), (h, f), true, fp8)?,
             });
             progress(i + 1, cfg.layers);
         }
@@ -502,7 +532,7 @@ impl<T: Act> CudaModel<T> {
         };
         let fp8 = match format {
             WeightFormat::Half => None,
-            WeightFormat::Fp8 => Some(Fp8Scratch {
+            WeightFormat::Fp8(_) => Some(Fp8Scratch {
                 xq: stream
                     .alloc_zeros::<u8>(tmax * f)
                     .map_err(|e| err("fp8 input buffer", e))?,
@@ -838,7 +868,8 @@ impl<T: Act> crate::backend::Backend for CudaModel<T> {
             device: format!("{} ({})", self.report.device, self.report.arch),
             dtype: match self.format {
                 WeightFormat::Half => T::SUFFIX,
-                WeightFormat::Fp8 => "fp8",
+                WeightFormat::Fp8(Fp8Blocks::All) => "fp8",
+                WeightFormat::Fp8(Fp8Blocks::Alternate) => "fp8-alternate",
             },
             threads: None,
             kernels: Some(self.choices),
@@ -866,7 +897,7 @@ impl<T: Act> crate::backend::Backend for CudaModel<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::{device_weight_bytes, fp8_refusal, pick_attention, WeightFormat};
+    use super::{device_weight_bytes, fp8_refusal, pick_attention, Fp8Blocks, WeightFormat};
     use crate::backend::AttentionKernel::{Auto, Mma, Mma2, Tc, V1};
     use crate::backend::{GemmKernel, KernelChoices};
 
@@ -899,7 +930,7 @@ mod tests {
     fn weight_bytes_at_bloom_7b1() {
         let cfg = crate::bench::shape("bloom-7b1").unwrap();
         let f16 = device_weight_bytes(&cfg, WeightFormat::Half, 2);
-        let fp8 = device_weight_bytes(&cfg, WeightFormat::Fp8, 2);
+        let fp8 = device_weight_bytes(&cfg, WeightFormat::Fp8(Fp8Blocks::All), 2);
         let emb = 250_880 * 4096 * 2;
         assert_eq!(emb, 2_055_208_960);
         // Per block: 12·H² weights + 9H scales + 5H biases (f32) + fc1's 4H bias + 2 layernorms.
@@ -911,6 +942,33 @@ mod tests {
         // Without the embedding table, FP8 halves them (the f32 scales and biases are ~0.2%).
         let ratio = (fp8 - emb) as f64 / (f16 - emb) as f64;
         assert!((0.5..0.502).contains(&ratio), "{ratio}");
+    }
+
+    /// `fp8-alternate` at bloom-7b1: blocks 1, 3, …, 29 in FP8 (15 of 30), the other 15 in f16.
+    #[test]
+    fn weight_bytes_at_bloom_7b1_fp8_alternate() {
+        let cfg = crate::bench::shape("bloom-7b1").unwrap();
+        let alt = device_weight_bytes(&cfg, WeightFormat::Fp8(Fp8Blocks::Alternate), 2);
+        let (h, emb, ends) = (4096u64, 2_055_208_960u64, 2 * 2 * 4096 * 4);
+        // An FP8 block: 12·H² weights (1 byte) + 9H scales + 5H biases + fc1's 4H bias + the
+        // two layernorms' 4H, those four in f32: 201,326,592 + 88·4096 = 201,687,040 bytes.
+        let fp8_block = 12 * h * h + (9 + 5 + 4 + 4) * h * 4;
+        assert_eq!(fp8_block, 201_687_040);
+        // An f16 block: 12·H² weights + 5H biases in f16, fc1's bias and the layernorms in f32:
+        // 402,653,184 + 10·4096 + 32·4096 = 402,825,216 bytes.
+        let f16_block = (12 * h * h + 5 * h) * 2 + (4 + 4) * h * 4;
+        assert_eq!(f16_block, 402_825_216);
+        // 2,055,208,960 + 65,536 + 15·201,687,040 + 15·402,825,216.
+        assert_eq!(alt, emb + ends + 15 * fp8_block + 15 * f16_block);
+        assert_eq!(alt, 11_122_958_336);
+        // Halfway between f16 (14.14 GB) and fp8 (8.11 GB): the block weights at 0.75× f16's.
+        let (f16, fp8) = (
+            device_weight_bytes(&cfg, WeightFormat::Half, 2),
+            device_weight_bytes(&cfg, WeightFormat::Fp8(Fp8Blocks::All), 2),
+        );
+        assert_eq!(2 * alt, f16 + fp8);
+        let ratio = (alt - emb) as f64 / (f16 - emb) as f64;
+        assert!((0.75..0.751).contains(&ratio), "{ratio}");
     }
 
     #[test]
