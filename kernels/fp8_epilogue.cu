@@ -13,7 +13,8 @@
 //   blockIdx.y, blockIdx.y + gridDim.y, …, so its column scales and bias are loaded once.
 //   Needs N % 4 == 0, acc 16-byte and y 8-byte aligned (the launcher checks).
 // Idea: an elementwise pass over the f32 sums (4 + 2 bytes per output): what cuBLASLt's
-//   outer-vector scale mode would do inside the GEMM (docs/fp8.md, the next step).
+//   outer-vector scale mode would do inside the GEMM (docs/fp8.md). Used for QKV, FC1 and the
+//   last block's FC2; the attention output and the other FC2s take the fused kernel below.
 // Numerics: f32; the unscaled sums reach K·448² ≈ 3.3e9 at K = 16384, beyond f16: hence f32.
 // Caller: src/backend/cuda/ops.rs `fp8_epilogue` (src/backend/cuda/model.rs's FP8 linear).
 #include "common.cuh"
@@ -51,3 +52,70 @@ extern "C" __global__ void fp8_epilogue_bf16(const float* acc, const float* sx, 
                                              const float* b, __nv_bfloat16* y, int rows, int N) {
     fp8_epilogue(acc, sx, sw, b, y, rows, N);
 }
+
+// fp8_epilogue_add_layernorm<C>_<T> — the epilogue fused into the residual add + layernorm that
+// follows the attention output and MLP down projections (never run on a GPU):
+//   x[t] += acc[t]·(sx[t]·sw) + b, then a[t] = LN(x[t]) (w, b_ln; biased variance), each
+//   epilogue operation rounded in f32 in the order above, y never rounded to T — exactly
+//   `Fp8Linear`'s accumulate (the emulation adds its f32 y to the residual stream), where the
+//   unfused path rounds y to T first. Saves the epilogue's pass (acc read, y written and read
+//   again: 4 + 2 + 2 bytes per element). Layout: x [T, H] f32 in place; acc [T, H] f32; sx [T],
+//   sw [H], b [H] (the linear's bias), w, b_ln [H] f32; a [T, H] T. H % 8 == 0; the row in
+//   registers as the vec row kernels (common.cuh "Register-resident rows"): grid (T), block
+//   NT = 32·⌈H/(8·C·32)⌉ ≤ 256, 16-byte accesses.
+template <typename T, int C>
+__device__ void fp8_epilogue_add_layernorm(float* __restrict__ x, const float* __restrict__ acc,
+                                           const float* __restrict__ sx, const float* __restrict__ sw,
+                                           const float* __restrict__ b, const float* __restrict__ w_ln,
+                                           const float* __restrict__ b_ln, T* __restrict__ a, int H,
+                                           float eps) {
+    __shared__ float scratch[32];
+    const long base = (long)blockIdx.x * H;
+    const float s = sx[blockIdx.x];
+    float v[C][8] = {}, r[C][8] = {};  // zeros outside the row: the statistics need them
+#pragma unroll
+    for (int c = 0; c < C; ++c) {  // every load issued before any is used
+        const int i = chunk_start(c);
+        if (i < H) {
+            load8(x + base + i, v[c]);
+            load8(acc + base + i, r[c]);
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = chunk_start(c);
+        if (i < H) {
+            float ws[8], bs[8];
+            load8(sw + i, ws);
+            load8(b + i, bs);
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                v[c][j] = __fadd_rn(v[c][j], __fadd_rn(__fmul_rn(r[c][j], __fmul_rn(s, ws[j])), bs[j]));
+            store8(x + base + i, v[c]);
+        }
+    }
+    float mean, rstd;
+    reg_row_stats<C>(v, H, eps, scratch, mean, rstd);
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = chunk_start(c);
+        if (i < H) {
+            float o[8];
+            normalize8(v[c], mean, rstd, w_ln, b_ln, i, o);
+            store8(a + base + i, o);
+        }
+    }
+}
+
+#define FP8_EPILOGUE_ADD_LAYERNORM(C, SUFFIX, T)                                                  \
+    extern "C" __global__ void fp8_epilogue_add_layernorm##C##_##SUFFIX(                          \
+        float* x, const float* acc, const float* sx, const float* sw, const float* b,            \
+        const float* w_ln, const float* b_ln, T* a, int H, float eps) {                          \
+        fp8_epilogue_add_layernorm<T, C>(x, acc, sx, sw, b, w_ln, b_ln, a, H, eps);              \
+    }
+FP8_EPILOGUE_ADD_LAYERNORM(1, f16, __half)
+FP8_EPILOGUE_ADD_LAYERNORM(2, f16, __half)
+FP8_EPILOGUE_ADD_LAYERNORM(4, f16, __half)
+FP8_EPILOGUE_ADD_LAYERNORM(1, bf16, __nv_bfloat16)
+FP8_EPILOGUE_ADD_LAYERNORM(2, bf16, __nv_bfloat16)
+FP8_EPILOGUE_ADD_LAYERNORM(4, bf16, __nv_bfloat16)

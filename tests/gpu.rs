@@ -1377,11 +1377,79 @@ fn fp8_linear_case(g: &Gpu) {
     assert_no_failures(&failures);
 }
 
+/// The epilogue fused into the residual add + layernorm (dense and FC2 of an FP8 block): x
+/// bit for bit against `Fp8Linear`'s accumulate written out here (y = acc·(sx·sw) + b, then
+/// x + y, each rounded in f32 in that order: IEEE operations on both sides, so equal bits), a
+/// against the CPU layernorm of that x with `tol` (rounded to T once; only the statistics'
+/// summation order differs). Rows in registers at every chunk count of the vec kernels.
+fn fp8_epilogue_add_layernorm_case<T: Act>(g: &Gpu) {
+    let eps = 1e-5;
+    for (rows, h) in [
+        (3usize, 16usize),
+        (37, 1024),
+        (5, 2064),
+        (9, 4096),
+        (2, 6144),
+    ] {
+        let label = format!("fp8_epilogue_add_layernorm_{} rows {rows} H {h}", T::SUFFIX);
+        let x = rand(rows * h, 71, 3.0);
+        // unscaled E4M3 sums (up to ~K·448² in the forward), scales making y O(1)
+        let acc = rand(rows * h, 72, 3e6);
+        let sx: Vec<f32> = rand(rows, 73, 1e-2)
+            .iter()
+            .map(|v| v.abs() + 1e-4)
+            .collect();
+        let sw: Vec<f32> = rand(h, 74, 1e-4).iter().map(|v| v.abs() + 1e-6).collect();
+        let (b, b_ln) = (rand(h, 75, 0.5), rand(h, 76, 0.2));
+        let w_ln: Vec<f32> = rand(h, 77, 1.0).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let (dsw, db, dw_ln, db_ln) = (up32(g, &sw), up32(g, &b), up32(g, &w_ln), up32(g, &b_ln));
+        let (dacc, dsx) = (up32(g, &acc), up32(g, &sx));
+        let mut dx = up32(g, &x);
+        let mut da = poison::<T>(g, rows * h);
+        g.k.fp8_epilogue_add_layernorm(
+            &g.s,
+            &mut dx,
+            (&dacc, &dsx),
+            (&dsw, &db),
+            (&dw_ln, &db_ln),
+            &mut da,
+            rows,
+            h,
+            eps,
+        )
+        .unwrap();
+        let want_x: Vec<f32> = (0..rows * h)
+            .map(|i| {
+                let (t, o) = (i / h, i % h);
+                x[i] + (acc[i] * (sx[t] * sw[o]) + b[o])
+            })
+            .collect();
+        let got_x = g.s.clone_dtoh(&dx).unwrap();
+        if let Some(i) = (0..rows * h).find(|&i| got_x[i].to_bits() != want_x[i].to_bits()) {
+            panic!(
+                "{label}: x[{i}] {} vs {} (must be equal)",
+                got_x[i], want_x[i]
+            );
+        }
+        let mut want = vec![0f32; rows * h];
+        cpu::layernorm::layernorm(&want_x, &w_ln, &b_ln, eps, &mut want);
+        assert_close(
+            &format!("{label} a"),
+            &down(g, &da),
+            &want,
+            tol::<T>(),
+            tol::<T>(),
+        );
+    }
+}
+
 #[test]
 fn fp8_gemm_matches_the_emulation() {
     let Some(g) = gpu() else { return };
     fp8_epilogue_case::<half::f16>(&g);
     fp8_epilogue_case::<half::bf16>(&g);
+    fp8_epilogue_add_layernorm_case::<half::f16>(&g);
+    fp8_epilogue_add_layernorm_case::<half::bf16>(&g);
     fp8_linear_case(&g);
 }
 

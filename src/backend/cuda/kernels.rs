@@ -142,7 +142,16 @@ pub const KERNELS: &[KernelSource] = &[
     KernelSource {
         file: "fp8_epilogue.cu",
         source: include_str!("../../../kernels/fp8_epilogue.cu"),
-        functions: &["fp8_epilogue_f16", "fp8_epilogue_bf16"],
+        functions: &[
+            "fp8_epilogue_f16",
+            "fp8_epilogue_bf16",
+            "fp8_epilogue_add_layernorm1_f16",
+            "fp8_epilogue_add_layernorm2_f16",
+            "fp8_epilogue_add_layernorm4_f16",
+            "fp8_epilogue_add_layernorm1_bf16",
+            "fp8_epilogue_add_layernorm2_bf16",
+            "fp8_epilogue_add_layernorm4_bf16",
+        ],
     },
     KernelSource {
         file: "convert.cu",

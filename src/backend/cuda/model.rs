@@ -721,15 +721,66 @@ impl<T: Act> CudaModel<T> {
                 g.cublaslt.linear(x, w, b.as_ref(), y, t, n_in, n_out)
             }
             Linear::Fp8 { w, sw, b } => {
-                let f = g
-                    .fp8
-                    .as_mut()
-                    .ok_or_else(|| Error::Cuda("fp8 linear layer without its scratch".into()))?;
-                k.fp8_quantize_rows(s, x, &mut f.xq, &mut f.sx, t, n_in)?; // xq, sx
-                g.cublaslt
-                    .fp8_product(&f.xq, w, &mut f.acc, t, n_in, n_out)?; // acc = xq·wᵀ
+                let f = self.fp8_sums(g, x, w, t, n_in, n_out)?;
                 k.fp8_epilogue(s, &f.acc, &f.sx, sw, b.as_ref(), y, t, n_out) // y = acc·sx·sw + b
             }
+        }
+    }
+
+    /// An FP8 layer's input quantized per token and its unscaled product sums: the scratch's
+    /// acc = xq·wᵀ [T, n_out] f32 and sx [T].
+    fn fp8_sums<'g>(
+        &self,
+        g: &'g mut Gemms,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<u8>,
+        t: usize,
+        n_in: usize,
+        n_out: usize,
+    ) -> Result<&'g Fp8Scratch> {
+        let f = g
+            .fp8
+            .as_mut()
+            .ok_or_else(|| Error::Cuda("fp8 linear layer without its scratch".into()))?;
+        let (k, s) = (&self.kernels, &self.stream);
+        k.fp8_quantize_rows(s, x, &mut f.xq, &mut f.sx, t, n_in)?; // xq, sx
+        g.cublaslt
+            .fp8_product(&f.xq, w, &mut f.acc, t, n_in, n_out)?; // acc = xq·wᵀ
+        Ok(f)
+    }
+
+    /// x += lin(input); a = LN(x): the residual add and layernorm after the attention output
+    /// and the MLP down projection (`y` [T, H] scratch). An FP8 layer's epilogue is fused into
+    /// them where the row fits the vec kernels (x += acc·(sx·sw) + b in f32, y never rounded to
+    /// T: the emulation's order); else the layer writes y in T and the add follows, by the
+    /// row kernels chosen (`vec`).
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm(
+        &self,
+        g: &mut Gemms,
+        input: &CudaSlice<T>,
+        lin: &Linear<T>,
+        y: &mut CudaSlice<T>,
+        x: &mut CudaSlice<f32>,
+        ln: &Norm,
+        a: &mut CudaSlice<T>,
+        t: usize,
+        n_in: usize,
+        vec: bool,
+    ) -> Result<()> {
+        let (k, s, h, eps) = (&self.kernels, &self.stream, self.cfg.hidden, self.cfg.eps);
+        if let Linear::Fp8 { w, sw, b: Some(b) } = lin {
+            if vec_rows(h).is_some() {
+                let f = self.fp8_sums(g, input, w, t, n_in, h)?;
+                let (sums, lnw) = ((&f.acc, &f.sx), (&ln.w, &ln.b));
+                return k.fp8_epilogue_add_layernorm(s, x, sums, (sw, b), lnw, a, t, h, eps);
+            }
+        }
+        self.linear(g, input, lin, y, t, n_in, h)?;
+        if vec {
+            k.add_layernorm_vec(s, x, y, &ln.w, &ln.b, a, t, h, eps)
+        } else {
+            k.add_layernorm(s, x, Some(y), &ln.w, &ln.b, a, t, h, eps)
         }
     }
 
@@ -786,13 +837,6 @@ impl<T: Act> CudaModel<T> {
             Ok(())
         };
         look(0, &st.x)?;
-        let add_layernorm = |x: &mut CudaSlice<f32>, y: &CudaSlice<T>, ln: &Norm, a: &mut _| {
-            if vec {
-                k.add_layernorm_vec(s, x, y, &ln.w, &ln.b, a, t, h, eps)
-            } else {
-                k.add_layernorm(s, x, Some(y), &ln.w, &ln.b, a, t, h, eps)
-            }
-        };
         if !vec {
             k.add_layernorm::<T>(s, &mut st.x, None, &first.w, &first.b, &mut st.a, t, h, eps)?;
             // a = LN1(x)
@@ -814,18 +858,24 @@ impl<T: Act> CudaModel<T> {
                 }
                 _ => k.alibi_attention(s, qkv, cu, s_count, ctx, t, n, d)?,
             } // ctx [T, H]
-            self.linear(&mut st.gemms, &st.ctx, &blk.dense, &mut st.y, t, h, h)?; // [T, H]
-            add_layernorm(&mut st.x, &st.y, &blk.ln2, &mut st.a)?; // x += y; a = LN2(x)
+            let (g, x, y, a) = (&mut st.gemms, &mut st.x, &mut st.y, &mut st.a);
+            self.residual_layernorm(g, &st.ctx, &blk.dense, y, x, &blk.ln2, a, t, h, vec)?;
+            // x += dense(ctx); a = LN2(x)
             self.linear(&mut st.gemms, &st.a, &blk.fc1, &mut st.m, t, h, f)?; // [T, F]
             if vec {
                 k.bias_gelu_vec(s, &mut st.m, &blk.fc1_b, t)?; // m = gelu(m + b1)
             } else {
                 k.bias_gelu(s, &mut st.m, &blk.fc1_b, t)?;
             }
-            self.linear(&mut st.gemms, &st.m, &blk.fc2, &mut st.y, t, f, h)?; // [T, H]
-            if let Some(next) = self.blocks.get(l + 1) {
-                add_layernorm(&mut st.x, &st.y, &next.ln1, &mut st.a)?; // x += y; a = LN1'(x)
-                look(l + 1, &st.x)?;
+            let (g, x, y, a) = (&mut st.gemms, &mut st.x, &mut st.y, &mut st.a);
+            match self.blocks.get(l + 1) {
+                Some(next) => {
+                    self.residual_layernorm(g, &st.m, &blk.fc2, y, x, &next.ln1, a, t, f, vec)?;
+                    // x += fc2(m); a = LN1'(x)
+                    look(l + 1, &st.x)?;
+                }
+                // [T, H]: the last block's output, added to x by the final layernorm below
+                None => self.linear(g, &st.m, &blk.fc2, y, t, f, h)?,
             }
         }
         // x + y of the last block (the config guarantees L ≥ 1), LN_f, weighted mean: [S, H]

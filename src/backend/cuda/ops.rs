@@ -1311,6 +1311,54 @@ impl Kernels {
             .map_err(|e| err("fp8_epilogue", e))
     }
 
+    /// `fp8_epilogue_add_layernorm<C>_<T>(float* x, const float* acc, const float* sx,
+    ///  const float* sw, const float* b, const float* w_ln, const float* b_ln, T* a, int H,
+    ///  float eps)` — x += acc·(sx·sw) + b in f32, then a = LN(x): an FP8 linear layer's epilogue
+    /// fused into the residual add + layernorm after it. H must suit [`vec_rows`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_epilogue_add_layernorm<T: Act>(
+        &self,
+        s: &Arc<CudaStream>,
+        x: &mut CudaSlice<f32>,
+        (acc, sx): (&CudaSlice<f32>, &CudaSlice<f32>),
+        (sw, b): (&CudaSlice<f32>, &CudaSlice<f32>),
+        (w_ln, b_ln): (&CudaSlice<f32>, &CudaSlice<f32>),
+        a: &mut CudaSlice<T>,
+        tokens: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let what = "fp8_epilogue_add_layernorm";
+        let (cfg, c) = vec_row_launch(tokens, h, what)?;
+        let n = tokens * h;
+        check(
+            x.len() >= n && acc.len() >= n && sx.len() >= tokens && a.len() >= n,
+            || format!("{what}: buffers too small"),
+        )?;
+        check([sw, b, w_ln, b_ln].iter().all(|v| v.len() == h), || {
+            format!("{what}: bad weight sizes")
+        })?;
+        check_aligned16(s, what, &[&*a], &[acc, sw, b, w_ln, b_ln, &*x])?;
+        let (hi, f) = (h as i32, self.get(&format!("{what}{c}_{}", T::SUFFIX))?);
+        // SAFETY: sizes and alignment checked above; argument order as in the signature.
+        unsafe {
+            s.launch_builder(f)
+                .arg(x)
+                .arg(acc)
+                .arg(sx)
+                .arg(sw)
+                .arg(b)
+                .arg(w_ln)
+                .arg(b_ln)
+                .arg(a)
+                .arg(&hi)
+                .arg(&eps)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(|e| err(what, e))
+    }
+
     /// `convert_<src>_<dst>(const S* src, D* dst, long n)` — element type conversion of `n`
     /// elements; `src_name`/`dst_name` ∈ {f32, f16, bf16}, different.
     pub fn convert<S, D>(
