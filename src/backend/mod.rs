@@ -143,7 +143,9 @@ pub enum RowKernel {
     /// Rows held in registers, 16-byte loads and stores, the first block's input layernorm
     /// fused into the embedding's, GELU through one exp2 instead of tanh, pooling with eight
     /// tokens in flight per column. On trial: never run on a GPU yet; hidden sizes that are not
-    /// a multiple of 8 fall back to v1.
+    /// a multiple of 8 fall back to v1. (`--dtype fp8` fuses its attention-output and FC2
+    /// epilogues into a register-row add + layernorm of its own whatever this choice: part of
+    /// the FP8 path, itself on trial; docs/fp8.md.)
     Vec,
 }
 

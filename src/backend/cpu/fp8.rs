@@ -204,6 +204,13 @@ impl Fp8Linear {
     }
 }
 
+/// One output of the FP8 GEMM from its unscaled sum: `acc·(sx·sw) + b`, each operation rounded
+/// in f32 in that order (the GPU's epilogues use the same order, bit for bit).
+#[inline(always)]
+pub fn epilogue(acc: f32, sx: f32, sw: f32, b: f32) -> f32 {
+    acc * (sx * sw) + b
+}
+
 impl LinearKernel for Fp8Linear {
     fn forward(&self, x: &[f32], b: &[f32], out: &mut [f32], accumulate: bool) {
         let (n_out, n_in) = (self.scales.len(), self.n_in);
@@ -225,7 +232,7 @@ impl LinearKernel for Fp8Linear {
             .zip(&sx)
             .for_each(|((o, a), &s)| {
                 for j in 0..n_out {
-                    let y = a[j] * (s * self.scales[j]) + b[j];
+                    let y = epilogue(a[j], s, self.scales[j], b[j]);
                     o[j] = if accumulate { o[j] + y } else { y };
                 }
             });
