@@ -70,15 +70,7 @@ __device__ void add_layernorm_vec(float* __restrict__ x, const T* __restrict__ y
     }
     float mean, rstd;
     reg_row_stats<C>(v, H, eps, scratch, mean, rstd);
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-        const int i = chunk_start(c);
-        if (i < H) {
-            float o[8];
-            normalize8(v[c], mean, rstd, w, b, i, o);
-            store8(a + base + i, o);
-        }
-    }
+    store_normalized<T, C>(v, mean, rstd, w, b, a + base, H);
 }
 
 #define ADD_LAYERNORM_VEC(C, SUFFIX, T)                                                          \

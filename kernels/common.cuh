@@ -208,3 +208,19 @@ __device__ __forceinline__ void normalize8(const float* v, float mean, float rst
 #pragma unroll
     for (int j = 0; j < 8; ++j) o[j] = (v[j] - mean) * rstd * wv[j] + bv[j];
 }
+
+// out = LayerNorm(row) (w, b) for a register-resident row whose statistics are known: each
+// thread's chunks, rounded to T, 16-byte stores. `out` is the row's first element.
+template <typename T, int C>
+__device__ __forceinline__ void store_normalized(const float (&v)[C][8], float mean, float rstd,
+                                                 const float* w, const float* b, T* out, int H) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = chunk_start(c);
+        if (i < H) {
+            float o[8];
+            normalize8(v[c], mean, rstd, w, b, i, o);
+            store8(out + i, o);
+        }
+    }
+}

@@ -68,15 +68,7 @@ __device__ void embedding_layernorm_vec(const u32* __restrict__ ids, const T* __
         }
     }
     reg_row_stats<C>(v, H, eps, scratch, mean, rstd);
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-        const int i = chunk_start(c);
-        if (i < H) {
-            float o[8];
-            normalize8(v[c], mean, rstd, w1, b1, i, o);
-            store8(a + t * H + i, o);
-        }
-    }
+    store_normalized<T, C>(v, mean, rstd, w1, b1, a + t * H, H);
 }
 
 #define EMBEDDING_LAYERNORM_VEC(C, SUFFIX, T)                                                    \

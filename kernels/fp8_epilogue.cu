@@ -96,15 +96,7 @@ __device__ void fp8_epilogue_add_layernorm(float* __restrict__ x, const float* _
     }
     float mean, rstd;
     reg_row_stats<C>(v, H, eps, scratch, mean, rstd);
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-        const int i = chunk_start(c);
-        if (i < H) {
-            float o[8];
-            normalize8(v[c], mean, rstd, w_ln, b_ln, i, o);
-            store8(a + base + i, o);
-        }
-    }
+    store_normalized<T, C>(v, mean, rstd, w_ln, b_ln, a + base, H);
 }
 
 #define FP8_EPILOGUE_ADD_LAYERNORM(C, SUFFIX, T)                                                  \

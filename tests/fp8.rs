@@ -15,6 +15,14 @@ use sgpt::backend::cuda::device::GpuDtype;
 use sgpt::engine::{Device, Embedder, EngineOptions};
 use sgpt::model::tokenize::Kind;
 
+/// The largest 1 − cosine between matching rows (texts) of two [n, h] embedding sets.
+fn worst_text(x: &[f32], y: &[f32], h: usize) -> f64 {
+    x.chunks(h)
+        .zip(y.chunks(h))
+        .map(|(p, q)| 1.0 - cosine(p, q))
+        .fold(0.0, f64::max)
+}
+
 fn sgpt(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sgpt"))
         .args(args)
@@ -183,12 +191,7 @@ fn emulation_matches_an_independent_reference() {
         per_tensor.embed(&batch).unwrap(),
     );
     let h = cfg.hidden;
-    let worst = |x: &[f32], y: &[f32]| -> f64 {
-        x.chunks(h)
-            .zip(y.chunks(h))
-            .map(|(p, q)| 1.0 - cosine(p, q))
-            .fold(0.0, f64::max)
-    };
+    let worst = |x: &[f32], y: &[f32]| worst_text(x, y, h);
     let (vs_ref, vs_f32, vs_tensor) = (worst(&a, &r), worst(&a, &f), worst(&a, &t));
     let max_abs = a
         .iter()
@@ -264,12 +267,7 @@ fn alternate_emulation_matches_the_reference_in_odd_blocks() {
             all.embed(&batch).unwrap(),
         );
         let h = cfg.hidden;
-        let worst = |x: &[f32], y: &[f32]| -> f64 {
-            x.chunks(h)
-                .zip(y.chunks(h))
-                .map(|(p, q)| 1.0 - cosine(p, q))
-                .fold(0.0, f64::max)
-        };
+        let worst = |x: &[f32], y: &[f32]| worst_text(x, y, h);
         let (vs_ref, vs_f32, vs_all) = (worst(&a, &r), worst(&a, &f), worst(&a, &q));
         let (i, got, want) = worst_element(&a, &r);
         let name = model.file_name().unwrap().to_string_lossy().into_owned();
