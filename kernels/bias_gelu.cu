@@ -56,11 +56,6 @@ extern "C" __global__ void bias_gelu_bf16(__nv_bfloat16* m, const float* b, long
     bias_gelu(m, b, n, F);
 }
 
-__device__ __forceinline__ float gelu_bloom_fast(float v) {
-    const float k = -2.f * 0.79788456f * 1.44269504f;
-    return __fdividef(v, 1.f + exp2_fast(v * (1.f + 0.044715f * v * v) * k));
-}
-
 template <typename T>
 __device__ void bias_gelu_vec(T* __restrict__ m, const float* __restrict__ b, int F) {
     const int i = (blockIdx.y * blockDim.x + threadIdx.x) * 8;

@@ -140,6 +140,14 @@ __device__ __forceinline__ float exp2_fast(float x) {
     return y;
 }
 
+// BLOOM's GELU as v / (1 + 2^(v·(1 + 0.044715·v²)·k)), k = −2·0.79788456·log2(e): the identity
+// 0.5·(1 + tanh(u)) = 1/(1 + e^(−2u)), one ex2.approx and one fast division; its error and
+// limits are in bias_gelu.cu's header (bias_gelu_vec, and the FP8 path's fused GELU).
+__device__ __forceinline__ float gelu_bloom_fast(float v) {
+    const float k = -2.f * 0.79788456f * 1.44269504f;
+    return __fdividef(v, 1.f + exp2_fast(v * (1.f + 0.044715f * v * v) * k));
+}
+
 // ---- Register-resident rows (the `vec` row kernels, on trial) ---------------------------------
 // One row of H values (H % 8 == 0, rows 16-byte aligned) per block, in chunks of 8 consecutive
 // values: thread i owns chunks i, i + NT, …, i + (C-1)·NT (NT = blockDim.x) of the H/8, so every

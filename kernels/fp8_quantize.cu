@@ -92,3 +92,70 @@ extern "C" __global__ void fp8_quantize_rows_f16(const __half* x, unsigned char*
 extern "C" __global__ void fp8_quantize_rows_bf16(const __nv_bfloat16* x, unsigned char* q, float* s, int n) {
     fp8_quantize_rows(x, q, s, n);
 }
+
+// fp8_gelu_quantize_rows<C> — FC1's epilogue, BLOOM's GELU and FC2's input quantization in one
+// pass (never run on a GPU): per row t of the FC1 sums acc [T, F] f32,
+//   m = gelu(acc·(sx[t]·sw) + b1) in f32 (the epilogue's order, then gelu_bloom_fast), then
+//   q[t] = e4m3(m / s'), s' = max(amax(m) / 448, FLT_MIN), exactly as fp8_quantize_rows above;
+//   sx [T] is read (FC1's input scales) and overwritten with s' (FC2's) — each block reads its
+//   own entry before the barriers of block_max and writes it after. Replaces the epilogue (acc
+//   read, m written in T), bias_gelu (m read and written) and the quantize pass (m read twice):
+//   4 + 1 bytes per element instead of 15. m is never rounded to T, as in the emulation (its FC1
+//   output is f32), which also adds the bias in the epilogue. Layout: sw, b1 [F] f32; q [T, F]
+//   codes. F % 8 == 0, rows in registers (common.cuh "Register-resident rows") with up to 8
+//   chunks of 8 per thread: grid (T), block NT = 32·⌈F/(8·C·32)⌉ ≤ 256.
+template <int C>
+__device__ void fp8_gelu_quantize_rows(const float* __restrict__ acc, float* __restrict__ sx,
+                                       const float* __restrict__ sw, const float* __restrict__ b1,
+                                       unsigned char* __restrict__ q, int F) {
+    __shared__ float scratch[32];
+    const long base = (long)blockIdx.x * F;
+    const float s_in = sx[blockIdx.x];
+    float v[C][8] = {};
+#pragma unroll
+    for (int c = 0; c < C; ++c) {  // every load issued before any is used
+        const int i = chunk_start(c);
+        if (i < F) load8(acc + base + i, v[c]);
+    }
+    float m = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = chunk_start(c);
+        if (i < F) {
+            float ws[8], bs[8];
+            load8(sw + i, ws);
+            load8(b1 + i, bs);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                v[c][j] = gelu_bloom_fast(__fadd_rn(__fmul_rn(v[c][j], __fmul_rn(s_in, ws[j])), bs[j]));
+                m = fmaxf(m, fabsf(v[c][j]));
+            }
+        }
+    }
+    const float amax = block_max(m, scratch);
+    const float s = fmaxf(__fdiv_rn(amax, 448.f), __int_as_float(0x00800000));  // FLT_MIN, 2^-126
+    if (threadIdx.x == 0) sx[blockIdx.x] = s;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = chunk_start(c);
+        if (i < F) {
+            u32 lo = 0, hi = 0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                lo |= (u32)e4m3_code(__fdiv_rn(v[c][j], s)) << (8 * j);
+                hi |= (u32)e4m3_code(__fdiv_rn(v[c][j + 4], s)) << (8 * j);
+            }
+            *reinterpret_cast<uint2*>(q + base + i) = make_uint2(lo, hi);
+        }
+    }
+}
+
+#define FP8_GELU_QUANTIZE_ROWS(C)                                                                 \
+    extern "C" __global__ void fp8_gelu_quantize_rows##C(const float* acc, float* sx, const float* sw, \
+                                                         const float* b1, unsigned char* q, int F) { \
+        fp8_gelu_quantize_rows<C>(acc, sx, sw, b1, q, F);                                        \
+    }
+FP8_GELU_QUANTIZE_ROWS(1)
+FP8_GELU_QUANTIZE_ROWS(2)
+FP8_GELU_QUANTIZE_ROWS(4)
+FP8_GELU_QUANTIZE_ROWS(8)

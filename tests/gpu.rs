@@ -1445,9 +1445,79 @@ fn fp8_epilogue_add_layernorm_case<T: Act>(g: &Gpu) {
     }
 }
 
+/// FC1's epilogue, GELU and FC2's input quantization in one kernel, against the emulation's
+/// steps: m = gelu_fast(epilogue(acc, sx, sw, b1)) in f32, then `fp8::quantize` per token.
+/// The GPU's GELU (ex2.approx, a fast division) is within ~1.4e-6 relative of the CPU's, so a
+/// scale may differ by that much and a code may round the other way at a midpoint: the bars
+/// are the scale to 1e-5 relative and each decoded value within half an E4M3 step of the CPU's
+/// m (2^-4 relative for normals, 2^-10·scale absolute for subnormals) with 1e-4 slack — far
+/// below what a wrong column, row or bias gives (it would be off by O(m)).
+fn fp8_gelu_quantize_case(g: &Gpu) {
+    use sgpt::backend::cpu::fp8::{epilogue, from_e4m3, quantize, ActScale};
+    for (rows, f) in [
+        (3usize, 64usize),
+        (9, 4 * 264),
+        (5, 4 * 1024),
+        (4, 16384),
+        (2, 4 * 4104),
+    ] {
+        if sgpt::backend::cuda::ops::fp8_gelu_rows(f).is_none() {
+            continue; // 16416: beyond the kernel (the forward keeps its unfused path there)
+        }
+        let label = format!("fp8_gelu_quantize_rows rows {rows} F {f}");
+        let acc = rand(rows * f, 81, 3e6);
+        let sx: Vec<f32> = rand(rows, 82, 1e-2)
+            .iter()
+            .map(|v| v.abs() + 1e-4)
+            .collect();
+        let sw: Vec<f32> = rand(f, 83, 1e-4).iter().map(|v| v.abs() + 1e-6).collect();
+        let b1 = rand(f, 84, 0.5);
+        let mut dsx = up32(g, &sx);
+        let mut q = g.s.clone_htod(&vec![0x7Fu8; rows * f]).unwrap(); // NaN codes: poison
+        let (dsw, db1) = (up32(g, &sw), up32(g, &b1));
+        g.k.fp8_gelu_quantize_rows(
+            &g.s,
+            &up32(g, &acc),
+            &mut dsx,
+            (&dsw, &db1),
+            &mut q,
+            rows,
+            f,
+        )
+        .unwrap();
+        let (codes, scales) = (g.s.clone_dtoh(&q).unwrap(), g.s.clone_dtoh(&dsx).unwrap());
+        let m: Vec<f32> = (0..rows * f)
+            .map(|i| {
+                let (t, o) = (i / f, i % f);
+                cpu::gelu::gelu_fast(epilogue(acc[i], sx[t], sw[o], b1[o]))
+            })
+            .collect();
+        let (_, want_scales) = quantize(&m, f, ActScale::PerToken);
+        for t in 0..rows {
+            let (got, want) = (scales[t], want_scales[t]);
+            assert!(
+                (got / want - 1.0).abs() <= 1e-5,
+                "{label}: scale of row {t}: {got} vs {want}"
+            );
+            for o in 0..f {
+                let i = t * f + o;
+                let deq = from_e4m3(codes[i]) * got;
+                let bar = (m[i].abs() / 16.0 + got / 1024.0) * (1.0 + 1e-4);
+                assert!(
+                    (deq - m[i]).abs() <= bar,
+                    "{label}: [{t}, {o}] code {:#04x} decodes to {deq}, m = {} (bar {bar})",
+                    codes[i],
+                    m[i]
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn fp8_gemm_matches_the_emulation() {
     let Some(g) = gpu() else { return };
+    fp8_gelu_quantize_case(&g);
     fp8_epilogue_case::<half::f16>(&g);
     fp8_epilogue_case::<half::bf16>(&g);
     fp8_epilogue_add_layernorm_case::<half::f16>(&g);

@@ -137,6 +137,10 @@ pub const KERNELS: &[KernelSource] = &[
             "fp8_quantize_rows_f32",
             "fp8_quantize_rows_f16",
             "fp8_quantize_rows_bf16",
+            "fp8_gelu_quantize_rows1",
+            "fp8_gelu_quantize_rows2",
+            "fp8_gelu_quantize_rows4",
+            "fp8_gelu_quantize_rows8",
         ],
     },
     KernelSource {

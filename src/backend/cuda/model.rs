@@ -21,8 +21,8 @@ use crate::backend::batch::PackedBatch;
 use crate::backend::cpu::fp8::Fp8Blocks;
 use crate::backend::cuda::gemm::{check_fp8_shape, Gemm};
 use crate::backend::cuda::ops::{
-    attention_mma2_tiles, skinny_fits, vec_rows, Act, Kernels, Mma2Tiles, ATTENTION_MMA2_DIMS,
-    ATTENTION_MMA_DIMS, SKINNY_MAX_ROWS,
+    attention_mma2_tiles, fp8_gelu_rows, skinny_fits, vec_rows, Act, Kernels, Mma2Tiles,
+    ATTENTION_MMA2_DIMS, ATTENTION_MMA_DIMS, SKINNY_MAX_ROWS,
 };
 use crate::backend::{AttentionKernel, GemmKernel, KernelChoices, RowKernel};
 use crate::error::{Error, Result};
@@ -288,6 +288,15 @@ struct Gemms {
     skinny_ws: Option<CudaSlice<f32>>,
     /// Only with `--dtype fp8` or `fp8-alternate`.
     fp8: Option<Fp8Scratch>,
+}
+
+impl Gemms {
+    /// cuBLASLt and the FP8 scratch, borrowed apart (an FP8 layer needs both).
+    fn fp8_parts(&mut self) -> Result<(&mut Gemm, &mut Fp8Scratch)> {
+        let f = self.fp8.as_mut();
+        let f = f.ok_or_else(|| Error::Cuda("fp8 linear layer without its scratch".into()))?;
+        Ok((&mut self.cublaslt, f))
+    }
 }
 
 /// Activation buffers and the GEMM plans: the mutable state of a forward.
@@ -721,7 +730,8 @@ impl<T: Act> CudaModel<T> {
                 g.cublaslt.linear(x, w, b.as_ref(), y, t, n_in, n_out)
             }
             Linear::Fp8 { w, sw, b } => {
-                let f = self.fp8_sums(g, x, w, t, n_in, n_out)?;
+                let (gemm, f) = g.fp8_parts()?;
+                self.fp8_sums(gemm, f, x, w, t, n_in, n_out)?;
                 k.fp8_epilogue(s, &f.acc, &f.sx, sw, b.as_ref(), y, t, n_out) // y = acc·sx·sw + b
             }
         }
@@ -729,24 +739,81 @@ impl<T: Act> CudaModel<T> {
 
     /// An FP8 layer's input quantized per token and its unscaled product sums: the scratch's
     /// acc = xq·wᵀ [T, n_out] f32 and sx [T].
-    fn fp8_sums<'g>(
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_sums(
         &self,
-        g: &'g mut Gemms,
+        gemm: &mut Gemm,
+        f: &mut Fp8Scratch,
         x: &CudaSlice<T>,
         w: &CudaSlice<u8>,
         t: usize,
         n_in: usize,
         n_out: usize,
-    ) -> Result<&'g Fp8Scratch> {
-        let f = g
-            .fp8
-            .as_mut()
-            .ok_or_else(|| Error::Cuda("fp8 linear layer without its scratch".into()))?;
+    ) -> Result<()> {
         let (k, s) = (&self.kernels, &self.stream);
         k.fp8_quantize_rows(s, x, &mut f.xq, &mut f.sx, t, n_in)?; // xq, sx
-        g.cublaslt
-            .fp8_product(&f.xq, w, &mut f.acc, t, n_in, n_out)?; // acc = xq·wᵀ
-        Ok(f)
+        gemm.fp8_product(&f.xq, w, &mut f.acc, t, n_in, n_out) // acc = xq·wᵀ
+    }
+
+    /// The MLP and the residual after it: x += fc2(gelu(fc1(a) + b1)), then a = the next
+    /// block's LN1(x) — or, after the last block (`next` None), y = the MLP's output, which the
+    /// final layernorm adds. An FP8 block whose rows fit runs FC1's epilogue, the GELU and
+    /// FC2's input quantization as one kernel and FC2's epilogue inside the add + layernorm: m
+    /// is never written (the emulation's f32 order, docs/fp8.md). `m` [T, F] is scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp(
+        &self,
+        g: &mut Gemms,
+        blk: &Block<T>,
+        (x, a, m, y): (
+            &mut CudaSlice<f32>,
+            &mut CudaSlice<T>,
+            &mut CudaSlice<T>,
+            &mut CudaSlice<T>,
+        ),
+        next: Option<&Norm>,
+        t: usize,
+        vec: bool,
+    ) -> Result<()> {
+        let (k, s, h, eps) = (&self.kernels, &self.stream, self.cfg.hidden, self.cfg.eps);
+        let f = 4 * h;
+        let fits = fp8_gelu_rows(f).is_some() && vec_rows(h).is_some();
+        if let (
+            Linear::Fp8 { w: w1, sw: sw1, .. },
+            Linear::Fp8 {
+                w: w2,
+                sw: sw2,
+                b: Some(b2),
+            },
+        ) = (&blk.fc1, &blk.fc2)
+        {
+            if fits {
+                let (gemm, sc) = g.fp8_parts()?;
+                self.fp8_sums(gemm, sc, a, w1, t, h, f)?; // FC1's sums and input scales
+                let fc1 = (sw1, &blk.fc1_b);
+                k.fp8_gelu_quantize_rows(s, &sc.acc, &mut sc.sx, fc1, &mut sc.xq, t, f)?;
+                // xq, sx: FC2's quantized input
+                gemm.fp8_product(&sc.xq, w2, &mut sc.acc, t, f, h)?; // FC2's sums
+                let sums = (&sc.acc, &sc.sx);
+                return match next {
+                    Some(ln) => {
+                        let lnw = (&ln.w, &ln.b);
+                        k.fp8_epilogue_add_layernorm(s, x, sums, (sw2, b2), lnw, a, t, h, eps)
+                    }
+                    None => k.fp8_epilogue(s, sums.0, sums.1, sw2, Some(b2), y, t, h),
+                };
+            }
+        }
+        self.linear(g, a, &blk.fc1, m, t, h, f)?; // [T, F]
+        if vec {
+            k.bias_gelu_vec(s, m, &blk.fc1_b, t)?; // m = gelu(m + b1)
+        } else {
+            k.bias_gelu(s, m, &blk.fc1_b, t)?;
+        }
+        match next {
+            Some(ln) => self.residual_layernorm(g, m, &blk.fc2, y, x, ln, a, t, f, vec),
+            None => self.linear(g, m, &blk.fc2, y, t, f, h),
+        }
     }
 
     /// x += lin(input); a = LN(x): the residual add and layernorm after the attention output
@@ -771,7 +838,8 @@ impl<T: Act> CudaModel<T> {
         let (k, s, h, eps) = (&self.kernels, &self.stream, self.cfg.hidden, self.cfg.eps);
         if let Linear::Fp8 { w, sw, b: Some(b) } = lin {
             if vec_rows(h).is_some() {
-                let f = self.fp8_sums(g, input, w, t, n_in, h)?;
+                let (gemm, f) = g.fp8_parts()?;
+                self.fp8_sums(gemm, f, input, w, t, n_in, h)?;
                 let (sums, lnw) = ((&f.acc, &f.sx), (&ln.w, &ln.b));
                 return k.fp8_epilogue_add_layernorm(s, x, sums, (sw, b), lnw, a, t, h, eps);
             }
@@ -796,9 +864,8 @@ impl<T: Act> CudaModel<T> {
         max_len: usize,
         mut observe: Option<Observer>,
     ) -> Result<()> {
-        let (h, f, n, d, eps) = (
+        let (h, n, d, eps) = (
             self.cfg.hidden,
-            4 * self.cfg.hidden,
             self.cfg.heads,
             self.cfg.head_dim(),
             self.cfg.eps,
@@ -861,21 +928,11 @@ impl<T: Act> CudaModel<T> {
             let (g, x, y, a) = (&mut st.gemms, &mut st.x, &mut st.y, &mut st.a);
             self.residual_layernorm(g, &st.ctx, &blk.dense, y, x, &blk.ln2, a, t, h, vec)?;
             // x += dense(ctx); a = LN2(x)
-            self.linear(&mut st.gemms, &st.a, &blk.fc1, &mut st.m, t, h, f)?; // [T, F]
-            if vec {
-                k.bias_gelu_vec(s, &mut st.m, &blk.fc1_b, t)?; // m = gelu(m + b1)
-            } else {
-                k.bias_gelu(s, &mut st.m, &blk.fc1_b, t)?;
-            }
-            let (g, x, y, a) = (&mut st.gemms, &mut st.x, &mut st.y, &mut st.a);
-            match self.blocks.get(l + 1) {
-                Some(next) => {
-                    self.residual_layernorm(g, &st.m, &blk.fc2, y, x, &next.ln1, a, t, f, vec)?;
-                    // x += fc2(m); a = LN1'(x)
-                    look(l + 1, &st.x)?;
-                }
-                // [T, H]: the last block's output, added to x by the final layernorm below
-                None => self.linear(g, &st.m, &blk.fc2, y, t, f, h)?,
+            let next = self.blocks.get(l + 1).map(|b| &b.ln1);
+            let bufs = (&mut st.x, &mut st.a, &mut st.m, &mut st.y);
+            self.mlp(&mut st.gemms, blk, bufs, next, t, vec)?; // x += mlp(a); a = LN1'(x)
+            if next.is_some() {
+                look(l + 1, &st.x)?;
             }
         }
         // x + y of the last block (the config guarantees L ≥ 1), LN_f, weighted mean: [S, H]

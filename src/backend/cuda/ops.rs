@@ -91,20 +91,34 @@ fn grid_stride(n: usize) -> LaunchConfig {
 }
 
 /// The shape of a `vec` row kernel's block for rows of `h` values, or None where the `vec`
-/// kernels do not apply (h not a multiple of 8, or over 4 chunks of 8 per thread of 256, i.e.
-/// h > 8192: 8 chunks took 156-172 registers and a third of the kernels' compile time for
-/// sizes no SGPT model has): (C, threads) with C the fewest chunks of 8 per thread out of 1,
-/// 2, 4 that lets ≤ 256 threads cover the row, and threads the next multiple of 32 (block_sum
-/// needs whole warps).
+/// kernels do not apply: [`register_rows`] with up to 4 chunks per thread, i.e. h ≤ 8192 (8
+/// chunks took 156-172 registers in the layernorms and a third of their compile time, for
+/// sizes no SGPT model has).
 pub fn vec_rows(h: usize) -> Option<(usize, u32)> {
-    if h == 0 || !h.is_multiple_of(8) {
+    register_rows(h, 4)
+}
+
+/// The block of a kernel that holds a row of `n` values in registers (common.cuh
+/// "Register-resident rows"), or None (n not a multiple of 8, or more than `max_chunks` chunks
+/// of 8 per thread of 256): (C, threads) with C the fewest chunks of 8 per thread out of 1, 2,
+/// 4, 8 (up to `max_chunks`) that lets ≤ 256 threads cover the row, and threads the next
+/// multiple of 32 (block_sum needs whole warps).
+pub fn register_rows(n: usize, max_chunks: usize) -> Option<(usize, u32)> {
+    if n == 0 || !n.is_multiple_of(8) {
         return None;
     }
-    let chunks = h / 8;
-    let c = [1usize, 2, 4]
+    let chunks = n / 8;
+    let c = [1usize, 2, 4, 8]
         .into_iter()
+        .filter(|&c| c <= max_chunks)
         .find(|c| chunks.div_ceil(*c) <= ROW_THREADS as usize)?;
     Some((c, (chunks.div_ceil(c).next_multiple_of(32)) as u32))
+}
+
+/// The FP8 MLP's fused FC1 epilogue + GELU + quantization ([`Kernels::fp8_gelu_quantize_rows`])
+/// takes rows of `f` values: up to 8 chunks of 8 per thread, f ≤ 16384 (bloom-7b1's 4H).
+pub fn fp8_gelu_rows(f: usize) -> Option<(usize, u32)> {
+    register_rows(f, 8)
 }
 
 /// One block of [`vec_rows`] threads per row; (config, C).
@@ -1249,6 +1263,57 @@ impl Kernels {
         .map_err(|e| err("fp8_quantize_rows", e))
     }
 
+    /// `fp8_gelu_quantize_rowsC(const float* acc, float* sx, const float* sw, const float* b1,
+    ///  unsigned char* q, int F)` — per row: m = gelu(acc·(sx·sw) + b1) in f32, then q = its
+    /// E4M3 codes and sx overwritten with its scale (FC1's epilogue, GELU and FC2's input
+    /// quantization in one pass). F must suit [`fp8_gelu_rows`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_gelu_quantize_rows(
+        &self,
+        s: &Arc<CudaStream>,
+        acc: &CudaSlice<f32>,
+        sx: &mut CudaSlice<f32>,
+        (sw, b1): (&CudaSlice<f32>, &CudaSlice<f32>),
+        q: &mut CudaSlice<u8>,
+        tokens: usize,
+        f: usize,
+    ) -> Result<()> {
+        let what = "fp8_gelu_quantize_rows";
+        let (c, threads) = fp8_gelu_rows(f).ok_or_else(|| {
+            Error::Cuda(format!(
+                "{what}: width {f} is not a multiple of 8 of at most 16384"
+            ))
+        })?;
+        let n = tokens * f;
+        check(
+            acc.len() >= n && q.len() >= n && sx.len() >= tokens && sw.len() == f && b1.len() == f,
+            || format!("{what}: buffer sizes do not fit {tokens} rows of {f}"),
+        )?;
+        check_aligned16(s, what, &[acc, sw], &[b1])?; // sx is read and written by element
+        check(aligned(s, q, 8), || {
+            format!("{what}: q is not 8-byte aligned")
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_x(tokens, what)?, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (fi, func) = (f as i32, self.get(&format!("{what}{c}"))?);
+        // SAFETY: sizes and alignment checked above; argument order as in the signature.
+        unsafe {
+            s.launch_builder(func)
+                .arg(acc)
+                .arg(sx)
+                .arg(sw)
+                .arg(b1)
+                .arg(q)
+                .arg(&fi)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(|e| err(what, e))
+    }
+
     /// `fp8_epilogue_<T>(const float* acc, const float* sx, const float* sw, const float* b,
     ///  T* y, int rows, int N)` — y[t, o] = acc[t, o]·(sx[t]·sw[o]) + b[o] in f32, rounded to T:
     /// the scales and bias of an FP8 GEMM whose unscaled sums `acc` [rows, N] cuBLASLt wrote
@@ -1435,6 +1500,10 @@ mod tests {
             assert_eq!(vec_rows(h), None, "{h}");
         }
         assert_eq!(vec_rows(4096), Some((2, 256))); // bloom-7b1
+                                                    // the FP8 MLP's fused GELU takes 8 chunks: bloom-7b1's F = 16384 and no wider
+        assert_eq!(fp8_gelu_rows(16384), Some((8, 256)));
+        assert_eq!(fp8_gelu_rows(4 * 1024), Some((2, 256)));
+        assert_eq!(fp8_gelu_rows(16392), None);
         assert_eq!(vec_rows(1024), Some((1, 128))); // bloom-560m
     }
 
