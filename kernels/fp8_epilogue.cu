@@ -13,8 +13,9 @@
 //   blockIdx.y, blockIdx.y + gridDim.y, …, so its column scales and bias are loaded once.
 //   Needs N % 4 == 0, acc 16-byte and y 8-byte aligned (the launcher checks).
 // Idea: an elementwise pass over the f32 sums (4 + 2 bytes per output): what cuBLASLt's
-//   outer-vector scale mode would do inside the GEMM (docs/fp8.md). Used for QKV, FC1 and the
-//   last block's FC2; the attention output and the other FC2s take the fused kernel below.
+//   outer-vector scale mode would do inside the GEMM (docs/fp8.md). Used for QKV and the last
+//   block's FC2 (and every FP8 layer of a model too wide for the fused kernels); the attention
+//   output and the other FC2s take the fused kernel below, FC1 fp8_quantize.cu's fused one.
 // Numerics: f32; the unscaled sums reach K·448² ≈ 3.3e9 at K = 16384, beyond f16: hence f32.
 // Caller: src/backend/cuda/ops.rs `fp8_epilogue` (src/backend/cuda/model.rs's FP8 linear).
 #include "common.cuh"

@@ -15,9 +15,8 @@
 //   buffers at BLOOM's widths) each step reads 8 elements in one or two 16-byte loads and writes
 //   8 codes in one 8-byte store; else one element per step.
 // Idea: two passes over the row, the second one mostly from L1/L2: the amax (a block
-//   reduction), then the codes. A standalone row kernel for this first version; fusing the amax
-//   and the conversion into the kernels that write each GEMM input (the layernorms, bias+GELU)
-//   is the next step (docs/fp8.md).
+//   reduction), then the codes. The standalone pass, for the layernorm outputs and the
+//   attention output; FC2's input is quantized by the fused kernel at the end of this file.
 // Numerics: f32 throughout; codes and scales bit-identical to the CPU emulation's.
 // Caller: src/backend/cuda/ops.rs `fp8_quantize_rows` (weights at load and GEMM inputs in
 //   src/backend/cuda/model.rs).

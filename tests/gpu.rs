@@ -1447,23 +1447,25 @@ fn fp8_epilogue_add_layernorm_case<T: Act>(g: &Gpu) {
 
 /// FC1's epilogue, GELU and FC2's input quantization in one kernel, against the emulation's
 /// steps: m = gelu_fast(epilogue(acc, sx, sw, b1)) in f32, then `fp8::quantize` per token.
-/// The GPU's GELU (ex2.approx, a fast division) is within ~1.4e-6 relative of the CPU's, so a
-/// scale may differ by that much and a code may round the other way at a midpoint: the bars
-/// are the scale to 1e-5 relative and each decoded value within half an E4M3 step of the CPU's
-/// m (2^-4 relative for normals, 2^-10·scale absolute for subnormals) with 1e-4 slack — far
-/// below what a wrong column, row or bias gives (it would be off by O(m)).
+/// The GPU's GELU (ex2.approx, a fast division) is within ≲ 5e-6 relative of the CPU's
+/// (bias_gelu.cu's bound; a desk model put it at 1.4e-6), so a scale may differ by that much
+/// and a code may round the other way at a midpoint: the bars are the scale to 1e-5 relative
+/// and each decoded value within half an E4M3 step of the CPU's m (2^-4 relative for normals,
+/// 2^-10·scale absolute for subnormals) with 2e-4 slack (≥ 16 × 5e-6 and the scale's 1e-5) —
+/// far below what a wrong column, row or bias gives (it would be off by O(m)).
 fn fp8_gelu_quantize_case(g: &Gpu) {
     use sgpt::backend::cpu::fp8::{epilogue, from_e4m3, quantize, ActScale};
+    // every chunk count (1, 2, 4, 8), whole and partly filled last steps
     for (rows, f) in [
         (3usize, 64usize),
         (9, 4 * 264),
         (5, 4 * 1024),
+        (3, 4128),
+        (2, 6144),
+        (2, 8256),
+        (2, 10240),
         (4, 16384),
-        (2, 4 * 4104),
     ] {
-        if sgpt::backend::cuda::ops::fp8_gelu_rows(f).is_none() {
-            continue; // 16416: beyond the kernel (the forward keeps its unfused path there)
-        }
         let label = format!("fp8_gelu_quantize_rows rows {rows} F {f}");
         let acc = rand(rows * f, 81, 3e6);
         let sx: Vec<f32> = rand(rows, 82, 1e-2)
@@ -1502,7 +1504,7 @@ fn fp8_gelu_quantize_case(g: &Gpu) {
             for o in 0..f {
                 let i = t * f + o;
                 let deq = from_e4m3(codes[i]) * got;
-                let bar = (m[i].abs() / 16.0 + got / 1024.0) * (1.0 + 1e-4);
+                let bar = (m[i].abs() / 16.0 + got / 1024.0) * (1.0 + 2e-4);
                 assert!(
                     (deq - m[i]).abs() <= bar,
                     "{label}: [{t}, {o}] code {:#04x} decodes to {deq}, m = {} (bar {bar})",

@@ -222,9 +222,9 @@ struct Block<T> {
     qkv: Linear<T>,   // [3H, H], rows interleaved per head
     dense: Linear<T>, // [H, H]
     ln2: Norm,
-    fc1: Linear<T>,        // [F, H], no bias: it is added in bias_gelu
+    fc1: Linear<T>, // [F, H], no bias: bias_gelu (or the FP8 MLP's fused kernel) adds it
     fc1_b: CudaSlice<f32>, // [F]
-    fc2: Linear<T>,        // [H, F]
+    fc2: Linear<T>, // [H, F]
 }
 
 /// Bytes the weights of `cfg` take on the device with activations of `act_size` bytes: the

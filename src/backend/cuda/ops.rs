@@ -1289,7 +1289,8 @@ impl Kernels {
             acc.len() >= n && q.len() >= n && sx.len() >= tokens && sw.len() == f && b1.len() == f,
             || format!("{what}: buffer sizes do not fit {tokens} rows of {f}"),
         )?;
-        check_aligned16(s, what, &[acc, sw], &[b1])?; // sx is read and written by element
+        // sx is read and written by element: no alignment needed
+        check_aligned16(s, what, &[acc, sw, b1], &[] as &[&CudaSlice<f32>])?;
         check(aligned(s, q, 8), || {
             format!("{what}: q is not 8-byte aligned")
         })?;
@@ -1500,7 +1501,8 @@ mod tests {
             assert_eq!(vec_rows(h), None, "{h}");
         }
         assert_eq!(vec_rows(4096), Some((2, 256))); // bloom-7b1
-                                                    // the FP8 MLP's fused GELU takes 8 chunks: bloom-7b1's F = 16384 and no wider
+
+        // the FP8 MLP's fused GELU takes 8 chunks: bloom-7b1's F = 16384 and no wider
         assert_eq!(fp8_gelu_rows(16384), Some((8, 256)));
         assert_eq!(fp8_gelu_rows(4 * 1024), Some((2, 256)));
         assert_eq!(fp8_gelu_rows(16392), None);
