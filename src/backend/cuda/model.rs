@@ -280,6 +280,16 @@ struct Fp8Scratch {
     acc: CudaSlice<f32>, // [T, F] the unscaled f32 sums (F = 4H ≥ 3H, the widest output)
 }
 
+/// Whether a block's MLP runs fused (`CudaModel::mlp`): FC1 and FC2 in FP8 (FC2 with its bias)
+/// and rows that fit the fused kernels (4H ≤ 16384, H ≤ 8192, multiples of 8).
+fn fused_fp8_mlp<T>(blk: &Block<T>, h: usize) -> bool {
+    matches!(
+        (&blk.fc1, &blk.fc2),
+        (Linear::Fp8 { .. }, Linear::Fp8 { b: Some(_), .. })
+    ) && fp8_gelu_rows(4 * h).is_some()
+        && vec_rows(h).is_some()
+}
+
 /// The GEMMs' mutable state: cuBLASLt's plans, and the scratch of the skinny and FP8 paths.
 struct Gemms {
     cublaslt: Gemm,
@@ -566,7 +576,13 @@ impl<T: Act> CudaModel<T> {
             qkv: z(tmax * 3 * h)?,
             ctx: z(tmax * h)?,
             y: z(tmax * h)?,
-            m: z(tmax * f)?,
+            // [T, F], unless every block's MLP is fused (it never writes m): then one element,
+            // so a launcher would refuse it rather than the model hold 2·T·4H bytes for nothing
+            m: z(if blocks.iter().all(|b| fused_fp8_mlp(b, h)) {
+                1
+            } else {
+                tmax * f
+            })?,
             stats: z32(tmax * 2)?,
             out: z32(tmax * h)?,
             // blocks ≤ tokens (attention_mma2_blocks), 4 i32 each
@@ -777,7 +793,7 @@ impl<T: Act> CudaModel<T> {
     ) -> Result<()> {
         let (k, s, h, eps) = (&self.kernels, &self.stream, self.cfg.hidden, self.cfg.eps);
         let f = 4 * h;
-        let fits = fp8_gelu_rows(f).is_some() && vec_rows(h).is_some();
+        let fits = fused_fp8_mlp(blk, h);
         if let (
             Linear::Fp8 { w: w1, sw: sw1, .. },
             Linear::Fp8 {
