@@ -184,6 +184,18 @@ template <typename T> __device__ __forceinline__ void store8(T* p, const float* 
     *reinterpret_cast<uint4*>(p) = raw;
 }
 
+// This thread's chunks of a row (`row` its first element) into registers; chunks outside the
+// row are left as they are (callers zero-initialize v: the statistics need zeros there). No use
+// of the values in between, so every load of a kernel's rows is issued before any is used.
+template <int C, typename S>
+__device__ __forceinline__ void load_row(const S* row, float (&v)[C][8], int H) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int i = chunk_start(c);
+        if (i < H) load8(row + i, v[c]);
+    }
+}
+
 // LayerNorm statistics of a register-resident row (chunks outside the row must hold zeros):
 // mean and 1/sqrt(var + eps), biased variance, two passes in f32 as row_stats. Block-wide.
 template <int C>

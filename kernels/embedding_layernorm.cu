@@ -49,14 +49,8 @@ __device__ void embedding_layernorm_vec(const u32* __restrict__ ids, const T* __
     __shared__ float scratch[32];
     const long t = blockIdx.x;
     const T* e = emb + (long)ids[t] * H;
-    float v[C][8];
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-        const int i = chunk_start(c);
-        if (i < H) load8(e + i, v[c]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[c][j] = i < H ? v[c][j] : 0.f;
-    }
+    float v[C][8] = {};  // zeros outside the row: the statistics need them
+    load_row<C>(e, v, H);
     float mean, rstd;
     reg_row_stats<C>(v, H, eps, scratch, mean, rstd);
 #pragma unroll

@@ -86,14 +86,8 @@ __device__ void final_norm_stats_vec(const float* __restrict__ x, const T* __res
     __shared__ float scratch[32];
     const long base = (long)blockIdx.x * H;
     float v[C][8] = {}, r[C][8] = {};  // zeros outside the row: the statistics need them
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-        const int i = chunk_start(c);
-        if (i < H) {
-            load8(x + base + i, v[c]);
-            load8(y + base + i, r[c]);
-        }
-    }
+    load_row<C>(x + base, v, H);
+    load_row<C>(y + base, r, H);
 #pragma unroll
     for (int c = 0; c < C; ++c)
 #pragma unroll

@@ -74,14 +74,8 @@ __device__ void fp8_epilogue_add_layernorm(float* __restrict__ x, const float* _
     const long base = (long)blockIdx.x * H;
     const float s = sx[blockIdx.x];
     float v[C][8] = {}, r[C][8] = {};  // zeros outside the row: the statistics need them
-#pragma unroll
-    for (int c = 0; c < C; ++c) {  // every load issued before any is used
-        const int i = chunk_start(c);
-        if (i < H) {
-            load8(x + base + i, v[c]);
-            load8(acc + base + i, r[c]);
-        }
-    }
+    load_row<C>(x + base, v, H);
+    load_row<C>(acc + base, r, H);
 #pragma unroll
     for (int c = 0; c < C; ++c) {
         const int i = chunk_start(c);

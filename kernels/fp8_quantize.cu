@@ -111,11 +111,7 @@ __device__ void fp8_gelu_quantize_rows(const float* __restrict__ acc, float* __r
     const long base = (long)blockIdx.x * F;
     const float s_in = sx[blockIdx.x];
     float v[C][8] = {};
-#pragma unroll
-    for (int c = 0; c < C; ++c) {  // every load issued before any is used
-        const int i = chunk_start(c);
-        if (i < F) load8(acc + base + i, v[c]);
-    }
+    load_row<C>(acc + base, v, F);
     float m = 0.f;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
