@@ -7,6 +7,7 @@
 //! cargo run --release --example fp8_accuracy -- --shape bloom-560m --outliers 100
 //! cargo run --release --example fp8_accuracy -- --shape bloom-7b1 --layers 10 --texts 16
 //! cargo run --release --example fp8_accuracy -- --shape bloom-560m --write-model /tmp/m560
+//! cargo run --release --example fp8_accuracy -- --shape bloom-560m --fp8-table --variants bf16,per-token
 //! ```
 //!
 //! Prints, per variant, the cosine to f32 of every text's embedding (min and mean), of the
@@ -20,7 +21,9 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use sgpt::backend::batch::PackedBatch;
 use sgpt::backend::cpu::fp8::Fp8Blocks::{All, Alternate};
-use sgpt::backend::cpu::fp8::{decode_codes, quantize, ActScale, Fp8Linear};
+use sgpt::backend::cpu::fp8::{
+    decode_codes, from_e4m3, quantize, scale_for, to_e4m3, ActScale, Fp8Linear,
+};
 use sgpt::backend::cpu::linear::{linear, LinearKernel};
 use sgpt::backend::cpu::model::Proj;
 use sgpt::backend::cpu::pooling::weighted_mean_pool;
@@ -57,6 +60,11 @@ struct Args {
     variants: Vec<Variant>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Run every variant with the embedding table in E4M3 too (each row rounded with its own
+    /// scale, amax/448, and decoded as code·scale in f32); the f32 reference keeps the table
+    /// as it is. Random weights only.
+    #[arg(long, conflicts_with = "model")]
+    fp8_table: bool,
     /// Also write these weights as a model directory for `sgpt eval`.
     #[arg(long)]
     write_model: Option<PathBuf>,
@@ -517,7 +525,8 @@ fn main() {
             data.dir.display(),
             batch.num_tokens()
         );
-        study(&a, &e.model.checkpoint, cfg, &batch, &calibration, &[]);
+        let ckpt = &e.model.checkpoint;
+        study(&a, ckpt, ckpt, cfg, &batch, &calibration, &[]);
         return;
     }
 
@@ -578,15 +587,59 @@ fn main() {
         write_model(dir, &ckpt, &cfg);
         println!("wrote {}", dir.display());
     }
-    let skip = if factor.is_some() { channels } else { vec![] };
-    study(&a, &ckpt, &cfg, &batch, &calibration, &skip);
+    let skip = if factor.is_some() {
+        channels.clone()
+    } else {
+        vec![]
+    };
+    let rounded;
+    let variant_ckpt = if a.fp8_table {
+        rounded = fp8_table(&ckpt, &cfg, a.seed, &edit);
+        println!("variants run with the embedding table in E4M3 (a scale per row)");
+        &rounded
+    } else {
+        &ckpt
+    };
+    study(&a, &ckpt, variant_ckpt, &cfg, &batch, &calibration, &skip);
 }
 
-/// The f32 forward, then each variant's, and one table row per variant. `outliers`: channels
-/// also left out in one column (none: no column).
+/// The same random weights, but the embedding table's rows rounded to E4M3 with a scale per
+/// row (`scale_for(amax)`, as the weights of the FP8 GEMMs) and decoded as `code·scale` in f32.
+fn fp8_table(
+    ckpt: &sgpt::model::weights::Checkpoint,
+    cfg: &sgpt::model::config::BloomConfig,
+    seed: u64,
+    edit: &(dyn Fn(&str, usize, f32) -> f32 + Sync),
+) -> sgpt::model::weights::Checkpoint {
+    let h = cfg.hidden;
+    let emb = ckpt
+        .get_shaped("word_embeddings.weight", &[cfg.vocab, h])
+        .unwrap();
+    let mut table = vec![0f32; cfg.vocab * h];
+    for (r, row) in table.chunks_mut(h).enumerate() {
+        emb.row_to_f32(r, row);
+        let s = scale_for(row.iter().fold(0f32, |m, v| m.max(v.abs())));
+        row.iter_mut()
+            .for_each(|v| *v = from_e4m3(to_e4m3(*v / s)) * s);
+    }
+    let name = "word_embeddings.weight";
+    sgpt::bench::random_checkpoint_with(cfg, DType::F32, seed, &|n, i, v| {
+        if n == name {
+            table[i]
+        } else {
+            edit(n, i, v)
+        }
+    })
+    .expect("random weights")
+}
+
+/// The f32 forward (on `ckpt`), then each variant's (on `variant_ckpt`: the same or with
+/// `--fp8-table`), and one table row per variant. `outliers`: channels also left out in one
+/// column (none: no column).
 fn study(
     a: &Args,
     ckpt: &sgpt::model::weights::Checkpoint,
+    variant_ckpt: &sgpt::model::weights::Checkpoint,
     cfg: &sgpt::model::config::BloomConfig,
     batch: &PackedBatch,
     calibration: &PackedBatch,
@@ -643,7 +696,7 @@ fn study(
     let mut done: Vec<(Variant, Vec<f32>)> = Vec::new();
     let mut versus = Vec::new();
     for &v in &a.variants {
-        let model = load(v, ckpt, cfg, means.as_ref());
+        let model = load(v, variant_ckpt, cfg, means.as_ref());
         let (got, secs) = run(&model, batch);
         drop(model);
         let counterpart = match v {

@@ -548,12 +548,16 @@ fn kernel_choices_are_typed_flags() {
     let o = sgpt(&["embed", "-m", &model, "--row-kernels", "wide", "x"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("v1, vec"), "{}", stderr(&o));
+    let o = sgpt(&["embed", "-m", &model, "--embedding-table", "disk", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("device, host"), "{}", stderr(&o));
     for flags in [
         &["--attention", "mma"][..],
         &["--attention", "mma2"][..],
         &["--gemm", "skinny"][..],
         &["--cuda-graphs"][..],
         &["--row-kernels", "vec"][..],
+        &["--embedding-table", "host"][..],
     ] {
         let mut args = vec!["embed", "-m", &model, "--device", "cpu"];
         args.extend_from_slice(flags);
@@ -578,6 +582,7 @@ fn kernel_choices_are_typed_flags() {
         "--gemm",
         "--cuda-graphs",
         "--row-kernels",
+        "--embedding-table",
         "--dtype",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
@@ -629,7 +634,7 @@ fn bad_texts_and_flags() {
         o.status.success()
             && stderr(&o).contains(
                 "; ignoring the GPU-only --dtype bf16 and the GPU kernel choices (attention auto, \
-                 gemm cublaslt, cuda graphs on, rows v1)"
+                 gemm cublaslt, cuda graphs on, rows v1, embedding table device)"
             ),
         "{}",
         stderr(&o)

@@ -664,7 +664,7 @@ fn search_speed() {
 #[test]
 fn the_cache_misses_whenever_the_engine_or_model_changes() {
     use sgpt::backend::{
-        AttentionKernel, Backend, BackendInfo, GemmKernel, KernelChoices, RowKernel,
+        AttentionKernel, Backend, BackendInfo, EmbeddingTable, GemmKernel, KernelChoices, RowKernel,
     };
     use sgpt::eval::{evaluate, EvalOptions};
 
@@ -769,6 +769,16 @@ fn the_cache_misses_whenever_the_engine_or_model_changes() {
                 "f16",
                 KernelChoices {
                     rows: RowKernel::Vec,
+                    ..k
+                },
+            ),
+        ),
+        (
+            "embedding table in host memory",
+            gpu(
+                "f16",
+                KernelChoices {
+                    table: EmbeddingTable::Host,
                     ..k
                 },
             ),

@@ -13,7 +13,9 @@ use sgpt::backend::batch::PackedBatch;
 use sgpt::backend::cpu;
 use sgpt::backend::cuda::device::{unavailable_reason, GpuDtype};
 use sgpt::backend::cuda::gemm::Gemm;
-use sgpt::backend::cuda::ops::{attention_mma2_tiles, skinny_fits, Act, Kernels, SkinnyPlan};
+use sgpt::backend::cuda::ops::{
+    attention_mma2_tiles, skinny_fits, Act, Kernels, SkinnyPlan, Table,
+};
 use sgpt::backend::KernelChoices;
 use sgpt::engine::{Device, Embedder, EngineOptions};
 use sgpt::model::tokenize::Kind;
@@ -175,7 +177,7 @@ fn layernorm_kernels<T: Act>(g: &Gpu) {
         g.k.embedding_layernorm(
             &g.s,
             &g.s.clone_htod(&ids).unwrap(),
-            &up::<T>(g, &emb),
+            Table::Device(&up::<T>(g, &emb)),
             &up32(g, &w),
             &up32(g, &b),
             &mut dx,
@@ -267,7 +269,7 @@ fn layernorm_vec_kernels<T: Act>(g: &Gpu) {
         g.k.embedding_layernorm_vec(
             &g.s,
             &g.s.clone_htod(&ids).unwrap(),
-            &up::<T>(g, &emb),
+            Table::Device(&up::<T>(g, &emb)),
             (&dw, &db),
             (&dw1, &db1),
             &mut dx,
@@ -856,6 +858,100 @@ fn layers_match_cpu() {
                          (bar 0.9999); the first layer that fails is where to look"
                     ));
                     break;
+                }
+            }
+        }
+    }
+    assert_no_failures(&failures);
+}
+
+/// `--embedding-table host`: the table in page-locked host memory, read by the embedding kernel
+/// over the bus, gives the same vectors bit for bit as the table on the device (the same
+/// values, converted on the host with the device's rounding), with both row kernels, in f16
+/// and bf16 and under FP8 where the device has it; the weights then take the device bytes
+/// `device_weight_bytes` says, and the table its bytes in host memory.
+#[test]
+fn host_embedding_table_matches_the_device_table() {
+    use sgpt::backend::cuda::model::{device_weight_bytes, CudaModel, WeightFormat};
+    use sgpt::backend::{Backend, EmbeddingTable, RowKernel};
+    let Some(_g) = gpu() else { return };
+    let open = || sgpt::backend::cuda::device::open(0).unwrap();
+    let fp8 = open().compute_capability().unwrap() >= (8, 9);
+    let mut failures: Vec<String> = Vec::new();
+    fn run<T: Act>(
+        m: &ModelDir,
+        batch: &PackedBatch,
+        kernels: KernelChoices,
+        format: WeightFormat,
+    ) -> sgpt::error::Result<(Vec<f32>, u64, u64)> {
+        let ctx = sgpt::backend::cuda::device::open(0).unwrap();
+        let n = batch.num_tokens();
+        let model = CudaModel::<T>::load(
+            ctx,
+            &m.checkpoint,
+            &m.config,
+            n,
+            kernels,
+            format,
+            &|_, _| {},
+        )?;
+        let r = (model.report.weight_bytes, model.report.host_table_bytes);
+        Ok((model.embed(batch)?, r.0, r.1))
+    }
+    for name in ["sgpt-tiny", "tiny-b"] {
+        let golden = load_golden(name);
+        let m = ModelDir::open(&golden.model_dir).unwrap();
+        let seqs: Vec<&[u32]> = golden.texts.iter().map(|t| &t.ids[..]).collect();
+        let batch = PackedBatch::from_seqs(&seqs);
+        let (cfg, table_bytes) = (&m.config, (m.config.vocab * m.config.hidden * 2) as u64);
+        let mut formats = vec![("f16", WeightFormat::Half), ("bf16", WeightFormat::Half)];
+        if fp8 {
+            formats.push((
+                "fp8",
+                WeightFormat::Fp8(sgpt::backend::cpu::fp8::Fp8Blocks::All),
+            ));
+        }
+        for (dtype, format) in formats {
+            for rows in [RowKernel::V1, RowKernel::Vec] {
+                let kernels = |table| KernelChoices {
+                    rows,
+                    table,
+                    ..Default::default()
+                };
+                let label = format!("{name} {dtype} [{}]", kernels(EmbeddingTable::Host));
+                let both = [EmbeddingTable::Device, EmbeddingTable::Host].map(|t| {
+                    if dtype == "bf16" {
+                        run::<half::bf16>(&m, &batch, kernels(t), format)
+                    } else {
+                        run::<half::f16>(&m, &batch, kernels(t), format)
+                    }
+                });
+                let [Ok((want, on_device, 0)), Ok((got, held, in_host))] = both else {
+                    failures.push(format!("{label}: {:?}", both.map(|r| r.err())));
+                    continue;
+                };
+                let differ = want
+                    .iter()
+                    .zip(&got)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits());
+                let n = differ.count();
+                if n > 0 {
+                    let worst = want
+                        .iter()
+                        .zip(&got)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    failures.push(format!(
+                        "{label}: {n} of {} values differ from the device table's (worst by {worst:e})",
+                        want.len()
+                    ));
+                }
+                let predicted = device_weight_bytes(cfg, format, 2, EmbeddingTable::Host);
+                if held != predicted || held + table_bytes != on_device || in_host != table_bytes {
+                    failures.push(format!(
+                        "{label}: device bytes {held} (predicted {predicted}, with the table on \
+                         the device {on_device}), host bytes {in_host} (the table: {table_bytes})"
+                    ));
                 }
             }
         }
@@ -1638,8 +1734,11 @@ fn fp8_forward_matches_the_emulation() {
                     }
                 };
                 assert_eq!(sgpt::backend::Backend::info(&m).dtype, dtype);
-                let (held, predicted) =
-                    (m.report.weight_bytes, device_weight_bytes(cfg, format, 2));
+                let table = kernels.table;
+                let (held, predicted) = (
+                    m.report.weight_bytes,
+                    device_weight_bytes(cfg, format, 2, table),
+                );
                 if held != predicted {
                     failures.push(format!(
                         "{label}: weights hold {held} bytes, predicted {predicted}"

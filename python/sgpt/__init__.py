@@ -147,6 +147,9 @@ class Model:
             ``--attention`` (auto, v1, tc, mma, mma2), ``--gemm`` (cublaslt, skinny),
             ``--cuda-graphs`` and ``--row-kernels`` (v1, vec); anything but the defaults with
             device="cpu" is a ValueError.
+        embedding_table: where the GPU keeps the embedding table, as ``--embedding-table``:
+            "device", or "host" (page-locked host memory read over the bus; 2 GB less device
+            memory at bloom-7b1, the same vectors; on trial). Only "device" with device="cpu".
 
     Raises:
         FileNotFoundError: the directory or one of its files is missing.
@@ -165,6 +168,7 @@ class Model:
         gemm: str = "cublaslt",
         cuda_graphs: bool = False,
         row_kernels: str = "v1",
+        embedding_table: str = "device",
     ) -> None:
         for name, value in (("max_batch_tokens", max_batch_tokens), ("threads", threads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -174,7 +178,7 @@ class Model:
         _engine_pid = os.getpid()
         self._engine = _Engine(
             path, device, dtype, max_batch_tokens, threads, attention, gemm, cuda_graphs,
-            row_kernels,
+            row_kernels, embedding_table,
         )
         self.path = str(path)
         self.device = device

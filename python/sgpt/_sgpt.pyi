@@ -22,6 +22,7 @@ class Engine:
         gemm: str = "cublaslt",
         cuda_graphs: bool = False,
         row_kernels: str = "v1",
+        embedding_table: str = "device",
     ) -> Engine: ...
     @property
     def hidden_size(self) -> int: ...

@@ -113,7 +113,7 @@ fn engine_options(
     device: &str,
     dtype: Option<&str>,
     max_batch_tokens: Option<usize>,
-    (attention, gemm, cuda_graphs, rows): (&str, &str, bool, &str),
+    (attention, gemm, cuda_graphs, rows, table): (&str, &str, bool, &str, &str),
 ) -> PyResult<EngineOptions> {
     let device = Device::from_str(device).map_err(PyValueError::new_err)?;
     // The CLI's names and message ("unknown dtype …: expected one of f16, bf16, fp8, …").
@@ -126,6 +126,7 @@ fn engine_options(
         gemm: gemm.parse().map_err(PyValueError::new_err)?,
         cuda_graphs,
         rows: rows.parse().map_err(PyValueError::new_err)?,
+        table: table.parse().map_err(PyValueError::new_err)?,
     };
     let opts = EngineOptions {
         device,
@@ -198,7 +199,7 @@ impl Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (path, device="auto", dtype=None, max_batch_tokens=None, threads=None, attention="auto", gemm="cublaslt", cuda_graphs=false, row_kernels="v1"))]
+    #[pyo3(signature = (path, device="auto", dtype=None, max_batch_tokens=None, threads=None, attention="auto", gemm="cublaslt", cuda_graphs=false, row_kernels="v1", embedding_table="device"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -211,12 +212,13 @@ impl Engine {
         gemm: &str,
         cuda_graphs: bool,
         row_kernels: &str,
+        embedding_table: &str,
     ) -> PyResult<Self> {
         let opts = engine_options(
             device,
             dtype,
             max_batch_tokens,
-            (attention, gemm, cuda_graphs, row_kernels),
+            (attention, gemm, cuda_graphs, row_kernels, embedding_table),
         )?;
         if let Some(n) = threads {
             sgpt::engine::options::check_threads(n).map_err(to_py)?;

@@ -156,6 +156,28 @@ impl RowKernel {
     }
 }
 
+/// Where the CUDA backend keeps the embedding table `[V, H]` (2.06 GB at bloom-7b1 in f16, a
+/// quarter of the weights under `--dtype fp8`). The forward reads only the rows of the batch's
+/// tokens, so the table need not be on the device: the same values, read from elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingTable {
+    /// In device memory.
+    #[default]
+    Device,
+    /// In page-locked host memory mapped into the device's address space: the embedding kernel
+    /// reads each token's row over the bus (8 KB per token at bloom-7b1). On trial: never run
+    /// on a GPU yet.
+    Host,
+}
+
+impl EmbeddingTable {
+    /// Written and compile-checked but never run on a GPU: opt-in only.
+    pub fn on_trial(self) -> bool {
+        self == EmbeddingTable::Host
+    }
+}
+
 impl AttentionKernel {
     /// Written and compile-checked but never run on a GPU: opt-in only, tested last.
     pub fn on_trial(self) -> bool {
@@ -215,8 +237,16 @@ impl std::str::FromStr for RowKernel {
     }
 }
 
-/// The kernel choices of the CUDA backend: typed engine options with CLI flags, never
-/// environment variables. The defaults are the measured ones; anything on trial is opt-in.
+impl std::str::FromStr for EmbeddingTable {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        parse_choice(s, "embedding table placement")
+    }
+}
+
+/// The kernel choices of the CUDA backend, and where it keeps the embedding table: typed engine
+/// options with CLI flags, never environment variables. The defaults are the measured ones;
+/// anything on trial is opt-in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
 pub struct KernelChoices {
     pub attention: AttentionKernel,
@@ -224,12 +254,17 @@ pub struct KernelChoices {
     /// Capture and replay CUDA graphs for batches of up to 128 tokens (the latency path).
     pub cuda_graphs: bool,
     pub rows: RowKernel,
+    /// Not a kernel but where one reads from; it changes no value (the GPU test checks the
+    /// vectors bit for bit), yet it is part of the identity like the rest: a cache miss at
+    /// worst.
+    pub table: EmbeddingTable,
 }
 
 impl KernelChoices {
-    /// Every selectable configuration, the defaults first and those with more choices on
+    /// Every selectable kernel configuration, the defaults first and those with more choices on
     /// trial (mma attention, the skinny GEMM, the vec row kernels) later: what the GPU tests
-    /// run, in that order.
+    /// run, in that order. The table stays on the device in all of them (its own GPU test
+    /// compares the two placements).
     pub fn all() -> Vec<KernelChoices> {
         use clap::ValueEnum;
         let mut v = Vec::new();
@@ -242,6 +277,7 @@ impl KernelChoices {
                             gemm,
                             cuda_graphs,
                             rows,
+                            table: EmbeddingTable::Device,
                         });
                     }
                 }
@@ -256,6 +292,7 @@ impl KernelChoices {
         u8::from(self.attention.on_trial())
             + u8::from(self.gemm.on_trial())
             + u8::from(self.rows.on_trial())
+            + u8::from(self.table.on_trial())
     }
 }
 
@@ -267,11 +304,12 @@ impl std::fmt::Display for KernelChoices {
         };
         write!(
             f,
-            "attention {}, gemm {}, cuda graphs {}, rows {}",
+            "attention {}, gemm {}, cuda graphs {}, rows {}, embedding table {}",
             name(self.attention.to_possible_value()),
             name(self.gemm.to_possible_value()),
             if self.cuda_graphs { "on" } else { "off" },
-            name(self.rows.to_possible_value())
+            name(self.rows.to_possible_value()),
+            name(self.table.to_possible_value())
         )
     }
 }
@@ -304,6 +342,7 @@ mod tests {
         assert_eq!("mma".parse::<AttentionKernel>(), Ok(AttentionKernel::Mma));
         assert_eq!("skinny".parse::<GemmKernel>(), Ok(GemmKernel::Skinny));
         assert_eq!("vec".parse::<RowKernel>(), Ok(RowKernel::Vec));
+        assert_eq!("host".parse::<EmbeddingTable>(), Ok(EmbeddingTable::Host));
         let e = "v2".parse::<RowKernel>().unwrap_err();
         assert!(
             e.contains("unknown row kernel \"v2\": expected one of v1, vec"),
@@ -362,6 +401,13 @@ mod tests {
                 "f16",
                 KernelChoices {
                     rows: RowKernel::Vec,
+                    ..Default::default()
+                },
+            ),
+            gpu(
+                "f16",
+                KernelChoices {
+                    table: EmbeddingTable::Host,
                     ..Default::default()
                 },
             ),

@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use sgpt::backend::cuda::device::GpuDtype;
-use sgpt::backend::{AttentionKernel, GemmKernel, KernelChoices, RowKernel};
+use sgpt::backend::{AttentionKernel, EmbeddingTable, GemmKernel, KernelChoices, RowKernel};
 use sgpt::engine::{Device, Embedder, EngineOptions};
 use sgpt::model::tokenize::Kind;
 
@@ -87,6 +87,11 @@ pub(crate) struct EngineArgs {
     /// (registers and 16-byte accesses, on trial: never run on a GPU yet).
     #[arg(long, value_enum, default_value = "v1")]
     row_kernels: RowKernel,
+    /// Where the GPU keeps the embedding table: device, or host (page-locked host memory the
+    /// embedding kernel reads each token's row from over the bus: 2 GB less device memory at
+    /// bloom-7b1, the same vectors; on trial: never run on a GPU yet).
+    #[arg(long, value_enum, default_value = "device")]
+    embedding_table: EmbeddingTable,
 }
 
 impl EngineArgs {
@@ -106,6 +111,7 @@ impl EngineArgs {
                 gemm: self.gemm,
                 cuda_graphs: self.cuda_graphs,
                 rows: self.row_kernels,
+                table: self.embedding_table,
             },
         };
         // All checks first, so a bad flag fails before anything (a thread pool) is set up.

@@ -157,7 +157,8 @@ pub struct EngineOptions {
     pub dtype: Option<GpuDtype>,
     /// Most tokens in one packed batch; None: the backend's default.
     pub max_batch_tokens: Option<usize>,
-    /// GPU kernel choices (the CPU has one implementation of each op).
+    /// GPU kernel choices and where the GPU keeps the embedding table (the CPU has one
+    /// implementation of each op).
     pub kernels: KernelChoices,
 }
 

@@ -281,6 +281,10 @@ def test_bad_options_are_value_errors():
         sgpt.Model(MODEL, device="cpu", row_kernels="vec")
     with pytest.raises(ValueError, match="unknown row kernel .wide.: expected one of v1, vec"):
         sgpt.Model(MODEL, device="cpu", row_kernels="wide")
+    with pytest.raises(ValueError, match="GPU kernel choices"):
+        sgpt.Model(MODEL, device="cpu", embedding_table="host")
+    with pytest.raises(ValueError, match="unknown embedding table placement .disk.: expected one of device, host"):
+        sgpt.Model(MODEL, device="cpu", embedding_table="disk")
 
 
 def test_unusable_gpu_is_runtime_error():

@@ -5,11 +5,12 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
 
 use crate::backend::cuda::gemm::Gemm;
+use crate::backend::cuda::model::mapped_host;
 use crate::backend::cuda::ops::{
-    attention_mma2_tiles, vec_rows, Act, Kernels, Mma2Tiles, SkinnyPlan, SKINNY_MAX_ROWS,
+    attention_mma2_tiles, vec_rows, Act, Kernels, Mma2Tiles, SkinnyPlan, Table, SKINNY_MAX_ROWS,
 };
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
@@ -108,6 +109,7 @@ fn seeded32(s: &Arc<CudaStream>, n: usize, scale: f32, seed: u64) -> Result<Cuda
 /// The ops of one block that `sgpt bench kernels` and the criterion GPU benches time.
 pub const OPS: &[&str] = &[
     "embedding_layernorm",
+    "embedding_layernorm_host",
     "add_layernorm",
     "alibi_attention",
     "alibi_attention_tc",
@@ -206,6 +208,9 @@ pub struct KernelBench<'k, T: Act> {
     stats: CudaSlice<f32>,
     out: CudaSlice<f32>,
     emb: CudaSlice<T>,
+    /// The same rows in page-locked host memory the kernel reads over the bus
+    /// (`--embedding-table host`), and their device address.
+    emb_host: (PinnedHostSlice<T>, u64),
     ids: CudaSlice<u32>,
     gemm: Gemm,
     /// Per GEMM (qkv, dense, fc1, fc2).
@@ -279,6 +284,13 @@ impl<'k, T: Act> KernelBench<'k, T> {
             stats: s.alloc_zeros(2 * t).map_err(|e| err("alloc", e))?,
             out: s.alloc_zeros(seqs * h).map_err(|e| err("alloc", e))?,
             emb: seeded(&s, rows * h, 1.0, 10)?,
+            emb_host: {
+                let (mut host, ptr) = mapped_host::<T>(ctx, rows * h, "the bench's table")?;
+                let v = crate::seeded::uniform(rows * h, 10, 1.0);
+                let dst = host.as_mut_slice().map_err(|e| err("table", e))?;
+                dst.iter_mut().zip(v).for_each(|(d, v)| *d = T::from_f32(v));
+                (host, ptr)
+            },
             ids: s.clone_htod(&ids).map_err(|e| err("upload", e))?,
             gemm: Gemm::new(s.clone())?,
             lin,
@@ -334,7 +346,7 @@ impl<'k, T: Act> KernelBench<'k, T> {
             )
         };
         match op {
-            "embedding_layernorm" => (t * h * (a + 4.0), 0.0),
+            "embedding_layernorm" | "embedding_layernorm_host" => (t * h * (a + 4.0), 0.0),
             // + the first block's input layernorm: a written (v1: a separate add_layernorm)
             "embedding_layernorm_vec" => (t * h * (a + 4.0 + a), 0.0),
             "add_layernorm" | "add_layernorm_vec" => (t * h * (4.0 + a + 4.0 + a), 0.0),
@@ -394,7 +406,21 @@ impl<'k, T: Act> KernelBench<'k, T> {
             "embedding_layernorm" => k.embedding_layernorm(
                 s,
                 &self.ids,
-                &self.emb,
+                Table::Device(&self.emb),
+                &self.w,
+                &self.b,
+                &mut self.x,
+                t,
+                h,
+                eps,
+            ),
+            "embedding_layernorm_host" => k.embedding_layernorm::<T>(
+                s,
+                &self.ids,
+                Table::Mapped {
+                    ptr: self.emb_host.1,
+                    len: self.emb_host.0.len(),
+                },
                 &self.w,
                 &self.b,
                 &mut self.x,
@@ -447,7 +473,8 @@ impl<'k, T: Act> KernelBench<'k, T> {
             "embedding_layernorm_vec" => {
                 let ln = (&self.w, &self.b); // as the first block's layernorm too
                 let (x, a) = (&mut self.x, &mut self.act);
-                k.embedding_layernorm_vec(s, &self.ids, &self.emb, ln, ln, x, a, t, h, eps)
+                let emb = Table::Device(&self.emb);
+                k.embedding_layernorm_vec(s, &self.ids, emb, ln, ln, x, a, t, h, eps)
             }
             "add_layernorm_vec" => {
                 let (w, b, a) = (&self.w, &self.b, &mut self.act);

@@ -14,17 +14,19 @@ use std::time::Instant;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice,
+    ValidAsZeroBits,
 };
+use rayon::prelude::*;
 
 use crate::backend::batch::PackedBatch;
 use crate::backend::cpu::fp8::Fp8Blocks;
 use crate::backend::cuda::gemm::{check_fp8_shape, Gemm};
 use crate::backend::cuda::ops::{
-    attention_mma2_tiles, fp8_gelu_rows, skinny_fits, vec_rows, Act, Kernels, Mma2Tiles,
+    attention_mma2_tiles, fp8_gelu_rows, skinny_fits, vec_rows, Act, Kernels, Mma2Tiles, Table,
     ATTENTION_MMA2_DIMS, ATTENTION_MMA_DIMS, SKINNY_MAX_ROWS,
 };
-use crate::backend::{AttentionKernel, GemmKernel, KernelChoices, RowKernel};
+use crate::backend::{AttentionKernel, EmbeddingTable, GemmKernel, KernelChoices, RowKernel};
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
 use crate::model::weights::{Checkpoint, DType, TensorRef};
@@ -42,6 +44,8 @@ pub struct LoadReport {
     pub bytes: u64,
     /// Bytes the weights take on the device, as held (= [`device_weight_bytes`]).
     pub weight_bytes: u64,
+    /// Bytes of the embedding table in page-locked host memory (`--embedding-table host`).
+    pub host_table_bytes: u64,
     pub upload_seconds: f64,
     pub compile_seconds: f64,
     pub kernels_from_cache: usize,
@@ -227,12 +231,103 @@ struct Block<T> {
     fc2: Linear<T>, // [H, F]
 }
 
+/// The embedding table where `--embedding-table` put it.
+enum EmbTable<T> {
+    Device(CudaSlice<T>),
+    /// Page-locked host memory mapped into the device's address space; `ptr` is the device
+    /// address the driver gave it.
+    Host {
+        rows: PinnedHostSlice<T>,
+        ptr: u64,
+    },
+}
+
+impl<T> EmbTable<T> {
+    fn table(&self) -> Table<'_, T> {
+        match self {
+            EmbTable::Device(b) => Table::Device(b),
+            EmbTable::Host { rows, ptr } => Table::Mapped {
+                ptr: *ptr,
+                len: rows.len(),
+            },
+        }
+    }
+
+    /// Bytes on the device, and in page-locked host memory.
+    fn bytes(&self) -> (u64, u64) {
+        let size = std::mem::size_of::<T>() as u64;
+        match self {
+            EmbTable::Device(b) => (b.len() as u64 * size, 0),
+            EmbTable::Host { rows, .. } => (0, rows.len() as u64 * size),
+        }
+    }
+}
+
+/// `--embedding-table host`: the table `t` [V, H] converted to T on the host, row by row on
+/// every core, into [`mapped_host`] memory (no device memory). The conversion rounds as the
+/// upload's device-side one does (through f32, to nearest even), so the device reads the values
+/// it would have held.
+fn host_table<T: Act + ValidAsZeroBits>(
+    ctx: &Arc<CudaContext>,
+    t: &TensorRef,
+    h: usize,
+) -> Result<EmbTable<T>> {
+    let (mut rows, ptr) = mapped_host::<T>(ctx, t.numel(), "the embedding table")?;
+    const ROWS: usize = 1024; // rows per task
+    rows.as_mut_slice()
+        .map_err(|e| err("the embedding table in host memory", e))?
+        .par_chunks_mut(ROWS * h)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let mut row = vec![0f32; h];
+            for (r, o) in out.chunks_mut(h).enumerate() {
+                t.row_to_f32(c * ROWS + r, &mut row);
+                o.iter_mut()
+                    .zip(&row)
+                    .for_each(|(o, &v)| *o = T::from_f32(v));
+            }
+        });
+    Ok(EmbTable::Host { rows, ptr })
+}
+
+/// `n` elements of page-locked host memory mapped into the device's address space, and the
+/// device address the driver gives them: what kernels read through for `--embedding-table
+/// host`. Write-combined: the host only writes it, the device's reads skip the host caches.
+/// Its contents are unset: the caller writes every element before a kernel reads any.
+pub fn mapped_host<T: DeviceRepr + ValidAsZeroBits>(
+    ctx: &Arc<CudaContext>,
+    n: usize,
+    what: &str,
+) -> Result<(PinnedHostSlice<T>, u64)> {
+    use cudarc::driver::sys;
+    let what = format!("{what} in page-locked host memory");
+    let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_WRITECOMBINED;
+    // SAFETY: plain values, written by the caller before any read (above).
+    let mut host =
+        unsafe { ctx.alloc_pinned_with_flags::<T>(n, flags) }.map_err(|e| err(&what, e))?;
+    let mut ptr = 0;
+    // SAFETY: `host` was allocated by cuMemHostAlloc with DEVICEMAP in this context; the
+    // address stays valid while `host` lives, and the caller keeps the two together.
+    unsafe {
+        let p = host.as_mut_ptr().map_err(|e| err(&what, e))?;
+        sys::cuMemHostGetDevicePointer_v2(&mut ptr, p.cast(), 0).result()
+    }
+    .map_err(|e| err(&what, e))?;
+    Ok((host, ptr))
+}
+
 /// Bytes the weights of `cfg` take on the device with activations of `act_size` bytes: the
 /// embedding table and the biases of the 16-bit linear layers in T, layernorms and fc1's bias
 /// in f32, and the four linear layers of each block in T or, in an FP8 block, 1 byte per weight
-/// plus an f32 scale per output row and their biases in f32. What [`LoadReport::weight_bytes`]
-/// counts from the buffers themselves (tests/gpu.rs checks the two agree).
-pub fn device_weight_bytes(cfg: &BloomConfig, format: WeightFormat, act_size: usize) -> u64 {
+/// plus an f32 scale per output row and their biases in f32; the table only when `table` puts
+/// it on the device. What [`LoadReport::weight_bytes`] counts from the buffers themselves
+/// (tests/gpu.rs checks the two agree).
+pub fn device_weight_bytes(
+    cfg: &BloomConfig,
+    format: WeightFormat,
+    act_size: usize,
+    table: EmbeddingTable,
+) -> u64 {
     let (h, v) = (cfg.hidden as u64, cfg.vocab as u64);
     let a = act_size as u64;
     // A layernorm's weight and bias are f32. qkv, dense and fc2 carry a bias in the GEMM
@@ -248,7 +343,11 @@ pub fn device_weight_bytes(cfg: &BloomConfig, format: WeightFormat, act_size: us
         2 * norms + linear + 4 * h * 4
     };
     let blocks: u64 = (0..cfg.layers).map(|l| block(format.fp8_block(l))).sum();
-    v * h * a + 2 * norms + blocks
+    let table = match table {
+        EmbeddingTable::Device => v * h * a,
+        EmbeddingTable::Host => 0,
+    };
+    table + 2 * norms + blocks
 }
 
 /// Why `--dtype fp8` (or `fp8-alternate`) cannot run on a device of compute capability `cc` with these kernel
@@ -371,7 +470,7 @@ pub struct CudaModel<T: Act> {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     kernels: Kernels,
-    emb: CudaSlice<T>, // [V, H]
+    emb: EmbTable<T>, // [V, H]
     emb_ln: Norm,
     blocks: Vec<Block<T>>,
     ln_f: Norm,
@@ -430,10 +529,11 @@ impl<T: Act> CudaModel<T> {
                 b: up.upload(&ckpt.get_shaped(&format!("{p}.bias"), &[h])?, "f32")?,
             })
         };
-        let emb = up.upload(
-            &ckpt.get_shaped("word_embeddings.weight", &[cfg.vocab, h])?,
-            dt,
-        )?;
+        let table = ckpt.get_shaped("word_embeddings.weight", &[cfg.vocab, h])?;
+        let emb = match choices.table {
+            EmbeddingTable::Device => EmbTable::Device(up.upload(&table, dt)?),
+            EmbeddingTable::Host => host_table(&ctx, &table, h)?,
+        };
         let emb_ln = norm(&mut up, "word_embeddings_layernorm")?;
         // The linear layer `{p}.weight` [n_out, n_in] (and `{p}.bias` when `bias`), in FP8 when
         // `fp8` (its block's format), else in T.
@@ -508,7 +608,8 @@ impl<T: Act> CudaModel<T> {
         drop(up);
         let upload_seconds = t1.elapsed().as_secs_f64();
         let norm_bytes = |n: &Norm| ((n.w.len() + n.b.len()) * 4) as u64;
-        let weight_bytes = (emb.len() * std::mem::size_of::<T>()) as u64
+        let (table_bytes, host_table_bytes) = emb.bytes();
+        let weight_bytes = table_bytes
             + norm_bytes(&emb_ln)
             + norm_bytes(&ln_f)
             + blocks
@@ -607,6 +708,7 @@ impl<T: Act> CudaModel<T> {
                 arch: kernels.arch.clone(),
                 bytes,
                 weight_bytes,
+                host_table_bytes,
                 upload_seconds,
                 compile_seconds,
                 kernels_from_cache: kernels.cached,
@@ -893,13 +995,14 @@ impl<T: Act> CudaModel<T> {
         if vec {
             let (emb_ln, ln1) = ((&self.emb_ln.w, &self.emb_ln.b), (&first.w, &first.b));
             let (x, a) = (&mut st.x, &mut st.a);
-            k.embedding_layernorm_vec(s, &st.ids, &self.emb, emb_ln, ln1, x, a, t, h, eps)?;
+            let emb = self.emb.table();
+            k.embedding_layernorm_vec(s, &st.ids, emb, emb_ln, ln1, x, a, t, h, eps)?;
             // x [T, H], a = LN1(x)
         } else {
             k.embedding_layernorm(
                 s,
                 &st.ids,
-                &self.emb,
+                self.emb.table(),
                 &self.emb_ln.w,
                 &self.emb_ln.b,
                 &mut st.x,
@@ -1004,8 +1107,15 @@ impl<T: Act> crate::backend::Backend for CudaModel<T> {
     }
     fn load_summary(&self) -> Option<String> {
         let r = &self.report;
+        let host = match r.host_table_bytes {
+            0 => String::new(),
+            b => format!(
+                ", the embedding table {:.2} GB in host memory",
+                b as f64 / 1e9
+            ),
+        };
         Some(format!(
-            "loaded {:.2} GB onto {} in {:.2} s ({:.1} GB/s; the weights take {:.2} GB there); \
+            "loaded {:.2} GB onto {} in {:.2} s ({:.1} GB/s; the weights take {:.2} GB there{host}); \
              kernels ready in {:.2} s ({} from the cache)",
             r.bytes as f64 / 1e9,
             r.device,
@@ -1022,6 +1132,7 @@ impl<T: Act> crate::backend::Backend for CudaModel<T> {
 mod tests {
     use super::{device_weight_bytes, fp8_refusal, pick_attention, Fp8Blocks, WeightFormat};
     use crate::backend::AttentionKernel::{Auto, Mma, Mma2, Tc, V1};
+    use crate::backend::EmbeddingTable::{Device, Host};
     use crate::backend::{GemmKernel, KernelChoices};
 
     #[test]
@@ -1052,8 +1163,8 @@ mod tests {
     #[test]
     fn weight_bytes_at_bloom_7b1() {
         let cfg = crate::bench::shape("bloom-7b1").unwrap();
-        let f16 = device_weight_bytes(&cfg, WeightFormat::Half, 2);
-        let fp8 = device_weight_bytes(&cfg, WeightFormat::Fp8(Fp8Blocks::All), 2);
+        let f16 = device_weight_bytes(&cfg, WeightFormat::Half, 2, Device);
+        let fp8 = device_weight_bytes(&cfg, WeightFormat::Fp8(Fp8Blocks::All), 2, Device);
         let emb = 250_880 * 4096 * 2;
         assert_eq!(emb, 2_055_208_960);
         // Per block: 12·H² weights + 9H scales + 5H biases (f32) + fc1's 4H bias + 2 layernorms.
@@ -1065,13 +1176,19 @@ mod tests {
         // Without the embedding table, FP8 halves them (the f32 scales and biases are ~0.2%).
         let ratio = (fp8 - emb) as f64 / (f16 - emb) as f64;
         assert!((0.5..0.502).contains(&ratio), "{ratio}");
+        // With the table in host memory: the issue's "≈ 7.1 GB instead of 14.1" and below.
+        let fp8_host = device_weight_bytes(&cfg, WeightFormat::Fp8(Fp8Blocks::All), 2, Host);
+        let f16_host = device_weight_bytes(&cfg, WeightFormat::Half, 2, Host);
+        assert_eq!(fp8_host, fp8 - emb);
+        assert_eq!(fp8_host, 6_050_676_736);
+        assert_eq!(f16_host, 12_084_822_016);
     }
 
     /// `fp8-alternate` at bloom-7b1: blocks 1, 3, …, 29 in FP8 (15 of 30), the other 15 in f16.
     #[test]
     fn weight_bytes_at_bloom_7b1_fp8_alternate() {
         let cfg = crate::bench::shape("bloom-7b1").unwrap();
-        let alt = device_weight_bytes(&cfg, WeightFormat::Fp8(Fp8Blocks::Alternate), 2);
+        let alt = device_weight_bytes(&cfg, WeightFormat::Fp8(Fp8Blocks::Alternate), 2, Device);
         let (h, emb, ends) = (4096u64, 2_055_208_960u64, 2 * 2 * 4096 * 4);
         // An FP8 block: 12·H² weights (1 byte) + 9H scales + 5H biases + fc1's 4H bias + the
         // two layernorms' 4H, those four in f32: 201,326,592 + 88·4096 = 201,687,040 bytes.
@@ -1086,8 +1203,8 @@ mod tests {
         assert_eq!(alt, 11_122_958_336);
         // Halfway between f16 (14.14 GB) and fp8 (8.11 GB): the block weights at 0.75× f16's.
         let (f16, fp8) = (
-            device_weight_bytes(&cfg, WeightFormat::Half, 2),
-            device_weight_bytes(&cfg, WeightFormat::Fp8(Fp8Blocks::All), 2),
+            device_weight_bytes(&cfg, WeightFormat::Half, 2, Device),
+            device_weight_bytes(&cfg, WeightFormat::Fp8(Fp8Blocks::All), 2, Device),
         );
         assert_eq!(2 * alt, f16 + fp8);
         let ratio = (alt - emb) as f64 / (f16 - emb) as f64;

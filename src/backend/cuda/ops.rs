@@ -70,6 +70,43 @@ fn aligned<T>(s: &Arc<CudaStream>, b: &CudaSlice<T>, bytes: u64) -> bool {
     p % bytes == 0
 }
 
+/// The embedding table as the gather kernels read it (`--embedding-table`): a device buffer, or
+/// page-locked host memory mapped into the device's address space, given by the device address
+/// the driver returned for it and its length in elements. The kernels take a plain `const T*`
+/// either way.
+#[derive(Clone, Copy)]
+pub enum Table<'a, T> {
+    Device(&'a CudaSlice<T>),
+    Mapped { ptr: u64, len: usize },
+}
+
+impl<'a, T> Table<'a, T> {
+    fn len(&self) -> usize {
+        match self {
+            Table::Device(b) => b.len(),
+            Table::Mapped { len, .. } => *len,
+        }
+    }
+
+    fn aligned16(&self, s: &Arc<CudaStream>) -> bool {
+        match self {
+            Table::Device(b) => aligned(s, b, 16),
+            Table::Mapped { ptr, .. } => ptr % 16 == 0,
+        }
+    }
+
+    /// Pushes the table's address as the next kernel argument.
+    fn push<'b>(&'b self, l: &mut cudarc::driver::LaunchArgs<'b>)
+    where
+        'a: 'b,
+    {
+        match self {
+            Table::Device(b) => l.arg(*b),
+            Table::Mapped { ptr, .. } => l.arg(ptr),
+        };
+    }
+}
+
 /// Threads per block of the row kernels (a multiple of 32; block_sum relies on it).
 const ROW_THREADS: u32 = 256;
 /// Warps per block of the attention kernel (one warp per query token).
@@ -435,7 +472,7 @@ impl Kernels {
         &self,
         s: &Arc<CudaStream>,
         ids: &CudaSlice<u32>,
-        emb: &CudaSlice<T>,
+        emb: Table<'_, T>,
         w: &CudaSlice<f32>,
         b: &CudaSlice<f32>,
         x: &mut CudaSlice<f32>,
@@ -466,15 +503,10 @@ impl Kernels {
         // SAFETY: sizes checked above (ids < V is checked on the host by PackedBatch::validate);
         // arguments in the order of the signature.
         unsafe {
-            s.launch_builder(f)
-                .arg(ids)
-                .arg(emb)
-                .arg(w)
-                .arg(b)
-                .arg(x)
-                .arg(&hi)
-                .arg(&eps)
-                .launch(cfg)
+            let mut l = s.launch_builder(f);
+            l.arg(ids);
+            emb.push(&mut l);
+            l.arg(w).arg(b).arg(x).arg(&hi).arg(&eps).launch(cfg)
         }
         .map(drop)
         .map_err(|e| err("embedding_layernorm", e))
@@ -1024,7 +1056,7 @@ impl Kernels {
         &self,
         s: &Arc<CudaStream>,
         ids: &CudaSlice<u32>,
-        emb: &CudaSlice<T>,
+        emb: Table<'_, T>,
         (we, be): (&CudaSlice<f32>, &CudaSlice<f32>),
         (w1, b1): (&CudaSlice<f32>, &CudaSlice<f32>),
         x: &mut CudaSlice<f32>,
@@ -1042,21 +1074,19 @@ impl Kernels {
             [we, be, w1, b1].iter().all(|v| v.len() == h) && emb.len().is_multiple_of(h),
             || "embedding_layernorm_vec: bad weight sizes".into(),
         )?;
-        check_aligned16(
-            s,
-            "embedding_layernorm_vec",
-            &[emb, &*a],
-            &[we, be, w1, b1, &*x],
-        )?;
+        check_aligned16(s, "embedding_layernorm_vec", &[&*a], &[we, be, w1, b1, &*x])?;
+        check(emb.aligned16(s), || {
+            "embedding_layernorm_vec: the table is not 16-byte aligned".into()
+        })?;
         let name = format!("embedding_layernorm_vec{c}_{}", T::SUFFIX);
         let (hi, f) = (h as i32, self.get(&name)?);
         // SAFETY: sizes and alignment checked above (ids < V by PackedBatch::validate);
         // arguments in the order of the signature.
         unsafe {
-            s.launch_builder(f)
-                .arg(ids)
-                .arg(emb)
-                .arg(we)
+            let mut l = s.launch_builder(f);
+            l.arg(ids);
+            emb.push(&mut l);
+            l.arg(we)
                 .arg(be)
                 .arg(w1)
                 .arg(b1)
