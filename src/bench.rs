@@ -65,6 +65,12 @@ pub fn random_checkpoint_with(
     seed: u64,
     edit: &(dyn Fn(&str, usize, f32) -> f32 + Sync),
 ) -> Result<Checkpoint> {
+    if dtype == DType::F8E4M3 {
+        return Err(Error::Input(
+            "random weights are stored as F32, F16 or BF16 (quantize them with `sgpt quantize`)"
+                .into(),
+        ));
+    }
     let tensors = crate::model::schema::tensors(cfg);
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
@@ -110,6 +116,7 @@ pub fn random_checkpoint_with(
                         DType::F32 => e.copy_from_slice(&v.to_le_bytes()),
                         DType::F16 => e.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
                         DType::BF16 => e.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                        DType::F8E4M3 => e.fill(0x7f), // refused above
                     }
                 }
             });

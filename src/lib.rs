@@ -22,6 +22,7 @@ pub mod eval;
 pub mod hash;
 pub mod io;
 pub mod model;
+pub mod quantize;
 pub mod seeded;
 pub mod server;
 

@@ -529,3 +529,236 @@ fn fp8_requests_the_engine_cannot_serve_are_clear_errors() {
         }
     }
 }
+
+/// `sgpt quantize` into a fresh directory under `parent` (library call): the new directory.
+fn quantized(
+    model: &std::path::Path,
+    parent: &std::path::Path,
+    blocks: Fp8Blocks,
+) -> std::path::PathBuf {
+    let dst = parent.join(format!("q-{}", blocks.dtype_name()));
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let w = sgpt::quantize::quantize_dir(model, &dst, blocks, &|done, all| {
+        assert!(done <= all);
+        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })
+    .unwrap();
+    assert!(calls.into_inner() > 0, "no progress reported");
+    assert!(
+        w.bytes < w.source_bytes,
+        "{} vs {}",
+        w.bytes,
+        w.source_bytes
+    );
+    dst
+}
+
+fn cpu_embed(
+    dir: &std::path::Path,
+    dtype: Option<GpuDtype>,
+) -> sgpt::error::Result<(Vec<f32>, &'static str)> {
+    let e = Embedder::open_with(
+        dir,
+        EngineOptions {
+            device: Device::Cpu,
+            dtype,
+            ..EngineOptions::default()
+        },
+    )?;
+    let v = e.embed_texts(&texts(), false)?.concat();
+    Ok((v, e.backend.info().dtype))
+}
+
+/// A directory written by `sgpt quantize` gives, bit for bit, the vectors of its source run with
+/// the same dtype (the stored codes and scales are the ones the loader computes), with that
+/// dtype chosen by itself when none is given; its weights file is smaller; any other dtype is
+/// refused naming the right one. Both models, both FP8 dtypes.
+#[test]
+fn quantized_checkpoints_give_the_vectors_of_quantizing_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    for model in [tiny_model(), tiny_b_model()] {
+        let parent = tmp.path().join(model.file_name().unwrap());
+        std::fs::create_dir(&parent).unwrap();
+        for (blocks, dtype) in [
+            (Fp8Blocks::All, GpuDtype::Fp8),
+            (Fp8Blocks::Alternate, GpuDtype::Fp8Alternate),
+        ] {
+            let q = quantized(&model, &parent, blocks);
+            let label = format!("{} {}", model.display(), blocks.dtype_name());
+            let (want, want_dtype) = cpu_embed(&model, Some(dtype)).unwrap();
+            for asked in [None, Some(dtype)] {
+                let (got, got_dtype) = cpu_embed(&q, asked).unwrap();
+                assert_eq!(got_dtype, want_dtype, "{label}");
+                let differ = want
+                    .iter()
+                    .zip(&got)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{label} (--dtype {asked:?}): {differ} values differ"
+                );
+            }
+            // Another dtype: refused, naming the one it was written for.
+            let other = match dtype {
+                GpuDtype::Fp8 => GpuDtype::Fp8Alternate,
+                _ => GpuDtype::Fp8,
+            };
+            let e = cpu_embed(&q, Some(other)).unwrap_err().to_string();
+            let hint = format!(
+                "run it with --dtype {}, or without --dtype",
+                blocks.dtype_name()
+            );
+            assert!(e.contains(&hint), "{label}: {e}");
+            // The f32 loader of the library refuses it too.
+            let m = sgpt::model::ModelDir::open(&q).unwrap();
+            let e = CpuModel::load(&m.checkpoint, &m.config)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains(&hint), "{label}: {e}");
+        }
+    }
+}
+
+/// The command: its report, a refusal to overwrite, to quantize twice, or to read a model that
+/// is not one; `inspect` describes the result (E4M3 tensors, parameters without the scales).
+#[test]
+fn quantize_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model().display().to_string();
+    let out = tmp.path().join("q").display().to_string();
+    let o = sgpt(&["quantize", "-m", &model, "-o", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("the linear layers of 2 block(s) in E4M3") && said.contains("--dtype fp8 or"),
+        "{said}"
+    );
+    let o = sgpt(&["quantize", "-m", &model, "-o", &out]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+    let again = tmp.path().join("q2").display().to_string();
+    let o = sgpt(&["quantize", "-m", &out, "-o", &again]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("E4M3 already"), "{}", stderr(&o));
+    assert!(!std::path::Path::new(&again).exists());
+    let o = sgpt(&[
+        "quantize",
+        "-m",
+        &tmp.path().display().to_string(),
+        "-o",
+        &again,
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        !std::path::Path::new(&again).exists(),
+        "a failed run left its output"
+    );
+    // No temporary directory is left beside the output either.
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let o = sgpt(&["inspect", &out, "--json", "-"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["dtypes"]["F8_E4M3"], 8, "{v}");
+    let o = sgpt(&["inspect", &model, "--json", "-"]);
+    let f: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["parameters"], f["parameters"]);
+    // Embedding it needs no --dtype, on the CLI too.
+    let o = sgpt(&["embed", "-m", &out, "--device", "cpu", "x"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Damaged quantized checkpoints are clear errors, never a panic or a wrong vector: a missing
+/// or non-F32 scale tensor, a block with only some layers in E4M3, E4M3 in a layernorm, FP8
+/// blocks that are neither every block nor every other one.
+#[test]
+fn damaged_quantized_checkpoints_are_refused() {
+    use common::{copy_model, rewrite_weights};
+    let tmp = tempfile::tempdir().unwrap();
+    let all = quantized(&tiny_b_model(), tmp.path(), Fp8Blocks::All);
+    let f32_dir = tiny_model(); // one file (tiny-b's weights are sharded)
+    let qkv = "h.1.self_attention.query_key_value.weight";
+    type Edit = Box<dyn Fn(&mut common::Records)>;
+    let cases: Vec<(&str, &std::path::Path, Edit, &str)> = vec![
+        (
+            "scale missing",
+            &all,
+            Box::new(move |r| r.retain(|t| t.0 != format!("{qkv}_scale"))),
+            "weight_scale",
+        ),
+        (
+            "scale in f16",
+            &all,
+            Box::new(move |r| {
+                for t in r.iter_mut().filter(|t| t.0 == format!("{qkv}_scale")) {
+                    t.1 = safetensors::Dtype::F16;
+                    t.3.truncate(t.3.len() / 2);
+                }
+            }),
+            "the scales of E4M3 weights are F32",
+        ),
+        (
+            "one layer of a block",
+            &f32_dir,
+            Box::new(move |r| {
+                let t = r.iter_mut().find(|t| t.0 == qkv).unwrap();
+                t.1 = safetensors::Dtype::F8_E4M3;
+                t.3.truncate(t.2.iter().product()); // one byte per code
+                let n = t.2[0];
+                r.push((
+                    format!("{qkv}_scale"),
+                    safetensors::Dtype::F32,
+                    vec![n],
+                    vec![0; 4 * n],
+                ));
+            }),
+            "block 1 stores h.1.self_attention.query_key_value.weight as E4M3 codes but not",
+        ),
+        (
+            "E4M3 in a layernorm",
+            &all,
+            Box::new(|r| {
+                let t = r.iter_mut().find(|t| t.0 == "ln_f.weight").unwrap();
+                t.1 = safetensors::Dtype::F8_E4M3;
+                t.3.truncate(t.2.iter().product()); // one byte per code
+            }),
+            "F8_E4M3 where a float tensor is needed",
+        ),
+    ];
+    for (what, src, edit, want) in cases {
+        let dir = copy_model(src);
+        rewrite_weights(dir.path(), edit);
+        let e = cpu_embed(dir.path(), None).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains(want)),
+            "{what}: {e:?}"
+        );
+    }
+    // Blocks 0 and 2 of 3 in E4M3: neither fp8 nor fp8-alternate.
+    let dir = copy_model(&all);
+    rewrite_weights(dir.path(), |r| {
+        let src = sgpt::model::weights::Checkpoint::open(&tiny_b_model()).unwrap();
+        for w in sgpt::model::schema::linear_weights(1) {
+            let t = src.get(&w).unwrap();
+            let dtype = match t.dtype {
+                sgpt::model::weights::DType::F16 => safetensors::Dtype::F16,
+                sgpt::model::weights::DType::BF16 => safetensors::Dtype::BF16,
+                _ => safetensors::Dtype::F32,
+            };
+            r.retain(|x| x.0 != w && x.0 != format!("{w}_scale"));
+            r.push((w, dtype, t.shape.clone(), t.bytes().to_vec()));
+        }
+    });
+    let e = cpu_embed(dir.path(), None).err().map(|e| e.to_string());
+    assert!(
+        e.as_deref()
+            .is_some_and(|e| e.contains("blocks [0, 2] (of 3)")),
+        "{e:?}"
+    );
+}

@@ -902,7 +902,15 @@ fn host_embedding_table_matches_the_device_table() {
         let golden = load_golden(name);
         let m = ModelDir::open(&golden.model_dir).unwrap();
         let seqs: Vec<&[u32]> = golden.texts.iter().map(|t| &t.ids[..]).collect();
-        let batch = PackedBatch::from_seqs(&seqs);
+        let all = PackedBatch::from_seqs(&seqs);
+        // A batch CUDA graphs take (≤ 128 tokens): captured with the table's address in it.
+        let short = PackedBatch::from_seqs(
+            &seqs
+                .iter()
+                .map(|s| &s[..s.len().min(12)])
+                .take(4)
+                .collect::<Vec<_>>(),
+        );
         let (cfg, table_bytes) = (&m.config, (m.config.vocab * m.config.hidden * 2) as u64);
         let mut formats = vec![("f16", WeightFormat::Half), ("bf16", WeightFormat::Half)];
         if fp8 {
@@ -912,24 +920,35 @@ fn host_embedding_table_matches_the_device_table() {
             ));
         }
         for (dtype, format) in formats {
-            for rows in [RowKernel::V1, RowKernel::Vec] {
+            for (rows, graphs) in [
+                (RowKernel::V1, false),
+                (RowKernel::Vec, false),
+                (RowKernel::V1, true),
+            ] {
+                let batch = if graphs { &short } else { &all };
                 let kernels = |table| KernelChoices {
                     rows,
                     table,
+                    cuda_graphs: graphs,
                     ..Default::default()
                 };
                 let label = format!("{name} {dtype} [{}]", kernels(EmbeddingTable::Host));
                 let both = [EmbeddingTable::Device, EmbeddingTable::Host].map(|t| {
                     if dtype == "bf16" {
-                        run::<half::bf16>(&m, &batch, kernels(t), format)
+                        run::<half::bf16>(&m, batch, kernels(t), format)
                     } else {
-                        run::<half::f16>(&m, &batch, kernels(t), format)
+                        run::<half::f16>(&m, batch, kernels(t), format)
                     }
                 });
-                let [Ok((want, on_device, 0)), Ok((got, held, in_host))] = both else {
+                let [Ok((want, on_device, device_host)), Ok((got, held, in_host))] = both else {
                     failures.push(format!("{label}: {:?}", both.map(|r| r.err())));
                     continue;
                 };
+                if device_host != 0 {
+                    failures.push(format!(
+                        "{label}: the device table reports {device_host} bytes in host memory"
+                    ));
+                }
                 let differ = want
                     .iter()
                     .zip(&got)
@@ -954,6 +973,61 @@ fn host_embedding_table_matches_the_device_table() {
                     ));
                 }
             }
+        }
+    }
+    assert_no_failures(&failures);
+}
+
+/// A checkpoint written by `sgpt quantize` loads on the GPU as stored (the codes and scales
+/// copied, no quantize kernel) and gives, bit for bit, the vectors of its float source quantized
+/// at load — both FP8 dtypes, where the device has FP8.
+#[test]
+fn quantized_checkpoint_matches_quantizing_at_load_on_gpu() {
+    use sgpt::backend::cpu::fp8::Fp8Blocks;
+    use sgpt::backend::cuda::model::{CudaModel, WeightFormat};
+    use sgpt::backend::Backend;
+    let Some(_g) = gpu() else { return };
+    let open = || sgpt::backend::cuda::device::open(0).unwrap();
+    if open().compute_capability().unwrap() < (8, 9) {
+        eprintln!("skipped: no FP8 on this device");
+        return;
+    }
+    let golden = load_golden("tiny-b");
+    let seqs: Vec<&[u32]> = golden.texts.iter().map(|t| &t.ids[..]).collect();
+    let batch = PackedBatch::from_seqs(&seqs);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for b in [Fp8Blocks::All, Fp8Blocks::Alternate] {
+        let q = tmp.path().join(b.dtype_name());
+        sgpt::quantize::quantize_dir(&golden.model_dir, &q, b, &|_, _| {}).unwrap();
+        let embed = |dir: &std::path::Path| {
+            let m = ModelDir::open(dir).unwrap();
+            let n = batch.num_tokens();
+            let k = KernelChoices::default();
+            let model = CudaModel::<half::f16>::load(
+                open(),
+                &m.checkpoint,
+                &m.config,
+                n,
+                k,
+                WeightFormat::Fp8(b),
+                &|_, _| {},
+            )
+            .unwrap();
+            model.embed(&batch).unwrap()
+        };
+        let (want, got) = (embed(&golden.model_dir), embed(&q));
+        let n = want
+            .iter()
+            .zip(&got)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        if n > 0 {
+            failures.push(format!(
+                "{}: {n} of {} values differ",
+                b.dtype_name(),
+                want.len()
+            ));
         }
     }
     assert_no_failures(&failures);

@@ -491,7 +491,8 @@ fn op_times(
     }
     // The model the engine runs: the f32 forward, or its FP8 emulation with --dtype fp8 or
     // fp8-alternate.
-    let cpu = match a.engine.dtype.and_then(GpuDtype::fp8_blocks) {
+    let stored = sgpt::backend::cpu::fp8::stored_blocks(&st.ckpt, &st.cfg)?; // sgpt quantize
+    let cpu = match a.engine.dtype.and_then(GpuDtype::fp8_blocks).or(stored) {
         Some(blocks) => CpuModel::load_fp8(
             &st.ckpt,
             &st.cfg,

@@ -42,7 +42,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let total = m.checkpoint.total_bytes() as u64;
     let bar = progress_bar(total, a.quiet || total < 1 << 28, BYTES);
     for n in &names {
-        let t = m.checkpoint.get(n)?;
+        let t = m.checkpoint.get_any(n)?; // E4M3 codes too (sgpt quantize): NaN codes count
         let k = t.count_non_finite();
         if k > 0 {
             bad.push(format!("`{n}` ({k} values)"));
@@ -62,8 +62,10 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let mut params = 0usize;
     let mut dtypes = std::collections::BTreeMap::<DType, usize>::new();
     for n in &names {
-        let t = m.checkpoint.get(n)?;
-        params += t.numel();
+        let t = m.checkpoint.get_any(n)?;
+        if !n.ends_with(".weight_scale") {
+            params += t.numel(); // E4M3 weights count as parameters, their scales do not
+        }
         *dtypes.entry(t.dtype).or_default() += 1;
     }
     let files: Vec<(String, u64)> = m

@@ -4,6 +4,7 @@ mod bench;
 mod embed;
 mod eval;
 mod inspect;
+mod quantize;
 mod serve;
 
 use std::cell::OnceCell;
@@ -41,6 +42,9 @@ enum Cmd {
     /// Serve embeddings over HTTP: OpenAI's POST /v1/embeddings and text-embeddings-inference's
     /// POST /embed, with dynamic batching; GET /health, /info, /metrics.
     Serve(serve::ServeArgs),
+    /// Write a copy of a model with its linear layers stored in FP8 (E4M3, a scale per output
+    /// channel), which --dtype fp8 (or fp8-alternate) then loads as stored.
+    Quantize(quantize::QuantizeArgs),
 }
 
 #[derive(Args)]
@@ -193,6 +197,7 @@ pub fn main() {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Eval(a) => eval::run(a),
         Cmd::Serve(a) => serve::run(a),
+        Cmd::Quantize(a) => quantize::run(a),
     };
     if let Err(e) = r {
         eprintln!("sgpt: error: {e:#}");

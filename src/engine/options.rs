@@ -1,7 +1,7 @@
 //! How an engine is built: which device, which GPU type and kernels, how large a batch, and
 //! the one function that turns those options and a checkpoint into a [`Backend`].
 
-use crate::backend::cpu::fp8::ActScale;
+use crate::backend::cpu::fp8::{ActScale, Fp8Blocks};
 use crate::backend::cpu::CpuModel;
 use crate::backend::cuda::device::GpuDtype;
 use crate::backend::cuda::model::WeightFormat;
@@ -244,6 +244,28 @@ pub struct BuiltBackend {
     pub notice: Option<String>,
 }
 
+/// A checkpoint written by `sgpt quantize` runs as the dtype it was written for: that dtype when
+/// none was asked for, the error naming it when another was.
+fn with_stored_fp8(
+    ckpt: &Checkpoint,
+    cfg: &BloomConfig,
+    mut opts: EngineOptions,
+) -> Result<EngineOptions> {
+    if let Some(b) = crate::backend::cpu::fp8::stored_blocks(ckpt, cfg)? {
+        match opts.dtype {
+            None => {
+                opts.dtype = Some(match b {
+                    Fp8Blocks::All => GpuDtype::Fp8,
+                    Fp8Blocks::Alternate => GpuDtype::Fp8Alternate,
+                })
+            }
+            Some(d) if d.fp8_blocks() == Some(b) => {}
+            Some(_) => return Err(crate::backend::cpu::fp8::stored_fp8_needs(&ckpt.dir, b)),
+        }
+    }
+    Ok(opts)
+}
+
 /// Builds the backend `opts` asks for over a checkpoint (from a model directory or random
 /// weights); `max_seq_length` bounds the longest single sequence the GPU buffers must hold;
 /// `progress` is called after each block is loaded.
@@ -264,6 +286,7 @@ pub fn build_backend(
             .then_some(0),
     };
     opts.check()?;
+    let opts = with_stored_fp8(ckpt, cfg, opts)?;
     let fp8 = opts.dtype.and_then(GpuDtype::fp8_blocks);
     // GPU-only options given with `auto` that fell back are named, not silently dropped (fp8
     // and fp8-alternate are not: the CPU emulates them).

@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
-use crate::model::weights::Checkpoint;
+use crate::model::weights::{Checkpoint, DType};
 
 /// What a tensor is, for code that fills or inspects weights by role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,10 +82,40 @@ fn ignored(name: &str) -> bool {
     name.starts_with("lm_head.")
 }
 
+/// The four linear layers' weights of block `i`, in forward order (QKV, dense, FC1, FC2): the
+/// tensors a checkpoint written by `sgpt quantize` may store as E4M3 codes.
+pub fn linear_weights(i: usize) -> [String; 4] {
+    [
+        "self_attention.query_key_value",
+        "self_attention.dense",
+        "mlp.dense_h_to_4h",
+        "mlp.dense_4h_to_h",
+    ]
+    .map(|p| format!("h.{i}.{p}.weight"))
+}
+
+/// The name of the per-output-channel scales stored beside E4M3 weights `weight`.
+pub fn scale_name(weight: &str) -> String {
+    format!("{weight}_scale")
+}
+
+/// The blocks whose linear layers are stored as E4M3 codes (0-based, ascending), after
+/// [`check`] made sure each block's four agree.
+pub fn fp8_blocks_stored(ckpt: &Checkpoint, c: &BloomConfig) -> Result<Vec<usize>> {
+    let mut v = Vec::new();
+    for i in 0..c.layers {
+        if ckpt.get_any(&linear_weights(i)[0])?.dtype == DType::F8E4M3 {
+            v.push(i);
+        }
+    }
+    Ok(v)
+}
+
 /// Checks `ckpt` against the schema for `c`: every tensor present once (stored with or without
 /// the `transformer.` prefix, never both), with its shape and a float dtype; no tensor the
 /// schema does not know (e.g. a block beyond `n_layer`: the checkpoint belongs to another
-/// config). Reads only headers.
+/// config). The four linear layers' weights may instead be E4M3 codes with their f32 scales
+/// `<name>_scale` [out] (`sgpt quantize`), all four of a block or none. Reads only headers.
 pub fn check(ckpt: &Checkpoint, c: &BloomConfig) -> Result<()> {
     let spec = tensors(c);
     for t in &spec {
@@ -100,9 +130,47 @@ pub fn check(ckpt: &Checkpoint, c: &BloomConfig) -> Result<()> {
                 ),
             ));
         }
-        ckpt.get_shaped(&t.name, &t.shape)?;
+        ckpt.get_any(&t.name)?.expect_shape(&t.shape)?;
+        if t.role != Role::Matrix || !t.name.starts_with("h.") {
+            ckpt.get(&t.name)?; // a float, not codes
+        }
     }
-    let known: std::collections::HashSet<&str> = spec.iter().map(|t| t.name.as_str()).collect();
+    // E4M3 linear layers: each with its F32 scales, and all four of a block or none.
+    let mut scales = Vec::new();
+    for i in 0..c.layers {
+        let names = linear_weights(i);
+        let mut fp8 = Vec::new();
+        for n in &names {
+            let t = ckpt.get_any(n)?;
+            if t.dtype == DType::F8E4M3 {
+                let s = ckpt.get_shaped(&scale_name(n), &t.shape[..1])?;
+                if s.dtype != DType::F32 {
+                    return Err(Error::Dtype {
+                        path: s.file,
+                        name: s.name,
+                        got: format!("{} (the scales of E4M3 weights are F32)", s.dtype.name()),
+                    });
+                }
+                scales.push(scale_name(n));
+                fp8.push(n.as_str());
+            }
+        }
+        if !fp8.is_empty() && fp8.len() < names.len() {
+            return Err(Error::config(
+                &ckpt.dir,
+                format!(
+                    "block {i} stores {} as E4M3 codes but not the rest of its linear layers: \
+                     all four or none (`sgpt quantize` writes all four)",
+                    fp8.join(", ")
+                ),
+            ));
+        }
+    }
+    let known: std::collections::HashSet<&str> = spec
+        .iter()
+        .map(|t| t.name.as_str())
+        .chain(scales.iter().map(String::as_str))
+        .collect();
     let mut unknown: Vec<&str> = ckpt
         .stored_names()
         .filter(|n| !ignored(n))

@@ -2,7 +2,10 @@
 //!
 //! Tensors are looked up by their `BloomModel` name; the `transformer.` prefix written by
 //! `BloomForCausalLM` is accepted, and `lm_head.*` is never read. f32 tensors are used in place
-//! (zero-copy); f16/bf16 are converted to f32 when a backend asks for them.
+//! (zero-copy); f16/bf16 are converted to f32 when a backend asks for them. E4M3 codes (the
+//! linear layers of a checkpoint written by `sgpt quantize`) are read only through
+//! [`Checkpoint::get_any`], by the FP8 loaders: [`Checkpoint::get`] refuses them, so no float
+//! reader can take codes for weights.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -23,6 +26,8 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// OCP E4M3 codes, one byte each; their values need the scales stored beside them.
+    F8E4M3,
 }
 
 impl DType {
@@ -30,6 +35,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::F8E4M3 => 1,
         }
     }
     pub fn name(self) -> &'static str {
@@ -37,6 +43,7 @@ impl DType {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::F8E4M3 => "F8_E4M3",
         }
     }
 }
@@ -212,8 +219,24 @@ impl Checkpoint {
         v
     }
 
-    /// Looks `name` up with and without the `transformer.` prefix.
+    /// Looks `name` up with and without the `transformer.` prefix; a float tensor (an E4M3 one
+    /// is an error: its values need its scales, see [`Checkpoint::get_any`]).
     pub fn get(&self, name: &str) -> Result<TensorRef> {
+        let t = self.get_any(name)?;
+        if t.dtype == DType::F8E4M3 {
+            return Err(Error::Dtype {
+                path: t.file,
+                name: t.name,
+                got: "F8_E4M3 where a float tensor is needed (only the linear layers' \
+                      weights of a checkpoint written by `sgpt quantize` may be FP8)"
+                    .into(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// [`get`](Self::get), E4M3 codes included: for the FP8 loaders, `inspect` and the schema.
+    pub fn get_any(&self, name: &str) -> Result<TensorRef> {
         let prefixed = format!("transformer.{name}");
         let (stored, &fi) = self
             .location
@@ -232,6 +255,7 @@ impl Checkpoint {
             StDtype::F32 => DType::F32,
             StDtype::F16 => DType::F16,
             StDtype::BF16 => DType::BF16,
+            StDtype::F8_E4M3 => DType::F8E4M3,
             other => {
                 return Err(Error::Dtype {
                     path: f.path.clone(),
@@ -326,6 +350,8 @@ impl TensorRef {
                     .chunks_exact(2)
                     .filter(|e| u16::from_le_bytes([e[0], e[1]]) & 0x7f80 == 0x7f80)
                     .count(),
+                // E4M3 has no infinities; S.1111.111 is NaN.
+                DType::F8E4M3 => c.iter().filter(|&&b| b & 0x7f == 0x7f).count(),
             })
             .sum()
     }
@@ -354,7 +380,9 @@ impl TensorRef {
     }
 }
 
-/// Little-endian bytes of `dtype` → f32. Unaligned input is fine (read byte-wise).
+/// Little-endian bytes of `dtype` → f32. Unaligned input is fine (read byte-wise). E4M3 codes are
+/// not weights without their scales: they give NaN, so a misuse fails the engine's finite check
+/// rather than passing codes off as values ([`Checkpoint::get`] never yields them).
 pub fn convert_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     match dtype {
         DType::F32 => {
@@ -372,6 +400,7 @@ pub fn convert_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
                 *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
             }
         }
+        DType::F8E4M3 => out.fill(f32::NAN),
     }
 }
 

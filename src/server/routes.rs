@@ -503,7 +503,7 @@ pub fn info_json(e: &Embedder, opts: &ServeOptions) -> serde_json::Value {
         .checkpoint
         .names()
         .iter()
-        .filter_map(|n| m.checkpoint.get(n).ok().map(|t| t.dtype.name()))
+        .filter_map(|n| m.checkpoint.get_any(n).ok().map(|t| t.dtype.name()))
         .collect();
     dtypes.sort_unstable();
     dtypes.dedup();

@@ -34,6 +34,10 @@ use std::sync::LazyLock;
 use rayon::prelude::*;
 
 use super::linear::{linear, LinearKernel};
+use crate::error::{Error, Result};
+use crate::model::config::BloomConfig;
+use crate::model::schema::{fp8_blocks_stored, scale_name};
+use crate::model::weights::{Checkpoint, DType};
 
 /// The largest finite E4M3 value.
 pub const E4M3_MAX: f32 = 448.0;
@@ -143,6 +147,68 @@ impl Fp8Blocks {
     pub fn count(self, layers: usize) -> usize {
         (0..layers).filter(|&l| self.covers(l)).count()
     }
+
+    /// The engine's name for it, the `--dtype` that asks for it.
+    pub fn dtype_name(self) -> &'static str {
+        match self {
+            Fp8Blocks::All => "fp8",
+            Fp8Blocks::Alternate => "fp8-alternate",
+        }
+    }
+}
+
+/// Which blocks a checkpoint written by `sgpt quantize` stores in E4M3 (None: a float
+/// checkpoint); an error naming the blocks when they are neither every block nor every other
+/// one (no engine dtype runs such a mix).
+pub fn stored_blocks(ckpt: &Checkpoint, cfg: &BloomConfig) -> Result<Option<Fp8Blocks>> {
+    let stored = fp8_blocks_stored(ckpt, cfg)?;
+    if stored.is_empty() {
+        return Ok(None);
+    }
+    for b in [Fp8Blocks::All, Fp8Blocks::Alternate] {
+        if stored == (0..cfg.layers).filter(|&l| b.covers(l)).collect::<Vec<_>>() {
+            return Ok(Some(b));
+        }
+    }
+    Err(Error::config(
+        &ckpt.dir,
+        format!(
+            "the linear layers of blocks {stored:?} (of {}) are stored as E4M3 codes: neither \
+             every block (--dtype fp8) nor every other one from block 1 (--dtype fp8-alternate)",
+            cfg.layers
+        ),
+    ))
+}
+
+/// The error for a checkpoint whose stored E4M3 blocks `b` another dtype was asked of.
+pub fn stored_fp8_needs(dir: &std::path::Path, b: Fp8Blocks) -> Error {
+    let which = match b {
+        Fp8Blocks::All => "every block",
+        Fp8Blocks::Alternate => "every other block",
+    };
+    Error::Input(format!(
+        "{} stores the linear layers of {which} as E4M3 codes (written by `sgpt quantize --dtype \
+         {d}`): run it with --dtype {d}, or without --dtype",
+        dir.display(),
+        d = b.dtype_name()
+    ))
+}
+
+/// The stored E4M3 weight `name` [out, in] and its scales [out], as `sgpt quantize` wrote them
+/// (the checkpoint passed [`crate::model::schema::check`]), or None when it is stored as floats.
+pub fn stored_weight(ckpt: &Checkpoint, name: &str) -> Result<Option<(Vec<u8>, Vec<f32>)>> {
+    let t = ckpt.get_any(name)?;
+    if t.dtype != DType::F8E4M3 {
+        return Ok(None);
+    }
+    let s = ckpt.get_shaped(&scale_name(name), &t.shape[..1])?.to_f32();
+    Ok(Some((t.bytes().to_vec(), s.to_vec())))
+}
+
+/// One scale per row of x [rows, n]: a weight's per-output-channel scales ([`Fp8Linear::new`]),
+/// or a GEMM input's per-token ones.
+pub fn row_scales(x: &[f32], n: usize) -> Vec<f32> {
+    x.par_chunks(n).map(|r| scale_for(amax(r))).collect()
 }
 
 /// Codes [rows, n] and scales of `x` [rows, n], one scale per row or one for all (then
@@ -152,7 +218,7 @@ pub fn quantize(x: &[f32], n: usize, how: ActScale) -> (Vec<u8>, Vec<f32>) {
     let rows = x.len() / n;
     let mut codes = vec![0u8; x.len()];
     let scales: Vec<f32> = match how {
-        ActScale::PerToken => x.par_chunks(n).map(|r| scale_for(amax(r))).collect(),
+        ActScale::PerToken => row_scales(x, n),
         ActScale::PerTensor => {
             let m = x.par_chunks(n).map(amax).reduce(|| 0.0, f32::max);
             vec![scale_for(m); rows]
@@ -190,6 +256,20 @@ impl Fp8Linear {
         assert!(n_out > 0 && w.len().is_multiple_of(n_out));
         let n_in = w.len() / n_out;
         let (codes, scales) = quantize(w, n_in, ActScale::PerToken); // a row = an output channel
+        Fp8Linear {
+            codes,
+            scales,
+            n_in,
+            act,
+        }
+    }
+
+    /// A layer from codes [out, in] and per-channel scales [out] already computed (a checkpoint
+    /// written by `sgpt quantize`): the same layer as [`Fp8Linear::new`] of the weights they
+    /// came from.
+    pub fn from_parts(codes: Vec<u8>, scales: Vec<f32>, act: ActScale) -> Self {
+        assert!(!scales.is_empty() && codes.len().is_multiple_of(scales.len()));
+        let n_in = codes.len() / scales.len();
         Fp8Linear {
             codes,
             scales,

@@ -12,13 +12,15 @@ use std::time::Instant;
 
 use crate::backend::batch::PackedBatch;
 use crate::backend::cpu::attention::{alibi_attention, alibi_slopes};
-use crate::backend::cpu::fp8::{ActScale, Fp8Blocks, Fp8Linear};
+use crate::backend::cpu::fp8::{
+    stored_blocks, stored_fp8_needs, stored_weight, ActScale, Fp8Blocks, Fp8Linear,
+};
 use crate::backend::cpu::gelu::gelu_inplace;
 use crate::backend::cpu::layernorm::layernorm;
 use crate::backend::cpu::linear::LinearKernel;
 use crate::backend::cpu::pooling::weighted_mean_pool;
 use crate::backend::LoadProgress;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::config::BloomConfig;
 use crate::model::weights::{Checkpoint, F32Buf, TensorRef};
 
@@ -87,6 +89,9 @@ impl CpuModel {
         cfg: &BloomConfig,
         progress: LoadProgress,
     ) -> Result<Self> {
+        if let Some(b) = stored_blocks(ckpt, cfg)? {
+            return Err(stored_fp8_needs(&ckpt.dir, b));
+        }
         Self::load_with(ckpt, cfg, "f32", &|_, _, w, _| Box::new(w), progress)
     }
 
@@ -101,6 +106,16 @@ impl CpuModel {
         blocks: Fp8Blocks,
         progress: LoadProgress,
     ) -> Result<Self> {
+        match stored_blocks(ckpt, cfg)? {
+            Some(b) if b != blocks => return Err(stored_fp8_needs(&ckpt.dir, b)),
+            Some(_) if act != ActScale::PerToken => {
+                return Err(Error::Input(format!(
+                    "{}: stored E4M3 weights run with per-token input scales only",
+                    ckpt.dir.display()
+                )))
+            }
+            _ => {}
+        }
         let dtype = match (blocks, act) {
             (Fp8Blocks::All, ActScale::PerToken) => "fp8",
             (Fp8Blocks::All, ActScale::PerTensor) => "fp8 (per-tensor activation scales)",
@@ -121,7 +136,9 @@ impl CpuModel {
 
     /// [`load_reporting`](Self::load_reporting) with each block's linear layers built by `make`
     /// from their f32 weights, and `dtype` for `info()`: how the FP8 emulation and its reference
-    /// test plug in.
+    /// test plug in. Linear layers stored as E4M3 codes (`sgpt quantize`) are used as stored,
+    /// with per-token input scales, without `make` (the callers above check that they are
+    /// what the dtype asks for).
     pub fn load_with(
         ckpt: &Checkpoint,
         cfg: &BloomConfig,
@@ -144,9 +161,15 @@ impl CpuModel {
                 Proj::Fc1 => "mlp.dense_h_to_4h",
                 Proj::Fc2 => "mlp.dense_4h_to_h",
             };
-            let w = ckpt.get_shaped(&format!("h.{l}.{p}.weight"), &[out, inp])?;
+            let name = format!("h.{l}.{p}.weight");
+            let w: Box<dyn LinearKernel> = match stored_weight(ckpt, &name)? {
+                Some((codes, scales)) => {
+                    Box::new(Fp8Linear::from_parts(codes, scales, ActScale::PerToken))
+                }
+                None => make(l, proj, ckpt.get_shaped(&name, &[out, inp])?.to_f32(), out),
+            };
             Ok(Linear {
-                w: make(l, proj, w.to_f32(), out),
+                w,
                 b: ckpt
                     .get_shaped(&format!("h.{l}.{p}.bias"), &[out])?
                     .to_f32(),

@@ -14,8 +14,7 @@ use std::time::Instant;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice,
-    ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
 };
 use rayon::prelude::*;
 
@@ -23,8 +22,8 @@ use crate::backend::batch::PackedBatch;
 use crate::backend::cpu::fp8::Fp8Blocks;
 use crate::backend::cuda::gemm::{check_fp8_shape, Gemm};
 use crate::backend::cuda::ops::{
-    attention_mma2_tiles, fp8_gelu_rows, skinny_fits, vec_rows, Act, Kernels, Mma2Tiles, Table,
-    ATTENTION_MMA2_DIMS, ATTENTION_MMA_DIMS, SKINNY_MAX_ROWS,
+    attention_mma2_tiles, fp8_gelu_rows, skinny_fits, vec_rows, Act, Kernels, MappedTable,
+    Mma2Tiles, Table, ATTENTION_MMA2_DIMS, ATTENTION_MMA_DIMS, SKINNY_MAX_ROWS,
 };
 use crate::backend::{AttentionKernel, EmbeddingTable, GemmKernel, KernelChoices, RowKernel};
 use crate::error::{Error, Result};
@@ -79,6 +78,8 @@ fn type_name(d: DType) -> &'static str {
         DType::F32 => "f32",
         DType::F16 => "f16",
         DType::BF16 => "bf16",
+        // Copied as they are (`upload::<u8>(t, "u8")`); no kernel converts them.
+        DType::F8E4M3 => "u8",
     }
 }
 
@@ -234,49 +235,48 @@ struct Block<T> {
 /// The embedding table where `--embedding-table` put it.
 enum EmbTable<T> {
     Device(CudaSlice<T>),
-    /// Page-locked host memory mapped into the device's address space; `ptr` is the device
-    /// address the driver gave it.
-    Host {
-        rows: PinnedHostSlice<T>,
-        ptr: u64,
-    },
+    Host(MappedTable<T>),
 }
 
 impl<T> EmbTable<T> {
     fn table(&self) -> Table<'_, T> {
         match self {
             EmbTable::Device(b) => Table::Device(b),
-            EmbTable::Host { rows, ptr } => Table::Mapped {
-                ptr: *ptr,
-                len: rows.len(),
-            },
+            EmbTable::Host(m) => Table::Mapped(m),
         }
     }
+}
 
+impl<T: DeviceRepr + ValidAsZeroBits> EmbTable<T> {
     /// Bytes on the device, and in page-locked host memory.
     fn bytes(&self) -> (u64, u64) {
         let size = std::mem::size_of::<T>() as u64;
         match self {
             EmbTable::Device(b) => (b.len() as u64 * size, 0),
-            EmbTable::Host { rows, .. } => (0, rows.len() as u64 * size),
+            EmbTable::Host(m) => (0, m.len() as u64 * size),
         }
     }
 }
 
-/// `--embedding-table host`: the table `t` [V, H] converted to T on the host, row by row on
-/// every core, into [`mapped_host`] memory (no device memory). The conversion rounds as the
-/// upload's device-side one does (through f32, to nearest even), so the device reads the values
-/// it would have held.
+/// `--embedding-table host`: the table `t` [V, H] converted to T on the host ([`fill_rows`])
+/// into a [`MappedTable`] (no device memory).
 fn host_table<T: Act + ValidAsZeroBits>(
     ctx: &Arc<CudaContext>,
     t: &TensorRef,
     h: usize,
 ) -> Result<EmbTable<T>> {
-    let (mut rows, ptr) = mapped_host::<T>(ctx, t.numel(), "the embedding table")?;
-    const ROWS: usize = 1024; // rows per task
-    rows.as_mut_slice()
-        .map_err(|e| err("the embedding table in host memory", e))?
-        .par_chunks_mut(ROWS * h)
+    let mut m = MappedTable::<T>::new(ctx, t.numel(), "the embedding table")?;
+    fill_rows(t, h, m.fill()?);
+    Ok(EmbTable::Host(m))
+}
+
+/// The rows of `t` [V, h] converted to T into `out` [V·h], a task per 1024 rows on every core.
+/// The conversion rounds as the upload's device-side one does (through f32, to nearest even),
+/// so a host table holds the values a device table would (NaN payloads aside: the device
+/// writes its canonical NaN).
+fn fill_rows<T: Act>(t: &TensorRef, h: usize, out: &mut [T]) {
+    const ROWS: usize = 1024;
+    out.par_chunks_mut(ROWS * h)
         .enumerate()
         .for_each(|(c, out)| {
             let mut row = vec![0f32; h];
@@ -287,33 +287,6 @@ fn host_table<T: Act + ValidAsZeroBits>(
                     .for_each(|(o, &v)| *o = T::from_f32(v));
             }
         });
-    Ok(EmbTable::Host { rows, ptr })
-}
-
-/// `n` elements of page-locked host memory mapped into the device's address space, and the
-/// device address the driver gives them: what kernels read through for `--embedding-table
-/// host`. Write-combined: the host only writes it, the device's reads skip the host caches.
-/// Its contents are unset: the caller writes every element before a kernel reads any.
-pub fn mapped_host<T: DeviceRepr + ValidAsZeroBits>(
-    ctx: &Arc<CudaContext>,
-    n: usize,
-    what: &str,
-) -> Result<(PinnedHostSlice<T>, u64)> {
-    use cudarc::driver::sys;
-    let what = format!("{what} in page-locked host memory");
-    let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_WRITECOMBINED;
-    // SAFETY: plain values, written by the caller before any read (above).
-    let mut host =
-        unsafe { ctx.alloc_pinned_with_flags::<T>(n, flags) }.map_err(|e| err(&what, e))?;
-    let mut ptr = 0;
-    // SAFETY: `host` was allocated by cuMemHostAlloc with DEVICEMAP in this context; the
-    // address stays valid while `host` lives, and the caller keeps the two together.
-    unsafe {
-        let p = host.as_mut_ptr().map_err(|e| err(&what, e))?;
-        sys::cuMemHostGetDevicePointer_v2(&mut ptr, p.cast(), 0).result()
-    }
-    .map_err(|e| err(&what, e))?;
-    Ok((host, ptr))
 }
 
 /// Bytes the weights of `cfg` take on the device with activations of `act_size` bytes: the
@@ -494,6 +467,13 @@ impl<T: Act> CudaModel<T> {
         progress: crate::backend::LoadProgress,
     ) -> Result<Self> {
         crate::model::schema::check(ckpt, cfg)?;
+        // Stored E4M3 weights (`sgpt quantize`) load only as the format they were written for.
+        let stored = crate::backend::cpu::fp8::stored_blocks(ckpt, cfg)?;
+        match (stored, format) {
+            (Some(b), WeightFormat::Fp8(f)) if b == f => {}
+            (Some(b), _) => return Err(crate::backend::cpu::fp8::stored_fp8_needs(&ckpt.dir, b)),
+            (None, _) => {}
+        }
         if let WeightFormat::Fp8(_) = format {
             let cc = ctx
                 .compute_capability()
@@ -530,9 +510,15 @@ impl<T: Act> CudaModel<T> {
             })
         };
         let table = ckpt.get_shaped("word_embeddings.weight", &[cfg.vocab, h])?;
+        let t_host = Instant::now();
         let emb = match choices.table {
             EmbeddingTable::Device => EmbTable::Device(up.upload(&table, dt)?),
             EmbeddingTable::Host => host_table(&ctx, &table, h)?,
+        };
+        // The host table's conversion is not upload time (its bytes are not counted there).
+        let host_seconds = match choices.table {
+            EmbeddingTable::Host => t_host.elapsed().as_secs_f64(),
+            EmbeddingTable::Device => 0.0,
         };
         let emb_ln = norm(&mut up, "word_embeddings_layernorm")?;
         // The linear layer `{p}.weight` [n_out, n_in] (and `{p}.bias` when `bias`), in FP8 when
@@ -543,10 +529,24 @@ impl<T: Act> CudaModel<T> {
                       bias: bool,
                       fp8: bool|
          -> Result<Linear<T>> {
-            let w = ckpt.get_shaped(&format!("{p}.weight"), &[n_out, n_in])?;
+            let name = format!("{p}.weight");
             let b = bias
                 .then(|| ckpt.get_shaped(&format!("{p}.bias"), &[n_out]))
                 .transpose()?;
+            if let Some(stored) = (fp8 && stored.is_some())
+                .then(|| ckpt.get_any(&name))
+                .transpose()?
+            {
+                // Codes and scales as `sgpt quantize` wrote them (the values the quantize
+                // kernel below computes from the floats), copied as they are.
+                let scales = ckpt.get_shaped(&crate::model::schema::scale_name(&name), &[n_out])?;
+                return Ok(Linear::Fp8 {
+                    w: up.upload::<u8>(&stored, "u8")?,
+                    sw: up.upload(&scales, "f32")?,
+                    b: b.map(|b| up.upload(&b, "f32")).transpose()?,
+                });
+            }
+            let w = ckpt.get_shaped(&name, &[n_out, n_in])?;
             Ok(if fp8 {
                 // f32 on the device (exact from f16/bf16), then rounded per row; the f32
                 // copy is freed (stream-ordered) once the quantize kernel has read it.
@@ -606,7 +606,7 @@ impl<T: Act> CudaModel<T> {
         stream.synchronize().map_err(|e| err("upload", e))?;
         let bytes = up.bytes;
         drop(up);
-        let upload_seconds = t1.elapsed().as_secs_f64();
+        let upload_seconds = t1.elapsed().as_secs_f64() - host_seconds;
         let norm_bytes = |n: &Norm| ((n.w.len() + n.b.len()) * 4) as u64;
         let (table_bytes, host_table_bytes) = emb.bytes();
         let weight_bytes = table_bytes
@@ -1128,12 +1128,22 @@ impl<T: Act> crate::backend::Backend for CudaModel<T> {
     }
 }
 
+/// A forward that fails after enqueuing work returns without synchronizing; what its kernels
+/// read must outlive them — the host table above all, which the driver frees without waiting
+/// for the stream (device buffers are freed in stream order).
+impl<T: Act> Drop for CudaModel<T> {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{device_weight_bytes, fp8_refusal, pick_attention, Fp8Blocks, WeightFormat};
     use crate::backend::AttentionKernel::{Auto, Mma, Mma2, Tc, V1};
     use crate::backend::EmbeddingTable::{Device, Host};
     use crate::backend::{GemmKernel, KernelChoices};
+    use crate::model::weights::DType;
 
     #[test]
     fn fp8_is_refused_where_it_cannot_run() {
@@ -1209,6 +1219,27 @@ mod tests {
         assert_eq!(2 * alt, f16 + fp8);
         let ratio = (alt - emb) as f64 / (f16 - emb) as f64;
         assert!((0.75..0.751).contains(&ratio), "{ratio}");
+    }
+
+    /// The host table's parallel fill, across several of its 1024-row tasks, against a
+    /// conversion of the whole table in one go.
+    #[test]
+    fn host_table_rows_land_where_they_belong() {
+        let mut cfg = crate::bench::shape("bloom-560m").unwrap();
+        (cfg.hidden, cfg.heads, cfg.layers, cfg.vocab) = (8, 1, 1, 2500);
+        for dt in [DType::F32, DType::BF16] {
+            let ckpt = crate::bench::random_checkpoint(&cfg, dt, 3).unwrap();
+            let t = ckpt.get("word_embeddings.weight").unwrap();
+            let mut got = vec![half::f16::ZERO; 2500 * 8];
+            super::fill_rows(&t, 8, &mut got);
+            let want: Vec<half::f16> = t.to_f32().iter().map(|&v| half::f16::from_f32(v)).collect();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dt:?}"
+            );
+        }
     }
 
     #[test]

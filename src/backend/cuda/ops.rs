@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -71,27 +71,26 @@ fn aligned<T>(s: &Arc<CudaStream>, b: &CudaSlice<T>, bytes: u64) -> bool {
 }
 
 /// The embedding table as the gather kernels read it (`--embedding-table`): a device buffer, or
-/// page-locked host memory mapped into the device's address space, given by the device address
-/// the driver returned for it and its length in elements. The kernels take a plain `const T*`
-/// either way.
+/// page-locked host memory mapped into the device's address space. The kernels take a plain
+/// `const T*` either way.
 #[derive(Clone, Copy)]
 pub enum Table<'a, T> {
     Device(&'a CudaSlice<T>),
-    Mapped { ptr: u64, len: usize },
+    Mapped(&'a MappedTable<T>),
 }
 
 impl<'a, T> Table<'a, T> {
     fn len(&self) -> usize {
         match self {
             Table::Device(b) => b.len(),
-            Table::Mapped { len, .. } => *len,
+            Table::Mapped(m) => m.host.len(),
         }
     }
 
     fn aligned16(&self, s: &Arc<CudaStream>) -> bool {
         match self {
             Table::Device(b) => aligned(s, b, 16),
-            Table::Mapped { ptr, .. } => ptr % 16 == 0,
+            Table::Mapped(m) => m.ptr % 16 == 0,
         }
     }
 
@@ -102,8 +101,56 @@ impl<'a, T> Table<'a, T> {
     {
         match self {
             Table::Device(b) => l.arg(*b),
-            Table::Mapped { ptr, .. } => l.arg(ptr),
+            Table::Mapped(m) => l.arg(&m.ptr),
         };
+    }
+}
+
+/// Page-locked host memory mapped into the device's address space, with the device address the
+/// driver gave it (only [`MappedTable::new`] pairs the two): what the embedding kernels read
+/// for `--embedding-table host`. Write-combined: the host only writes it, and the device's reads
+/// over the bus skip the host caches. Whoever frees it must first know no kernel still reads
+/// it (the model synchronizes its stream when dropped).
+pub struct MappedTable<T> {
+    host: PinnedHostSlice<T>,
+    ptr: u64,
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits> MappedTable<T> {
+    /// `n` elements, their contents unset until [`Self::fill`].
+    pub fn new(ctx: &Arc<CudaContext>, n: usize, what: &str) -> Result<Self> {
+        use cudarc::driver::sys;
+        let what = format!("{what} in page-locked host memory");
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_WRITECOMBINED;
+        // SAFETY: plain values; `fill` writes every one before a kernel can be given the table
+        // (the model and the bench fill it right after this call).
+        let mut host =
+            unsafe { ctx.alloc_pinned_with_flags::<T>(n, flags) }.map_err(|e| err(&what, e))?;
+        let mut ptr = 0;
+        // SAFETY: `host` was allocated by cuMemHostAlloc with DEVICEMAP in this context; the
+        // address is valid while `host` lives, and the two are kept together here.
+        unsafe {
+            let p = host.as_mut_ptr().map_err(|e| err(&what, e))?;
+            sys::cuMemHostGetDevicePointer_v2(&mut ptr, p.cast(), 0).result()
+        }
+        .map_err(|e| err(&what, e))?;
+        Ok(MappedTable { host, ptr })
+    }
+
+    /// The elements, to write (no kernel reads them yet).
+    pub fn fill(&mut self) -> Result<&mut [T]> {
+        self.host
+            .as_mut_slice()
+            .map_err(|e| err("page-locked host memory", e))
+    }
+
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
     }
 }
 
