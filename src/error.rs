@@ -29,11 +29,12 @@ pub enum Error {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
-    #[error("{path}: tensor `{name}` has dtype {got}, expected F32, F16 or BF16")]
+    #[error("{path}: tensor `{name}` has dtype {got}, expected {expected}")]
     Dtype {
         path: PathBuf,
         name: String,
         got: String,
+        expected: &'static str,
     },
     #[error("{path}: tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },

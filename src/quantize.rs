@@ -29,13 +29,31 @@ pub struct Written {
     /// Bytes of the new weights file, and of the checkpoint it came from.
     pub bytes: u64,
     pub source_bytes: u64,
+    /// Entries of the model directory not copied: other weight formats (`*.bin`, `*.pt`, …) and
+    /// hidden files or folders (`.git`, `.cache`).
+    pub skipped: Vec<String>,
 }
 
-/// Writes `dst` (which must not exist): `src`'s files but its weights, and one
+/// File endings of weights in other formats, never copied (the new directory's weights are its
+/// one `model.safetensors`).
+const OTHER_WEIGHTS: &[&str] = &[
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".gguf",
+];
+
+/// Writes `dst` (which must not exist, outside `src`): `src`'s files but its weights, and one
 /// `model.safetensors` with the linear layers of the blocks `blocks` covers in E4M3.
-/// `progress(done, all)` is called after each tensor is written. The directory appears only
-/// when complete: it is written under a temporary name beside `dst` and renamed at the end (a
-/// failure removes it).
+/// `progress(done, all)` is called as each tensor is written. The directory appears only when
+/// complete and synced to disk: it is written under a unique temporary name beside `dst` and
+/// renamed at the end (a failure removes it; so does SIGINT/SIGTERM/SIGHUP once
+/// `io::output::remove_temps_on_signal` is installed, as the CLI does).
 pub fn quantize_dir(
     src: &Path,
     dst: &Path,
@@ -50,46 +68,192 @@ pub fn quantize_dir(
             b.dtype_name()
         )));
     }
-    if dst.exists() {
+    if blocks.count(m.config.layers) == 0 {
         return Err(Error::Input(format!(
-            "{}: already exists; give a new directory for the quantized model",
-            dst.display()
+            "{}: nothing to quantize: --dtype {} covers none of its {} block(s)",
+            src.display(),
+            blocks.dtype_name(),
+            m.config.layers
         )));
     }
-    let name = dst
-        .file_name()
-        .ok_or_else(|| Error::Input(format!("{}: not a directory name", dst.display())))?;
-    let tmp = dst.with_file_name(format!(
-        ".{}.partial-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = write(&m, &tmp, blocks, progress).and_then(|bytes| {
-        std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))?;
+    let (parent, name) = output_place(src, dst)?;
+    let bad = non_finite(&m)?;
+    if !bad.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: {} tensor(s) hold NaN or Inf ({}): refusing to quantize them",
+            src.display(),
+            bad.len(),
+            crate::error::list_some(&bad, bad.len())
+        )));
+    }
+    let files = listing(&m.dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.partial-", name.to_string_lossy()))
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
+    let tmp_path = tmp.path().to_path_buf();
+    crate::io::output::track_temp(&tmp_path);
+    let out = parent.join(&name);
+    let done = write(&m, &files, tmp.path(), blocks, progress).and_then(|bytes| {
+        // Renamed without replacing: a directory that appeared meanwhile stays as it was.
+        if std::fs::symlink_metadata(&out).is_ok() {
+            return Err(exists(&out));
+        }
+        let kept = tmp.keep();
+        std::fs::rename(&kept, &out).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&kept);
+            Error::io(&out, e)
+        })?;
+        sync(&parent)?;
         Ok(bytes)
     });
-    match written {
-        Ok(bytes) => Ok(Written {
-            dir: dst.to_path_buf(),
-            fp8_blocks: blocks.count(m.config.layers),
-            bytes,
-            source_bytes: m.checkpoint.total_bytes() as u64,
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
+    // On success the temporary is renamed; on failure `tmp` removes it when dropped.
+    crate::io::output::untrack_temp(&tmp_path);
+    let bytes = done?;
+    Ok(Written {
+        dir: out,
+        fp8_blocks: blocks.count(m.config.layers),
+        bytes,
+        source_bytes: m.checkpoint.total_bytes() as u64,
+        skipped: files.skipped,
+    })
+}
+/// Where the output goes: its parent directory (which must exist) and its name; refused when it
+/// exists already (even as a dangling link) or lies inside the model directory.
+fn output_place(src: &Path, dst: &Path) -> Result<(PathBuf, std::ffi::OsString)> {
+    if std::fs::symlink_metadata(dst).is_ok() {
+        return Err(exists(dst));
+    }
+    let name = match dst.components().next_back() {
+        Some(std::path::Component::Normal(n)) => n.to_os_string(),
+        _ => {
+            return Err(Error::Input(format!(
+                "{}: not a name for a new directory",
+                dst.display()
+            )))
+        }
+    };
+    let parent = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let parent = std::fs::canonicalize(&parent).map_err(|e| {
+        Error::io(
+            &parent,
+            std::io::Error::new(e.kind(), format!("the output's parent directory: {e}")),
+        )
+    })?;
+    let src = std::fs::canonicalize(src).map_err(|e| Error::io(src, e))?;
+    if parent.starts_with(&src) {
+        return Err(Error::Input(format!(
+            "{}: the output would be inside the model directory {}: choose a place outside it",
+            dst.display(),
+            src.display()
+        )));
+    }
+    Ok((parent, name))
+}
+
+fn exists(p: &Path) -> Error {
+    Error::Input(format!(
+        "{}: already exists; give a new directory for the quantized model",
+        p.display()
+    ))
+}
+
+/// The tensors holding NaN or Inf (a quantized copy of them would fail only when run).
+fn non_finite(m: &ModelDir) -> Result<Vec<String>> {
+    let mut bad = Vec::new();
+    for spec in tensors(&m.config) {
+        let k = m.checkpoint.get(&spec.name)?.count_non_finite();
+        if k > 0 {
+            bad.push(format!("`{}` ({k} values)", spec.name));
         }
     }
+    Ok(bad)
+}
+
+/// What of the model directory is copied: relative paths.
+struct Files {
+    dirs: Vec<PathBuf>,
+    files: Vec<PathBuf>,
+    skipped: Vec<String>,
+}
+
+/// Lists `root`'s regular files and folders (a link to a file is copied as the file; a link to a
+/// folder is refused: it could lead outside the model, or back into it), leaving out the
+/// weights and, as `skipped`, other weight formats and hidden entries. FIFOs, sockets and
+/// devices are left out (never opened).
+fn listing(root: &Path) -> Result<Files> {
+    let mut f = Files {
+        dirs: Vec::new(),
+        files: Vec::new(),
+        skipped: Vec::new(),
+    };
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        let dir = root.join(&rel);
+        let mut entries = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            entries.push(e.map_err(|e| Error::io(&dir, e))?.file_name());
+        }
+        entries.sort();
+        for name in entries {
+            let (path, rel) = (dir.join(&name), rel.join(&name));
+            let n = name.to_string_lossy();
+            let link = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+            let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+            let top = rel.parent() == Some(Path::new(""));
+            if n.starts_with('.') {
+                f.skipped.push(rel.display().to_string());
+            } else if meta.is_dir() && link.file_type().is_symlink() {
+                return Err(Error::Input(format!(
+                    "{}: a link to a folder; quantize copies the model's own files and folders \
+                     (replace the link with the folder)",
+                    path.display()
+                )));
+            } else if meta.is_dir() {
+                f.dirs.push(rel.clone());
+                todo.push(rel);
+            } else if !meta.is_file()
+                || (top && (n.ends_with(".safetensors") || n == "model.safetensors.index.json"))
+            {
+                // not a regular file, or the weights this command rewrites
+            } else if OTHER_WEIGHTS.iter().any(|x| n.ends_with(x)) {
+                f.skipped.push(rel.display().to_string());
+            } else {
+                f.files.push(rel);
+            }
+        }
+    }
+    f.dirs.sort(); // parents before children
+    Ok(f)
+}
+
+/// fsync of a file or directory, so that a rename after it publishes complete contents.
+fn sync(p: &Path) -> Result<()> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(p, e))
 }
 
 /// The new directory's files into `dir`; the bytes of its weights file.
 fn write(
     m: &ModelDir,
+    files: &Files,
     dir: &Path,
     blocks: Fp8Blocks,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<u64> {
-    copy_except_weights(&m.dir, dir)?;
+    for d in &files.dirs {
+        let to = dir.join(d);
+        std::fs::create_dir(&to).map_err(|e| Error::io(&to, e))?;
+    }
+    for f in &files.files {
+        let (from, to) = (m.dir.join(f), dir.join(f));
+        std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+        sync(&to)?;
+    }
     let ckpt = &m.checkpoint;
     let fp8: std::collections::HashSet<String> = (0..m.config.layers)
         .filter(|&l| blocks.covers(l))
@@ -126,34 +290,18 @@ fn write(
         ),
     ]);
     let file = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(info), &file).map_err(|e| Error::Safetensors {
-        path: file.clone(),
-        msg: e.to_string(),
+    safetensors::serialize_to_file(views, Some(info), &file).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(e) => Error::io(&file, e),
+        other => Error::Safetensors {
+            path: file.clone(),
+            msg: other.to_string(),
+        },
     })?;
+    sync(&file)?;
+    sync(dir)?;
     Ok(std::fs::metadata(&file)
         .map_err(|e| Error::io(&file, e))?
         .len())
-}
-
-/// Copies `src`'s regular files and subdirectories into the new `dst`, leaving out the weights
-/// (`*.safetensors` and the shard index).
-fn copy_except_weights(src: &Path, dst: &Path) -> Result<()> {
-    std::fs::create_dir(dst).map_err(|e| Error::io(dst, e))?;
-    for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
-        let entry = entry.map_err(|e| Error::io(src, e))?;
-        let (from, to) = (entry.path(), dst.join(entry.file_name()));
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let meta = std::fs::metadata(&from).map_err(|e| Error::io(&from, e))?;
-        if meta.is_dir() {
-            copy_except_weights(&from, &to)?;
-        } else if meta.is_file()
-            && !name.ends_with(".safetensors")
-            && name != "model.safetensors.index.json"
-        {
-            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
-        }
-    }
-    Ok(())
 }
 
 /// Which bytes of a stored tensor a view writes.

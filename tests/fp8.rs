@@ -666,6 +666,7 @@ fn quantize_command() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["dtypes"]["F8_E4M3"], 8, "{v}");
+    assert_eq!(v["stored_fp8"], "fp8", "{v}");
     let o = sgpt(&["inspect", &model, "--json", "-"]);
     let f: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["parameters"], f["parameters"]);
@@ -701,7 +702,7 @@ fn damaged_quantized_checkpoints_are_refused() {
                     t.3.truncate(t.3.len() / 2);
                 }
             }),
-            "the scales of E4M3 weights are F32",
+            "expected F32 (the scales of E4M3 weights)",
         ),
         (
             "one layer of a block",
@@ -721,6 +722,31 @@ fn damaged_quantized_checkpoints_are_refused() {
             "block 1 stores h.1.self_attention.query_key_value.weight as E4M3 codes but not",
         ),
         (
+            "a zero scale",
+            &all,
+            Box::new(move |r| {
+                let t = r
+                    .iter_mut()
+                    .find(|t| t.0 == format!("{qkv}_scale"))
+                    .unwrap();
+                t.3[4..8].copy_from_slice(&0f32.to_le_bytes());
+            }),
+            "weight_scale` row 1 is 0: E4M3 scales are finite and at least",
+        ),
+        (
+            "a scale stored twice",
+            &all,
+            Box::new(move |r| {
+                let t = r
+                    .iter()
+                    .find(|t| t.0 == format!("{qkv}_scale"))
+                    .unwrap()
+                    .clone();
+                r.push((format!("transformer.{}", t.0), t.1, t.2, t.3));
+            }),
+            "_scale` is stored twice",
+        ),
+        (
             "E4M3 in a layernorm",
             &all,
             Box::new(|r| {
@@ -728,7 +754,7 @@ fn damaged_quantized_checkpoints_are_refused() {
                 t.1 = safetensors::Dtype::F8_E4M3;
                 t.3.truncate(t.2.iter().product()); // one byte per code
             }),
-            "F8_E4M3 where a float tensor is needed",
+            "has dtype F8_E4M3, expected F32, F16 or BF16 (only the linear layers",
         ),
     ];
     for (what, src, edit, want) in cases {
@@ -760,5 +786,102 @@ fn damaged_quantized_checkpoints_are_refused() {
         e.as_deref()
             .is_some_and(|e| e.contains("blocks [0, 2] (of 3)")),
         "{e:?}"
+    );
+}
+
+/// Where `sgpt quantize` may write and what it copies: never inside the model directory (it
+/// would copy itself), never through a link to a folder; other weight formats and hidden
+/// entries are left out and named; nothing partial is left behind by a refusal.
+#[test]
+fn quantize_output_and_copy_rules() {
+    use common::copy_model;
+    let src = copy_model(&tiny_model());
+    let m = src.path().display().to_string();
+    let inside = src.path().join("sub").display().to_string();
+    let o = sgpt(&["quantize", "-m", &m, "-o", &inside]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("inside the model directory"),
+        "{}",
+        stderr(&o)
+    );
+    let names = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(
+        !names(src.path()).iter().any(|n| n.contains("sub")),
+        "{:?}",
+        names(src.path())
+    );
+    // Other weights and hidden entries: skipped and named; a link to a file: copied.
+    std::fs::write(src.path().join("pytorch_model.bin"), b"weights").unwrap();
+    std::fs::create_dir_all(src.path().join(".git/lfs")).unwrap();
+    std::fs::write(src.path().join("README.md"), b"card").unwrap();
+    std::os::unix::fs::symlink(src.path().join("README.md"), src.path().join("card.md")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q");
+    let o = sgpt(&["quantize", "-m", &m, "-o", &out.display().to_string()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("not copied (other weight formats, hidden files): .git, pytorch_model.bin"),
+        "{said}"
+    );
+    let got = names(&out);
+    assert!(
+        got.contains(&"card.md".to_string()) && !got.contains(&"pytorch_model.bin".to_string()),
+        "{got:?}"
+    );
+    assert!(!std::fs::symlink_metadata(out.join("card.md"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // A link to a folder: refused, nothing left beside the output.
+    std::os::unix::fs::symlink(src.path(), src.path().join("loop")).unwrap();
+    let out2 = tmp.path().join("q2");
+    let o = sgpt(&["quantize", "-m", &m, "-o", &out2.display().to_string()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("a link to a folder"), "{}", stderr(&o));
+    assert_eq!(names(tmp.path()), ["q"]);
+    // NaN weights: refused before anything is written.
+    let nan = copy_model(&tiny_model());
+    common::rewrite_weights(nan.path(), |r| {
+        let t = r.iter_mut().find(|t| t.0 == "ln_f.bias").unwrap();
+        t.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    let out3 = tmp.path().join("q3").display().to_string();
+    let o = sgpt(&[
+        "quantize",
+        "-m",
+        &nan.path().display().to_string(),
+        "-o",
+        &out3,
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("`ln_f.bias` (1 values)"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(names(tmp.path()), ["q"]);
+    // A missing parent is named as such.
+    let deep = tmp.path().join("no/such/q").display().to_string();
+    let o = sgpt(&[
+        "quantize",
+        "-m",
+        &tiny_model().display().to_string(),
+        "-o",
+        &deep,
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the output's parent directory"),
+        "{}",
+        stderr(&o)
     );
 }

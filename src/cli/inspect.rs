@@ -58,6 +58,13 @@ pub fn run(a: InspectArgs) -> Result<()> {
             sgpt::error::list_some(&bad, bad.len())
         );
     }
+    // A checkpoint written by `sgpt quantize`: which dtype runs it (an error for a block pattern
+    // none does), and scales that can be used.
+    let stored = sgpt::backend::cpu::fp8::stored_blocks(&m.checkpoint, &m.config)?;
+    for n in names.iter().filter(|n| n.ends_with(".weight_scale")) {
+        let s = m.checkpoint.get(n)?.to_f32();
+        sgpt::backend::cpu::fp8::check_scales(&m.dir, n, &s)?;
+    }
     let c = &m.config;
     let mut params = 0usize;
     let mut dtypes = std::collections::BTreeMap::<DType, usize>::new();
@@ -84,6 +91,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
         "pooling": "weightedmean",
         "bracket_ids": {"query": [qo, qc], "document": [doc_o, doc_c]},
         "tensors": names.len(), "parameters": params,
+        "stored_fp8": stored.map(|b| b.dtype_name()),
         "non_embedding_parameters": c.non_embedding_params(),
         "dtypes": dtypes.iter().map(|(d, n)| (d.name().to_string(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
         "bytes": m.checkpoint.total_bytes(),
@@ -123,6 +131,17 @@ pub fn run(a: InspectArgs) -> Result<()> {
         .map(|(d, n)| format!("{} × {n}", d.name()))
         .collect();
     report!(show, "dtypes           {}", dt.join(", "));
+    if let Some(b) = stored {
+        report!(
+            show,
+            "stored fp8       linear layers of {} in E4M3 (sgpt quantize): runs as --dtype {}",
+            match b {
+                sgpt::backend::cpu::fp8::Fp8Blocks::All => "every block",
+                sgpt::backend::cpu::fp8::Fp8Blocks::Alternate => "every other block",
+            },
+            b.dtype_name()
+        );
+    }
     report!(
         show,
         "parameters       {} ({} outside the embedding)",

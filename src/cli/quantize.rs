@@ -39,6 +39,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         Fp8Dtype::Fp8 => Fp8Blocks::All,
         Fp8Dtype::Fp8Alternate => Fp8Blocks::Alternate,
     };
+    sgpt::io::output::remove_temps_on_signal()?; // Ctrl-C leaves no partial directory
     let t0 = Instant::now();
     let bar = progress_bar(
         64,
@@ -61,5 +62,11 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         t0.elapsed().as_secs_f64(),
         d = blocks.dtype_name()
     );
+    if !w.skipped.is_empty() {
+        println!(
+            "not copied (other weight formats, hidden files): {}",
+            w.skipped.join(", ")
+        );
+    }
     Ok(())
 }

@@ -37,7 +37,10 @@ pub fn remove_temps_on_signal() -> Result<()> {
             ctrlc::set_handler(|| {
                 if let Ok(temps) = live_temps().lock() {
                     for p in temps.iter() {
-                        let _ = std::fs::remove_file(p);
+                        // A temp file, or a directory being built (`sgpt quantize`).
+                        if std::fs::remove_file(p).is_err() {
+                            let _ = std::fs::remove_dir_all(p);
+                        }
                     }
                 }
                 eprintln!("sgpt: interrupted; partial output removed");
@@ -47,6 +50,21 @@ pub fn remove_temps_on_signal() -> Result<()> {
         })
         .clone()
         .map_err(|e| Error::Input(format!("installing the signal handler: {e}")))
+}
+
+/// Marks `path` (a file or directory this process is writing under a temporary name) for removal
+/// by the [`remove_temps_on_signal`] handler, until [`untrack_temp`].
+pub fn track_temp(path: &Path) {
+    if let Ok(mut t) = live_temps().lock() {
+        t.insert(path.to_path_buf());
+    }
+}
+
+/// Ends [`track_temp`] (the temporary was renamed into place or removed).
+pub fn untrack_temp(path: &Path) {
+    if let Ok(mut t) = live_temps().lock() {
+        t.remove(path);
+    }
 }
 
 /// The descriptor a path names when it is one of this process's own streams (`-`: stdout).

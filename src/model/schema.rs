@@ -99,6 +99,21 @@ pub fn scale_name(weight: &str) -> String {
     format!("{weight}_scale")
 }
 
+/// `name` must not be stored both with and without the `transformer.` prefix.
+fn stored_once(ckpt: &Checkpoint, name: &str) -> Result<()> {
+    let prefixed = format!("transformer.{name}");
+    if ckpt.contains(name) && ckpt.contains(&prefixed) {
+        return Err(Error::config(
+            &ckpt.dir,
+            format!(
+                "tensor `{name}` is stored twice, as `{name}` and `{prefixed}`: which one is \
+                 meant is ambiguous"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The blocks whose linear layers are stored as E4M3 codes (0-based, ascending), after
 /// [`check`] made sure each block's four agree.
 pub fn fp8_blocks_stored(ckpt: &Checkpoint, c: &BloomConfig) -> Result<Vec<usize>> {
@@ -119,17 +134,7 @@ pub fn fp8_blocks_stored(ckpt: &Checkpoint, c: &BloomConfig) -> Result<Vec<usize
 pub fn check(ckpt: &Checkpoint, c: &BloomConfig) -> Result<()> {
     let spec = tensors(c);
     for t in &spec {
-        let prefixed = format!("transformer.{}", t.name);
-        if ckpt.contains(&t.name) && ckpt.contains(&prefixed) {
-            return Err(Error::config(
-                &ckpt.dir,
-                format!(
-                    "tensor `{}` is stored twice, as `{}` and `{prefixed}`: which one is meant \
-                     is ambiguous",
-                    t.name, t.name
-                ),
-            ));
-        }
+        stored_once(ckpt, &t.name)?;
         ckpt.get_any(&t.name)?.expect_shape(&t.shape)?;
         if t.role != Role::Matrix || !t.name.starts_with("h.") {
             ckpt.get(&t.name)?; // a float, not codes
@@ -143,12 +148,14 @@ pub fn check(ckpt: &Checkpoint, c: &BloomConfig) -> Result<()> {
         for n in &names {
             let t = ckpt.get_any(n)?;
             if t.dtype == DType::F8E4M3 {
+                stored_once(ckpt, &scale_name(n))?;
                 let s = ckpt.get_shaped(&scale_name(n), &t.shape[..1])?;
                 if s.dtype != DType::F32 {
                     return Err(Error::Dtype {
                         path: s.file,
                         name: s.name,
-                        got: format!("{} (the scales of E4M3 weights are F32)", s.dtype.name()),
+                        got: s.dtype.name().into(),
+                        expected: "F32 (the scales of E4M3 weights)",
                     });
                 }
                 scales.push(scale_name(n));

@@ -227,9 +227,9 @@ impl Checkpoint {
             return Err(Error::Dtype {
                 path: t.file,
                 name: t.name,
-                got: "F8_E4M3 where a float tensor is needed (only the linear layers' \
-                      weights of a checkpoint written by `sgpt quantize` may be FP8)"
-                    .into(),
+                got: "F8_E4M3".into(),
+                expected: "F32, F16 or BF16 (only the linear layers' weights of a checkpoint \
+                           written by `sgpt quantize` may be F8_E4M3)",
             });
         }
         Ok(t)
@@ -261,6 +261,8 @@ impl Checkpoint {
                     path: f.path.clone(),
                     name: stored.clone(),
                     got: format!("{other:?}"),
+                    expected: "F32, F16 or BF16 (or F8_E4M3 for the linear layers' weights \
+                               of a checkpoint written by `sgpt quantize`)",
                 })
             }
         };

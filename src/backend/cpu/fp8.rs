@@ -202,7 +202,27 @@ pub fn stored_weight(ckpt: &Checkpoint, name: &str) -> Result<Option<(Vec<u8>, V
         return Ok(None);
     }
     let s = ckpt.get_shaped(&scale_name(name), &t.shape[..1])?.to_f32();
+    check_scales(&ckpt.dir, &scale_name(name), &s)?;
     Ok(Some((t.bytes().to_vec(), s.to_vec())))
+}
+
+/// Stored scales must be what [`scale_for`] gives: finite and at least the smallest normal f32
+/// (a zero, negative or subnormal one would make a finite but wrong vector, never an error).
+pub fn check_scales(dir: &std::path::Path, name: &str, s: &[f32]) -> Result<()> {
+    match s
+        .iter()
+        .position(|&v| !(v.is_finite() && v >= f32::MIN_POSITIVE))
+    {
+        None => Ok(()),
+        Some(r) => Err(Error::config(
+            dir,
+            format!(
+                "`{name}` row {r} is {}: E4M3 scales are finite and at least {:e}",
+                s[r],
+                f32::MIN_POSITIVE
+            ),
+        )),
+    }
 }
 
 /// One scale per row of x [rows, n]: a weight's per-output-channel scales ([`Fp8Linear::new`]),

@@ -539,7 +539,9 @@ impl<T: Act> CudaModel<T> {
             {
                 // Codes and scales as `sgpt quantize` wrote them (the values the quantize
                 // kernel below computes from the floats), copied as they are.
-                let scales = ckpt.get_shaped(&crate::model::schema::scale_name(&name), &[n_out])?;
+                let scale_name = crate::model::schema::scale_name(&name);
+                let scales = ckpt.get_shaped(&scale_name, &[n_out])?;
+                crate::backend::cpu::fp8::check_scales(&ckpt.dir, &scale_name, &scales.to_f32())?;
                 return Ok(Linear::Fp8 {
                     w: up.upload::<u8>(&stored, "u8")?,
                     sw: up.upload(&scales, "f32")?,
