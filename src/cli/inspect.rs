@@ -135,10 +135,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
         report!(
             show,
             "stored fp8       linear layers of {} in E4M3 (sgpt quantize): runs as --dtype {}",
-            match b {
-                sgpt::backend::cpu::fp8::Fp8Blocks::All => "every block",
-                sgpt::backend::cpu::fp8::Fp8Blocks::Alternate => "every other block",
-            },
+            b.which(),
             b.dtype_name()
         );
     }

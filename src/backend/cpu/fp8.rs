@@ -148,6 +148,14 @@ impl Fp8Blocks {
         (0..layers).filter(|&l| self.covers(l)).count()
     }
 
+    /// Which blocks, in words.
+    pub fn which(self) -> &'static str {
+        match self {
+            Fp8Blocks::All => "every block",
+            Fp8Blocks::Alternate => "every other block",
+        }
+    }
+
     /// The engine's name for it, the `--dtype` that asks for it.
     pub fn dtype_name(self) -> &'static str {
         match self {
@@ -182,10 +190,7 @@ pub fn stored_blocks(ckpt: &Checkpoint, cfg: &BloomConfig) -> Result<Option<Fp8B
 
 /// The error for a checkpoint whose stored E4M3 blocks `b` another dtype was asked of.
 pub fn stored_fp8_needs(dir: &std::path::Path, b: Fp8Blocks) -> Error {
-    let which = match b {
-        Fp8Blocks::All => "every block",
-        Fp8Blocks::Alternate => "every other block",
-    };
+    let which = b.which();
     Error::Input(format!(
         "{} stores the linear layers of {which} as E4M3 codes (written by `sgpt quantize --dtype \
          {d}`): run it with --dtype {d}, or without --dtype",

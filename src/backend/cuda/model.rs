@@ -533,18 +533,19 @@ impl<T: Act> CudaModel<T> {
             let b = bias
                 .then(|| ckpt.get_shaped(&format!("{p}.bias"), &[n_out]))
                 .transpose()?;
-            if let Some(stored) = (fp8 && stored.is_some())
-                .then(|| ckpt.get_any(&name))
-                .transpose()?
-            {
+            let stored = match fp8 && stored.is_some() {
+                true => crate::backend::cpu::fp8::stored_weight(ckpt, &name)?,
+                false => None,
+            };
+            if let Some((codes, scales)) = stored {
                 // Codes and scales as `sgpt quantize` wrote them (the values the quantize
-                // kernel below computes from the floats), copied as they are.
-                let scale_name = crate::model::schema::scale_name(&name);
-                let scales = ckpt.get_shaped(&scale_name, &[n_out])?;
-                crate::backend::cpu::fp8::check_scales(&ckpt.dir, &scale_name, &scales.to_f32())?;
+                // kernel below computes from the floats), read and checked as the CPU reads
+                // them, copied as they are.
+                let up_err = |e| err(&format!("{name} (stored fp8)"), e);
+                up.bytes += (codes.len() + 4 * scales.len()) as u64;
                 return Ok(Linear::Fp8 {
-                    w: up.upload::<u8>(&stored, "u8")?,
-                    sw: up.upload(&scales, "f32")?,
+                    w: stream.clone_htod(&codes).map_err(up_err)?,
+                    sw: stream.clone_htod(&scales).map_err(up_err)?,
                     b: b.map(|b| up.upload(&b, "f32")).transpose()?,
                 });
             }
